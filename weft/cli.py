@@ -1,0 +1,30 @@
+"""The `weft` command: one entry point, a subcommand per component."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import click
+
+# Each module exposes `commands: list[click.Command]`; the stage it belongs to owns it.
+_COMMAND_MODULES = ("infra.cli", "probe_agent.cli", "stitcher.cli")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+def cli(verbose: int) -> None:
+    """Weft: distributed traces from eBPF, across nodes, with no change to the traced programs."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=int(os.environ.get("WEFT_LOG_LEVEL", level)),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for _name in _COMMAND_MODULES:
+    for _cmd in importlib.import_module(_name).commands:
+        cli.add_command(_cmd)
+
+
+def main() -> None:
+    cli(prog_name="weft")
