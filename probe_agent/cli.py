@@ -42,3 +42,25 @@ def doctor(as_json: bool) -> None:
 
 
 commands.append(doctor)
+
+
+@click.command("agent")
+@click.option("--node", help="this node's name (default: the host name)")
+@click.option("--cgroup", "cgroups", multiple=True, help="trace only this cgroup v2 path (repeatable)")
+@click.option("--pid", "pids", multiple=True, type=int, help="trace only this process and its children")
+@click.option("--kafka", "bootstrap", help="publish to this Kafka bootstrap (host:port[,...])")
+@click.option("--capture", type=click.Path(dir_okay=False), help="write frames to this capture file")
+@click.option("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file with agent: and kafka: sections")
+def agent(node: str | None, cgroups: tuple[str, ...], pids: tuple[int, ...], bootstrap: str | None,
+          capture: str | None, metrics_port: int | None, config_file: str | None) -> None:
+    """Trace this node's HTTP requests, connections and thread lineage from the kernel."""
+    from probe_agent.runner import run_agent
+
+    raise SystemExit(run_agent(node=node, cgroups=cgroups or None, pids=pids or None,
+                               bootstrap=bootstrap, capture=capture, metrics_port=metrics_port,
+                               config_file=config_file))
+
+
+commands.append(agent)

@@ -1,0 +1,57 @@
+/* Weft: the kernel/user boundary shared by every program in bpf/.
+ *
+ * Every ring-buffer record starts with struct weft_hdr. Layouts are naturally aligned, widest
+ * fields first, so C and Python agree without packing pragmas. WEFT_ABI_VERSION goes in every
+ * header: a decoder refuses versions it does not know. tests/unit/test_bpf_abi.py checks that
+ * the kinds and sizes here and in the Python decoders (probe_agent/probes) agree.
+ *
+ * Compile-time constants come from the loader as -D flags (probe_agent/probes/base.py):
+ *   WEFT_SELF_PID        the agent's own pid, never traced
+ *   WEFT_FILTER_CGROUPS  1 when the cgroup allow-set map is to be consulted
+ *   WEFT_RING_PAGES, WEFT_MAX_CONNS, WEFT_MAX_TASKS   map and ring bounds
+ */
+#ifndef WEFT_COMMON_H
+#define WEFT_COMMON_H
+
+#define WEFT_ABI_VERSION 1
+
+enum weft_kind {
+    WEFT_KIND_THREAD_SPAWN = 1,
+    WEFT_KIND_TASK_EXIT = 2,
+    WEFT_KIND_EXEC = 3,
+    WEFT_KIND_CONN_OPEN = 4,
+    WEFT_KIND_CONN_CLOSE = 5,
+    WEFT_KIND_HTTP = 6,
+};
+
+struct weft_hdr {
+    u64 ts_ns;     /* bpf_ktime_get_ns() */
+    u64 cgroup_id; /* bpf_get_current_cgroup_id() */
+    u32 pid;       /* tgid */
+    u32 tid;
+    u16 kind;      /* enum weft_kind */
+    u16 version;   /* WEFT_ABI_VERSION */
+    u32 reserved;
+}; /* 32 bytes */
+
+static __always_inline void weft_fill_hdr(struct weft_hdr *h, u16 kind, u64 pid_tgid, u64 ts)
+{
+    h->ts_ns = ts;
+    h->cgroup_id = bpf_get_current_cgroup_id();
+    h->pid = pid_tgid >> 32;
+    h->tid = (u32)pid_tgid;
+    h->kind = kind;
+    h->version = WEFT_ABI_VERSION;
+    h->reserved = 0;
+}
+
+/* Every program also declares, in its own file (BCC rewrites map calls only in the main source,
+ * never in an included header), the same two maps and helpers:
+ *   BPF_HASH(cgroup_allow, u64, u8, 1024)      cgroup v2 ids to trace (consulted only when
+ *                                             WEFT_FILTER_CGROUPS; empty = everything)
+ *   BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS)  counters named by the loader's stat_names
+ *   weft_skip_task(pid_tgid), weft_stat(idx)
+ */
+#define WEFT_MAX_STATS 16
+
+#endif /* WEFT_COMMON_H */

@@ -1,0 +1,1025 @@
+/* Weft HTTP tracer: TCP connections and HTTP/1.x requests on them, server and client side.
+ *
+ * Hooks (tracepoints only: this kernel has no kprobes and refuses fentry):
+ *   syscalls:sys_{enter,exit}_{accept,accept4,connect}   new connections (role, fd -> sock)
+ *   syscalls:sys_{enter,exit}_{read,readv,recvfrom,recvmsg}        bytes in
+ *   syscalls:sys_{enter,exit}_{write,writev,sendto,sendmsg,sendfile64}  bytes out
+ *   syscalls:sys_enter_close                              connection close (flushes requests)
+ *   sock:sock_recv_length / sock:sock_send_length         the sock and its TCP sequence numbers,
+ *                                                         in the calling thread, inside the call
+ * Kernel needs: tracepoints, ring buffer (5.8+), bpf_probe_read_{user,kernel}, BTF for offsets.
+ * Fallback: none needed on tracepoint-only kernels; without BTF the loader refuses to start.
+ *
+ * Cost model: a syscall on an fd that is not a known TCP socket costs one hash LOOKUP at entry
+ * (fds) and one at exit (calls); nothing is written. Socket calls write one in-flight entry per
+ * thread. Records leave the kernel once per request (when its response is complete) and once
+ * per connection open/close; never per syscall.
+ *
+ * Connections are known from accept/connect (fd -> sock walked through task->files with BTF
+ * offsets), or picked up on first use: an unknown fd's call is parked in a per-CPU slot, and if
+ * sock_{recv,send}_length fires for it in the same thread, the fd is adopted (seen_mid_stream).
+ *
+ * Request state machine (per connection, requests in a 4-deep FIFO for pipelining). "Request
+ * direction" is what the server reads / the client writes; "response direction" the reverse.
+ *   request start: a chunk (or the bytes after a finished request) begins with an upper-case
+ *     method token; start = time of that call, seq = tcp seq of the call's first byte + offset.
+ *     Times: a read is timed at its exit, a write at its entry (its bytes can be read before it
+ *     returns), so client start <= server start <= server end <= client end on one clock.
+ *   request line: method and path; the path is cut at '?' or '#' here, so a query string
+ *     never leaves the kernel. Headers: only Host, traceparent and tracestate are copied.
+ *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
+ *   end = the call that wrote (server) / read (client) the last response byte, known from
+ *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
+ *     HEAD, or else the next request on the connection or its close (end = last write/read).
+ * Bounds: each call scans at most WEFT_SCAN_MAX bytes; bytes past that only count towards the
+ *   body length. A request whose Host/traceparent come after the window loses them.
+ *
+ * -D constants (probe_agent/probes/http.py): WEFT_TCP_COPIED_SEQ_OFF, WEFT_TCP_WRITE_SEQ_OFF,
+ *   WEFT_SKC_*_OFF (sock_common fields), WEFT_SK_PROTOCOL_OFF, WEFT_TASK_FILES_OFF,
+ *   WEFT_FILES_FDT_OFF, WEFT_FDT_FD_OFF, WEFT_FILE_PRIVATE_OFF, WEFT_SOCKET_SK_OFF, WEFT_SCAN_MAX.
+ */
+#include "common.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define MSG_PEEK 2
+#define EINPROGRESS 115
+
+#define NQ 4 /* pipelined requests per connection */
+#define METHOD_MAX 8
+#define PATH_MAX_ 128
+#define HOST_MAX 64
+#define TP_MAX 56
+#define TS_MAX 64
+
+enum http_stat {
+    HST_RING_FULL = 0,
+    HST_CONNS_FULL = 1,
+    HST_QUEUE_FULL = 2,
+    HST_CALLS_FULL = 3,
+    HST_ADOPTED = 4,
+    HST_NOT_HTTP = 5,
+};
+
+enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
+enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3 };
+
+/* Request-direction parser states. */
+enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP };
+/* Response-direction parser states. */
+enum rs_state { RS_IDLE = 0, RS_VERSION, RS_STATUS, RS_LINE, RS_HNAME, RS_HVAL, RS_HSKIP, RS_BODY };
+enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
+
+/* HTTP record flags (= pb.HttpFlag). */
+#define F_PATH_TRUNCATED 1
+#define F_NO_RESPONSE 2
+#define F_PIPELINED 4
+
+/* One request as it travels to user space: the tail of struct http_rec. */
+struct req {
+    u64 start_ns;
+    u64 end_ns;
+    u32 pid;
+    u32 tid;
+    u32 seq;
+    u16 status;
+    u8 has_seq;
+    u8 flags;
+    u8 method_len;
+    u8 path_len;
+    u8 host_len;
+    u8 tp_len;
+    u8 ts_len;
+    u8 done_headers; /* request headers fully parsed */
+    u8 no_body;      /* HEAD: the response has no body */
+    u8 pad;
+    char method[METHOD_MAX];
+    char path[PATH_MAX_];
+    char host[HOST_MAX];
+    char tp[TP_MAX];
+    char ts[TS_MAX];
+}; /* 360 bytes */
+
+struct tuple {
+    u8 laddr[16];
+    u8 raddr[16];
+    u16 lport;
+    u16 rport;
+    u8 family;
+    u8 role;
+    u8 mid_stream;
+    u8 pad;
+}; /* 40 bytes */
+
+struct http_rec {
+    struct weft_hdr hdr;
+    u64 cookie;
+    struct tuple t;
+    struct req r;
+};
+_Static_assert(sizeof(struct http_rec) == 440, "http_rec layout changed: update probe_agent/probes/http.py");
+
+struct conn_rec {
+    struct weft_hdr hdr;
+    u64 cookie;
+    u64 bytes_sent;
+    u64 bytes_recv;
+    struct tuple t;
+};
+_Static_assert(sizeof(struct conn_rec) == 96, "conn_rec layout changed: update probe_agent/probes/http.py");
+
+struct conn {
+    u64 cookie;
+    u64 bytes_sent;
+    u64 bytes_recv;
+    u64 last_write_ns;
+    u64 last_read_ns;
+    u64 body_left; /* response body bytes still to come (Content-Length) */
+    u64 clen;
+    u64 rq_name[2]; /* lower-cased header name prefix, request direction */
+    u64 rs_name[2]; /* same, response direction */
+    struct tuple t;
+    u32 head; /* oldest request not yet emitted */
+    u32 tail; /* one past the newest request started */
+    u32 resp; /* the request the current response answers */
+    u8 rq_state;
+    u8 rq_target;
+    u8 rq_name_len;
+    u8 rq_vlen;
+    u8 rs_state;
+    u8 rs_target;
+    u8 rs_name_len;
+    u8 rs_vlen;
+    u8 chunked;
+    u8 open_sent;
+    u8 resp_started;
+    u8 pad;
+    struct req q[NQ];
+};
+
+/* A socket syscall in flight on this thread. */
+struct call {
+    u64 sk;
+    u64 buf; /* user buffer, iovec array or msghdr */
+    u64 ts;  /* entry time: a write's bytes leave between entry and exit, so writes are timed at entry */
+    u32 fd;
+    u32 tid;
+    u32 seq0; /* tcp seq of the call's first byte */
+    u32 iovcnt; /* readv/writev: vlen (msghdr calls read msg_iovlen at exit) */
+    u8 is_write;
+    u8 kind; /* enum call_kind */
+    u8 has_seq;
+    u8 done;
+};
+
+/* One call's bytes being parsed, handed from the syscall-exit program to the parser programs
+ * (tail calls, WEFT_WINDOW bytes each, so the verifier sees one small loop). Per CPU: a tail
+ * call chain runs to its end on the CPU that started it. */
+struct parse_ctx {
+    u64 sk;
+    u64 pid_tgid;
+    u64 now;
+    u64 total; /* bytes the call moved */
+    u64 buf;   /* first user buffer (chunked-end check) */
+    u64 buflen;
+    u32 n;     /* bytes of the call copied to scratch */
+    u32 pos;   /* next byte to parse */
+    u32 seq0;
+    u8 has_seq;
+    u8 request_dir;
+    u8 pad[2];
+};
+
+struct pending_conn {
+    u32 fd;
+    u8 role;
+};
+
+BPF_HASH(cgroup_allow, u64, u8, 1024);
+BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
+BPF_RINGBUF_OUTPUT(http_events, WEFT_RING_PAGES);
+/* LRU maps: entries of processes that died without close() age out instead of filling them. */
+BPF_TABLE("lru_hash", u64, u64, fds, WEFT_MAX_CONNS);                /* tgid<<32|fd -> sock */
+BPF_TABLE("lru_hash", u64, struct conn, conns, WEFT_MAX_CONNS);      /* sock -> state */
+BPF_TABLE("lru_hash", u32, struct call, calls, WEFT_MAX_TASKS);      /* tid -> socket call in flight */
+BPF_TABLE("lru_hash", u32, struct pending_conn, pending, WEFT_MAX_TASKS); /* tid -> accept/connect */
+BPF_PERCPU_ARRAY(unknown_call, struct call, 1);          /* last call on an unknown fd, this CPU */
+struct scan_buf {
+    char b[2 * WEFT_SCAN_MAX]; /* twice: lets the verifier bound (offset + length) of gathers */
+};
+BPF_PERCPU_ARRAY(scratch, struct scan_buf, 1);
+BPF_PERCPU_ARRAY(parse_state, struct parse_ctx, 1);
+BPF_PROG_ARRAY(parsers, 1); /* [0] = weft_parse, filled by the loader */
+BPF_ARRAY(zero_conn, struct conn, 1); /* never written: the initial value of a connection */
+
+static __always_inline int weft_skip_task(u64 pid_tgid)
+{
+    if ((u32)(pid_tgid >> 32) == WEFT_SELF_PID)
+        return 1;
+#if WEFT_FILTER_CGROUPS
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!cgroup_allow.lookup(&cg))
+        return 1;
+#endif
+    return 0;
+}
+
+static __always_inline void weft_stat(u32 idx)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* ---------- connections ---------- */
+
+static __always_inline u64 fd_key(u64 pid_tgid, u32 fd)
+{
+    return (pid_tgid & 0xFFFFFFFF00000000ULL) | fd;
+}
+
+static __always_inline char *sock_of_fd(u32 fd)
+{
+    char *task = (char *)bpf_get_current_task();
+    char *files = 0, *fdt = 0, **fdarr = 0, *file = 0, *socket = 0, *sk = 0;
+    bpf_probe_read_kernel(&files, sizeof(files), task + WEFT_TASK_FILES_OFF);
+    if (!files)
+        return 0;
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + WEFT_FILES_FDT_OFF);
+    if (!fdt)
+        return 0;
+    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + WEFT_FDT_FD_OFF);
+    if (!fdarr)
+        return 0;
+    bpf_probe_read_kernel(&file, sizeof(file), &fdarr[fd & 0xFFFFF]);
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&socket, sizeof(socket), file + WEFT_FILE_PRIVATE_OFF);
+    if (!socket)
+        return 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), socket + WEFT_SOCKET_SK_OFF);
+    return sk;
+}
+
+/* Fill the tuple from the sock; returns 0 unless it is a TCP socket over IPv4/IPv6. */
+static __always_inline int read_tuple(char *sk, struct tuple *t)
+{
+    u16 family = 0, proto = 0, dport = 0, lport = 0;
+    bpf_probe_read_kernel(&family, 2, sk + WEFT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&proto, 2, sk + WEFT_SK_PROTOCOL_OFF);
+    if ((family != AF_INET && family != AF_INET6) || proto != IPPROTO_TCP)
+        return 0;
+    bpf_probe_read_kernel(&dport, 2, sk + WEFT_SKC_DPORT_OFF);
+    bpf_probe_read_kernel(&lport, 2, sk + WEFT_SKC_NUM_OFF);
+    t->family = family;
+    t->lport = lport;
+    t->rport = (dport >> 8) | (dport << 8);
+    if (family == AF_INET) {
+        bpf_probe_read_kernel(t->laddr, 4, sk + WEFT_SKC_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->raddr, 4, sk + WEFT_SKC_DADDR_OFF);
+    } else {
+        bpf_probe_read_kernel(t->laddr, 16, sk + WEFT_SKC_V6_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->raddr, 16, sk + WEFT_SKC_V6_DADDR_OFF);
+    }
+    return 1;
+}
+
+static __always_inline void emit_conn(struct conn *c, u16 kind, u64 pid_tgid, u64 now)
+{
+    struct conn_rec *r = http_events.ringbuf_reserve(sizeof(struct conn_rec));
+    if (!r) {
+        weft_stat(HST_RING_FULL);
+        return;
+    }
+    weft_fill_hdr(&r->hdr, kind, pid_tgid, now);
+    r->cookie = c->cookie;
+    r->bytes_sent = c->bytes_sent;
+    r->bytes_recv = c->bytes_recv;
+    __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
+    http_events.ringbuf_submit(r, 0);
+}
+
+/* Register sock `sk` as fd `fd` of this process; returns its state or 0. */
+static __always_inline struct conn *add_conn(u64 pid_tgid, u32 fd, char *sk, u8 role, u8 mid_stream, u64 now)
+{
+    u32 zero = 0;
+    struct conn *init = zero_conn.lookup(&zero);
+    if (!init)
+        return 0;
+    u64 key = (u64)sk;
+    if (conns.update(&key, init)) {
+        weft_stat(HST_CONNS_FULL);
+        return 0;
+    }
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    if (!read_tuple(sk, &c->t)) {
+        conns.delete(&key);
+        return 0;
+    }
+    u64 fk = fd_key(pid_tgid, fd);
+    if (fds.update(&fk, &key)) {
+        weft_stat(HST_CONNS_FULL);
+        conns.delete(&key);
+        return 0;
+    }
+    u64 cookie = 0;
+    bpf_probe_read_kernel(&cookie, 8, sk + WEFT_SKC_COOKIE_OFF);
+    c->cookie = cookie ? cookie : ((u64)sk ^ (now << 16)); /* skc_cookie is assigned lazily */
+    c->t.role = role;
+    c->t.mid_stream = mid_stream;
+    if (role != ROLE_UNKNOWN) {
+        c->open_sent = 1;
+        emit_conn(c, WEFT_KIND_CONN_OPEN, pid_tgid, now);
+    }
+    return c;
+}
+
+/* ---------- requests ---------- */
+
+static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u64 end_ns)
+{
+    struct req *q = &c->q[idx & (NQ - 1)];
+    struct http_rec *r = http_events.ringbuf_reserve(sizeof(struct http_rec));
+    if (!r) {
+        weft_stat(HST_RING_FULL);
+        return;
+    }
+    r->hdr.ts_ns = q->start_ns;
+    r->hdr.cgroup_id = bpf_get_current_cgroup_id();
+    r->hdr.pid = q->pid;
+    r->hdr.tid = q->tid;
+    r->hdr.kind = WEFT_KIND_HTTP;
+    r->hdr.version = WEFT_ABI_VERSION;
+    r->hdr.reserved = 0;
+    r->cookie = c->cookie;
+    __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
+    __builtin_memcpy(&r->r, q, sizeof(struct req));
+    r->r.end_ns = end_ns;
+    r->r.flags = (r->r.flags | extra_flags) & 0x7f; /* 0x80: internal 'path cut' mark */
+    http_events.ringbuf_submit(r, 0);
+}
+
+/* The response to the oldest unanswered request is complete: emit it. */
+static __always_inline void response_done(struct conn *c, u64 now)
+{
+    if (c->head != c->tail) {
+        emit_req(c, c->head, 0, now);
+        c->head++;
+    }
+    c->resp_started = 0;
+    c->rs_state = RS_IDLE;
+}
+
+/* Emit every request still queued (close, or a new request after an unframed response). */
+static __always_inline void flush_all(struct conn *c, u64 end_ns)
+{
+#pragma unroll
+    for (int i = 0; i < NQ; i++) {
+        if (c->head == c->tail)
+            break;
+        u8 flags = c->q[c->head & (NQ - 1)].status ? 0 : F_NO_RESPONSE;
+        emit_req(c, c->head, flags, c->q[c->head & (NQ - 1)].status ? end_ns : 0);
+        c->head++;
+    }
+    c->resp_started = 0;
+    c->rs_state = RS_IDLE;
+}
+
+static __always_inline int is_upper(char ch)
+{
+    return ch >= 'A' && ch <= 'Z';
+}
+
+static __always_inline char lower(char ch)
+{
+    return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+}
+
+/* Header names, lower-cased, as the first 16 bytes read as two little-endian u64 (name[2]).
+ * Names longer than 16 bytes only keep their first 16, so the length is compared too. */
+static __always_inline u8 target_of(u64 *name, u8 n)
+{
+    if (n == 4 && name[0] == 0x74736f68ULL && name[1] == 0) /* host */
+        return T_HOST;
+    if (n == 11 && name[0] == 0x7261706563617274ULL && name[1] == 0x746e65ULL) /* traceparent */
+        return T_TP;
+    if (n == 10 && name[0] == 0x6174736563617274ULL && name[1] == 0x6574ULL) /* tracestate */
+        return T_TS;
+    if (n == 14 && name[0] == 0x2d746e65746e6f63ULL && name[1] == 0x6874676e656cULL) /* content-length */
+        return T_CLEN;
+    if (n == 17 && name[0] == 0x726566736e617274ULL && name[1] == 0x6e69646f636e652dULL) /* transfer-encoding */
+        return T_TE;
+    return T_NONE;
+}
+
+/* Request-direction bytes (server read / client write): parse scratch[p->pos .. p->pos+WINDOW).
+ * Returns 1 when the rest of the call is not worth parsing. */
+static __always_inline int scan_request(struct conn *c, char *s, struct parse_ctx *p)
+{
+    u64 pid_tgid = p->pid_tgid;
+    u64 now = p->now;
+    for (u32 k = 0; k < WEFT_WINDOW; k++) {
+        u32 i = p->pos + k;
+        if (i >= p->n)
+            return 1;
+        char ch = s[i & (WEFT_SCAN_MAX - 1)];
+        u8 st = c->rq_state;
+        if (st == RQ_IDLE) {
+            if (!is_upper(ch)) {
+                weft_stat(HST_NOT_HTTP);
+                return 1; /* not a request start: ignore the rest of this call */
+            }
+            if (c->tail - c->head >= NQ) {
+                weft_stat(HST_QUEUE_FULL);
+                return 1;
+            }
+            if (c->resp_started && c->rs_state == RS_BODY && (c->chunked || c->clen == (u64)-1)) {
+                /* a response whose end we could not see (unframed, or a chunked end we missed)
+                 * ended with the last byte sent before this new request */
+                response_done(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
+            }
+            struct req *r = &c->q[c->tail & (NQ - 1)];
+            __builtin_memset(r, 0, 48);
+            r->start_ns = now;
+            r->pid = pid_tgid >> 32;
+            r->tid = (u32)pid_tgid;
+            r->has_seq = p->has_seq;
+            r->seq = p->seq0 + i;
+            if (c->tail != c->head)
+                r->flags = F_PIPELINED;
+            r->method[0] = ch;
+            r->method_len = 1;
+            c->tail++;
+            c->rq_state = RQ_METHOD;
+            continue;
+        }
+        struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
+        if (st == RQ_METHOD) {
+            if (ch == ' ') {
+                c->rq_state = RQ_PATH;
+                r->no_body = r->method_len == 4 && r->method[0] == 'H' && r->method[1] == 'E' &&
+                             r->method[2] == 'A' && r->method[3] == 'D';
+            } else if (is_upper(ch) && r->method_len < METHOD_MAX) {
+                r->method[r->method_len & (METHOD_MAX - 1)] = ch;
+                r->method_len++;
+            } else {
+                /* not HTTP after all: forget this request */
+                weft_stat(HST_NOT_HTTP);
+                c->tail--;
+                c->rq_state = RQ_IDLE;
+                return 1;
+            }
+        } else if (st == RQ_PATH) {
+            if (ch == ' ') {
+                c->rq_state = RQ_VERSION;
+                c->rq_vlen = 0;
+            } else if (ch == '\r' || ch == '\n') {
+                c->rq_state = RQ_HSKIP;
+            } else if (ch == '?' || ch == '#') {
+                r->flags |= 0x80; /* cut: the rest of the target is never copied */
+            } else if (!(r->flags & 0x80)) {
+                if (r->path_len < PATH_MAX_) {
+                    r->path[r->path_len & (PATH_MAX_ - 1)] = ch;
+                    r->path_len++;
+                } else {
+                    r->flags |= F_PATH_TRUNCATED;
+                }
+            }
+        } else if (st == RQ_VERSION) {
+            if (ch == '\n') {
+                c->rq_state = RQ_HNAME;
+                c->rq_name_len = 0;
+                c->rq_name[0] = 0;
+                c->rq_name[1] = 0;
+            }
+        } else if (st == RQ_HNAME) {
+            if (ch == '\n') {
+                /* blank line: headers done; the next byte may start a pipelined request */
+                r->done_headers = 1;
+                r->flags &= 0x7f;
+                c->rq_state = RQ_IDLE;
+            } else if (ch == ':') {
+                u8 t = target_of(c->rq_name, c->rq_name_len);
+                if (t > T_TS)
+                    t = T_NONE;
+                c->rq_target = t;
+                c->rq_vlen = 0;
+                c->rq_state = t == T_NONE ? RQ_HSKIP : RQ_HVAL;
+            } else if (ch != '\r') {
+                if (c->rq_name_len < 16)
+                    ((char *)c->rq_name)[c->rq_name_len & 15] = lower(ch);
+                if (c->rq_name_len < 255)
+                    c->rq_name_len++;
+            }
+        } else if (st == RQ_HVAL) {
+            if (ch == '\n') {
+                c->rq_state = RQ_HNAME;
+                c->rq_name_len = 0;
+                c->rq_name[0] = 0;
+                c->rq_name[1] = 0;
+            } else if (ch == '\r' || (ch == ' ' && c->rq_vlen == 0)) {
+                /* skip */
+            } else {
+                u8 t = c->rq_target;
+                u8 v = c->rq_vlen;
+                if (t == T_HOST && v < HOST_MAX) {
+                    r->host[v & (HOST_MAX - 1)] = ch;
+                    r->host_len = v + 1;
+                } else if (t == T_TP && v < TP_MAX) {
+                    r->tp[v & 63] = ch; /* v < TP_MAX (56) */
+                    r->tp_len = v + 1;
+                } else if (t == T_TS && v < TS_MAX) {
+                    r->ts[v & (TS_MAX - 1)] = ch;
+                    r->ts_len = v + 1;
+                }
+                if (v < 255)
+                    c->rq_vlen = v + 1;
+            }
+        } else { /* RQ_HSKIP */
+            if (ch == '\n') {
+                c->rq_state = RQ_HNAME;
+                c->rq_name_len = 0;
+                c->rq_name[0] = 0;
+                c->rq_name[1] = 0;
+            }
+        }
+    }
+    p->pos += WEFT_WINDOW;
+    return 0;
+}
+
+/* A response has no body when its status or the request method says so (RFC 9112 §6.3). */
+static __always_inline int bodiless(struct conn *c, u16 status)
+{
+    if (status == 204 || status == 304)
+        return 1;
+    return c->head != c->tail && c->q[c->head & (NQ - 1)].no_body;
+}
+
+/* Headers of a response ended with `rest` bytes of this call after them: follow its framing. */
+static __always_inline void response_headers_done(struct conn *c, u16 status, u64 rest, u64 now)
+{
+    if (status >= 100 && status < 200) { /* interim (100 Continue): the final response follows */
+        c->rs_state = RS_IDLE;
+        c->resp_started = 0;
+        return;
+    }
+    c->rs_state = RS_BODY;
+    if (bodiless(c, status)) {
+        response_done(c, now);
+    } else if (c->chunked) {
+        c->body_left = 0; /* the terminator is checked on the call's tail */
+    } else if (c->clen != (u64)-1) {
+        if (rest >= c->clen)
+            response_done(c, now);
+        else
+            c->body_left = c->clen - rest;
+    }
+    /* else: no framing (ends at close, or at the next request) */
+}
+
+/* Response-direction bytes (server write / client read): parse scratch[p->pos .. +WINDOW).
+ * Returns 1 when the rest of the call is not worth parsing (body, or not a response). */
+static __always_inline int scan_response(struct conn *c, char *s, struct parse_ctx *p)
+{
+    u64 now = p->now;
+    u64 total = p->total;
+    u16 status = 0;
+    if (c->rs_state == RS_BODY) {
+        if (!c->chunked && c->clen != (u64)-1) {
+            if (total >= c->body_left)
+                response_done(c, now);
+            else
+                c->body_left -= total;
+        }
+        return 1;
+    }
+    if (c->head != c->tail)
+        status = c->q[c->head & (NQ - 1)].status;
+    for (u32 k = 0; k < WEFT_WINDOW; k++) {
+        u32 i = p->pos + k;
+        if (i >= p->n)
+            return 1;
+        char ch = s[i & (WEFT_SCAN_MAX - 1)];
+        u8 st = c->rs_state;
+        if (st == RS_IDLE) {
+            if (ch != 'H')
+                return 1;
+            c->rs_state = RS_VERSION;
+            c->resp_started = 1;
+            c->clen = (u64)-1;
+            c->chunked = 0;
+            c->body_left = 0;
+            status = 0;
+        } else if (st == RS_VERSION) {
+            if (ch == ' ') {
+                c->rs_state = RS_STATUS;
+                c->rs_vlen = 0;
+            }
+        } else if (st == RS_STATUS) {
+            if (ch >= '0' && ch <= '9' && c->rs_vlen < 3) {
+                status = status * 10 + (ch - '0');
+                c->rs_vlen++;
+            } else {
+                c->rs_state = ch == '\n' ? RS_HNAME : RS_LINE;
+                c->rs_name_len = 0;
+                c->rs_name[0] = 0;
+                c->rs_name[1] = 0;
+            }
+            if (c->head != c->tail)
+                c->q[c->head & (NQ - 1)].status = status;
+        } else if (st == RS_LINE || st == RS_HSKIP) {
+            if (ch == '\n') {
+                c->rs_state = RS_HNAME;
+                c->rs_name_len = 0;
+                c->rs_name[0] = 0;
+                c->rs_name[1] = 0;
+            }
+        } else if (st == RS_HNAME) {
+            if (ch == '\n') {
+                response_headers_done(c, status, total - (u64)i - 1, now);
+                return 1; /* bodies are never scanned */
+            } else if (ch == ':') {
+                u8 t = target_of(c->rs_name, c->rs_name_len);
+                c->rs_target = t;
+                if (t == T_CLEN)
+                    c->clen = 0;
+                c->rs_state = (t == T_CLEN || t == T_TE) ? RS_HVAL : RS_HSKIP;
+            } else if (ch != '\r') {
+                if (c->rs_name_len < 16)
+                    ((char *)c->rs_name)[c->rs_name_len & 15] = lower(ch);
+                if (c->rs_name_len < 255)
+                    c->rs_name_len++;
+            }
+        } else if (st == RS_HVAL) {
+            if (ch == '\n') {
+                c->rs_state = RS_HNAME;
+                c->rs_name_len = 0;
+                c->rs_name[0] = 0;
+                c->rs_name[1] = 0;
+            } else if (c->rs_target == T_CLEN && ch >= '0' && ch <= '9') {
+                c->clen = c->clen * 10 + (ch - '0');
+            } else if (c->rs_target == T_TE && ch == 'k') {
+                c->chunked = 1; /* "chunked" is the only transfer coding with a 'k' */
+            }
+        } else {
+            return 1;
+        }
+    }
+    p->pos += WEFT_WINDOW;
+    return 0;
+}
+
+/* ---------- syscalls ---------- */
+
+/* Entry of a data syscall: a known socket fd gets an in-flight entry; anything else costs one
+ * lookup and a write to this CPU's adoption slot (no map update). */
+static __always_inline int on_enter(u32 fd, u64 buf, u8 kind, u8 is_write, u32 iovcnt)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 key = fd_key(pid_tgid, fd);
+    u64 *sk = fds.lookup(&key);
+    u32 tid = (u32)pid_tgid;
+    if (!sk) {
+        u32 zero = 0;
+        struct call *u = unknown_call.lookup(&zero);
+        if (u) {
+            u->sk = 0;
+            u->ts = bpf_ktime_get_ns();
+            u->buf = buf;
+            u->fd = fd;
+            u->tid = tid;
+            u->is_write = is_write;
+            u->kind = kind;
+            u->iovcnt = iovcnt;
+            u->has_seq = 0;
+            u->done = 0;
+        }
+        return 0;
+    }
+    struct call call = {};
+    call.sk = *sk;
+    call.ts = bpf_ktime_get_ns();
+    call.buf = buf;
+    call.fd = fd;
+    call.tid = tid;
+    call.is_write = is_write;
+    call.kind = kind;
+    call.iovcnt = iovcnt;
+    if (calls.update(&tid, &call))
+        weft_stat(HST_CALLS_FULL);
+    return 0;
+}
+
+/* Inside the call (sock_{recv,send}_length): read the TCP sequence number of its first byte, or
+ * adopt a socket that existed before the agent started. */
+static __always_inline int on_sock_length(void *skp, int ret, int flags, u16 family, u16 protocol,
+                                          u8 is_write)
+{
+    if (ret <= 0)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    char *sk = (char *)skp;
+    struct call *call = calls.lookup(&tid);
+    if (!call || call->done) {
+        if (protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
+            return 0;
+        u32 zero = 0;
+        struct call *u = unknown_call.lookup(&zero);
+        if (!u || u->tid != tid || u->is_write != is_write || u->done)
+            return 0;
+        u->done = 1;
+        if (weft_skip_task(pid_tgid) || sock_of_fd(u->fd) != sk)
+            return 0;
+        u64 now = bpf_ktime_get_ns();
+        u64 key = (u64)sk;
+        if (!conns.lookup(&key)) {
+            if (!add_conn(pid_tgid, u->fd, sk, ROLE_UNKNOWN, 1, now))
+                return 0;
+        } else {
+            u64 fk = fd_key(pid_tgid, u->fd);
+            fds.update(&fk, &key);
+        }
+        weft_stat(HST_ADOPTED);
+        struct call fresh = {};
+        fresh.sk = key;
+        fresh.buf = u->buf;
+        fresh.ts = u->ts;
+        fresh.fd = u->fd;
+        fresh.tid = tid;
+        fresh.is_write = is_write;
+        fresh.kind = u->kind;
+        fresh.iovcnt = u->iovcnt;
+        if (calls.update(&tid, &fresh))
+            return 0;
+        call = calls.lookup(&tid);
+        if (!call)
+            return 0;
+    }
+    if (call->sk != (u64)sk || call->has_seq)
+        return 0;
+    u32 seq = 0;
+    if (is_write) {
+        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_WRITE_SEQ_OFF);
+        call->seq0 = seq - (u32)ret;
+    } else {
+        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_COPIED_SEQ_OFF);
+        if (flags & MSG_PEEK) {
+            call->kind = CK_NODATA; /* the bytes will be read again: parse them then */
+            call->seq0 = seq;
+        } else {
+            call->seq0 = seq - (u32)ret;
+        }
+    }
+    call->has_seq = 1;
+    return 0;
+}
+
+/* First user buffer of the call and its length. */
+static __always_inline u64 first_buffer(struct call *call, u64 *len)
+{
+    u64 iov[2] = {};
+    u64 msg_iov = 0;
+    if (call->kind == CK_BUF) {
+        *len = (u64)-1;
+        return call->buf;
+    }
+    if (call->kind == CK_IOV) {
+        bpf_probe_read_user(iov, sizeof(iov), (void *)call->buf);
+    } else if (call->kind == CK_MSG) {
+        bpf_probe_read_user(&msg_iov, sizeof(msg_iov), (char *)call->buf + 16); /* user_msghdr.msg_iov */
+        if (msg_iov)
+            bpf_probe_read_user(iov, sizeof(iov), (void *)msg_iov);
+    } else {
+        return 0;
+    }
+    *len = iov[1];
+    return iov[0];
+}
+
+#define MAX_IOV 4
+
+/* readv/writev/recvmsg/sendmsg: append iovecs 1..MAX_IOV-1 after the first one's n bytes. */
+static __always_inline u32 gather_rest(struct call *call, char *s, u32 n, u64 ret)
+{
+    u64 iovp = call->buf;
+    u64 cnt = call->iovcnt;
+    if (call->kind == CK_MSG) {
+        iovp = 0;
+        cnt = 0;
+        bpf_probe_read_user(&iovp, 8, (char *)call->buf + 16); /* user_msghdr.msg_iov */
+        bpf_probe_read_user(&cnt, 8, (char *)call->buf + 24);  /* user_msghdr.msg_iovlen */
+    } else if (call->kind != CK_IOV) {
+        return n;
+    }
+    u64 want = ret < WEFT_SCAN_MAX ? ret : WEFT_SCAN_MAX;
+    for (int k = 1; k < MAX_IOV; k++) {
+        if (k >= cnt || n >= want || !iovp)
+            break;
+        u64 iov[2] = {};
+        if (bpf_probe_read_user(iov, sizeof(iov), (void *)(iovp + 16 * k)))
+            break;
+        u64 len = iov[1];
+        if (len > want - n)
+            len = want - n;
+        u32 off = n & (WEFT_SCAN_MAX - 1);
+        u32 l = len & (WEFT_SCAN_MAX - 1);
+        if (l && bpf_probe_read_user(s + off, l, (void *)iov[0]))
+            break;
+        n += l;
+    }
+    return n;
+}
+
+/* Chunked framing ends with "0\r\n\r\n": look at the last five bytes of a single-buffer call. */
+static __always_inline void check_chunked_end(struct conn *c, u64 buf, u64 buflen, u64 total, u64 now)
+{
+    char tail[8] = {};
+    if (c->rs_state != RS_BODY || !c->chunked || total < 5 || buflen < total)
+        return;
+    bpf_probe_read_user(tail, 5, (char *)buf + total - 5);
+    if (tail[0] == '0' && tail[1] == '\r' && tail[2] == '\n' && tail[3] == '\r' && tail[4] == '\n')
+        response_done(c, now);
+}
+
+static __always_inline int on_exit(void *ctx, long ret)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct call *call = calls.lookup(&tid);
+    if (!call || call->done)
+        return 0;
+    call->done = 1;
+    if (ret <= 0)
+        return 0;
+    u64 key = call->sk;
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    u8 is_write = call->is_write;
+    /* times: a read at its exit (the bytes are there), a write at its entry (they may be read
+     * before the write returns), so client start <= server start <= server end <= client end */
+    u64 now = is_write ? call->ts : bpf_ktime_get_ns();
+    if (is_write) {
+        c->bytes_sent += ret;
+        c->last_write_ns = now;
+    } else {
+        c->bytes_recv += ret;
+        c->last_read_ns = now;
+    }
+    u64 buflen = 0;
+    u64 buf = first_buffer(call, &buflen);
+    u32 zero = 0;
+    struct scan_buf *sb = scratch.lookup(&zero);
+    if (!sb)
+        return 0;
+    char *s = sb->b;
+    u32 n = 0;
+    if (buf) {
+        u64 avail = (u64)ret < buflen ? (u64)ret : buflen;
+        n = avail < WEFT_SCAN_MAX ? (u32)avail : WEFT_SCAN_MAX;
+        if (n > WEFT_SCAN_MAX)
+            n = WEFT_SCAN_MAX;
+        if (bpf_probe_read_user(s, n, (void *)buf))
+            n = 0;
+        else if (avail < (u64)ret)
+            n = gather_rest(call, s, n, (u64)ret);
+    }
+    if (c->t.role == ROLE_UNKNOWN) {
+        /* a connection picked up mid-stream: the direction that carries a request decides */
+        if (n < 1 || !is_upper(s[0]))
+            return 0;
+        int response = n >= 5 && s[0] == 'H' && s[1] == 'T' && s[2] == 'T' && s[3] == 'P' && s[4] == '/';
+        c->t.role = (is_write ^ response) ? ROLE_CLIENT : ROLE_SERVER;
+        if (!c->open_sent) {
+            c->open_sent = 1;
+            emit_conn(c, WEFT_KIND_CONN_OPEN, pid_tgid, now);
+        }
+    }
+    struct parse_ctx *p = parse_state.lookup(&zero);
+    if (!p)
+        return 0;
+    p->sk = key;
+    p->pid_tgid = pid_tgid;
+    p->now = now;
+    p->total = (u64)ret;
+    p->buf = buf;
+    p->buflen = buflen;
+    p->n = n;
+    p->pos = 0;
+    p->seq0 = call->seq0;
+    p->has_seq = call->has_seq;
+    p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
+    parsers.call(ctx, 0);
+    return 0;
+}
+
+/* The parser: WEFT_WINDOW bytes per run, then a tail call to itself while bytes remain
+ * (WEFT_SCAN_MAX / WEFT_WINDOW runs at most, under the kernel's 33 tail-call limit). */
+int weft_parse(void *ctx)
+{
+    u32 zero = 0;
+    struct parse_ctx *p = parse_state.lookup(&zero);
+    struct scan_buf *sb = scratch.lookup(&zero);
+    if (!p || !sb)
+        return 0;
+    u64 key = p->sk;
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    int stop = p->request_dir ? scan_request(c, sb->b, p) : scan_response(c, sb->b, p);
+    if (!stop && p->pos < p->n) {
+        parsers.call(ctx, 0);
+        return 0; /* tail call failed (limit): the rest of the call is not parsed */
+    }
+    if (!p->request_dir)
+        check_chunked_end(c, p->buf, p->buflen, p->total, p->now);
+    return 0;
+}
+
+static __always_inline void on_new_conn(u8 role, long ret)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct pending_conn *p = pending.lookup(&tid);
+    if (!p)
+        return;
+    u32 fd = role == ROLE_SERVER ? (u32)ret : p->fd;
+    pending.delete(&tid);
+    if (role == ROLE_SERVER ? ret < 0 : (ret != 0 && ret != -EINPROGRESS))
+        return;
+    char *sk = sock_of_fd(fd);
+    if (sk)
+        add_conn(pid_tgid, fd, sk, role, 0, bpf_ktime_get_ns());
+}
+
+static __always_inline void on_new_conn_enter(u32 fd, u8 role)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (weft_skip_task(pid_tgid))
+        return;
+    u32 tid = (u32)pid_tgid;
+    struct pending_conn p = {.fd = fd, .role = role};
+    pending.update(&tid, &p);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { on_new_conn_enter(0, ROLE_SERVER); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_new_conn(ROLE_SERVER, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { on_new_conn_enter(0, ROLE_SERVER); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_new_conn(ROLE_SERVER, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) { on_new_conn_enter(args->fd, ROLE_CLIENT); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { on_new_conn(ROLE_CLIENT, args->ret); return 0; }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter(args->fd, (u64)args->buf, CK_BUF, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter(args->fd, (u64)args->vec, CK_IOV, 0, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter(args->fd, (u64)args->ubuf, CK_BUF, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter(args->fd, (u64)args->msg, CK_MSG, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter(args->fd, (u64)args->buf, CK_BUF, 1, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter(args->fd, (u64)args->vec, CK_IOV, 1, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter(args->fd, (u64)args->buff, CK_BUF, 1, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter(args->fd, (u64)args->msg, CK_MSG, 1, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return on_enter(args->out_fd, 0, CK_NODATA, 1, 0); }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return on_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    return on_sock_length(args->sk, args->ret, args->flags, args->family, args->protocol, 0);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    return on_sock_length(args->sk, args->ret, args->flags, args->family, args->protocol, 1);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 fk = fd_key(pid_tgid, args->fd);
+    u64 *skp = fds.lookup(&fk);
+    if (!skp)
+        return 0;
+    u64 key = *skp;
+    fds.delete(&fk);
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    flush_all(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
+    if (c->open_sent)
+        emit_conn(c, WEFT_KIND_CONN_CLOSE, pid_tgid, now);
+    conns.delete(&key);
+    return 0;
+}

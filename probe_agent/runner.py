@@ -1,0 +1,509 @@
+"""The agent's loop: probes declare, the runner acts.
+
+Start: check the machine can run us (root, BTF, BCC), compile each probe with BCC into its own
+`BPF` object, attach, configure its filter maps, open a callback per ring buffer.
+Loop (every `poll_interval_ms`): sample the kernel clock, drain every ring buffer, decode the
+records (a bad record is counted, never raised into the loop), put a ProcessInfo in front of the
+first event of each process, hand events to the framer and frames to the sink; now and then read
+the probes' kernel counters (ring-buffer losses, full maps), map fill, and re-sample the clock.
+Stop (SIGTERM/SIGINT): detach every program, drain the rings once more, close the last frame with
+a final watermark, flush the sink, release every BPF object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from probe_agent.clock import KtimeClock, ktime_now_ns
+from probe_agent.config import AgentSettings
+from probe_agent.enrich import ProcessInfoCache
+from probe_agent.framer import Framer
+from probe_agent.metrics import AgentMetrics
+from probe_agent.probes.base import Probe, ProbeContext, RingSpec, read_stats
+from probe_agent.sinks import FrameSink
+from schemas import weft_events_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# Probes the agent loads, in order: lineage first so a process's spawn precedes its traffic.
+PROBE_CLASSES = (("probe_agent.probes.lineage", "LineageProbe"),
+                 ("probe_agent.probes.http", "HttpProbe"))
+
+_HASH_MAP = re.compile(r'BPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH)\(\s*(\w+)'
+                       r'|BPF_F?_?TABLE\(\s*"(?:lru_)?(?:percpu_)?hash"\s*,[^,]+,[^,]+,\s*(\w+)')
+
+
+class AgentStartError(RuntimeError):
+    """The agent cannot run here; the message is one sentence a person can act on."""
+
+
+def default_probes() -> list[Probe]:
+    probes: list[Probe] = []
+    for module_name, class_name in PROBE_CLASSES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            logger.warning("probe module %s is not present: running without it", module_name)
+            continue
+        probes.append(getattr(module, class_name)())
+    return probes
+
+
+def preflight() -> str:
+    """Raise AgentStartError when this machine cannot run the agent; else the start-up line."""
+    if os.geteuid() != 0:  # before anything loads: probing the kernel needs root too
+        raise AgentStartError("weft agent needs root (CAP_BPF, CAP_PERFMON): run it as root")
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        raise AgentStartError("weft agent needs kernel BTF (/sys/kernel/btf/vmlinux is missing): "
+                              "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    from probe_agent.kernel import probe_kernel
+
+    features = probe_kernel()
+    problems = features.blocking_problems()
+    if problems:
+        raise AgentStartError(f"weft agent cannot run here: {problems[0]}")
+    return features.one_line()
+
+
+@dataclass
+class _Loaded:
+    probe: Probe
+    bpf: Any  # bcc.BPF
+    hash_maps: tuple[str, ...]
+
+
+class AgentRunner:
+    def __init__(self, settings: AgentSettings, sink: FrameSink, metrics: AgentMetrics, *,
+                 probes: Sequence[Probe] | None = None, cgroup_ids: frozenset[int] = frozenset(),
+                 clock: KtimeClock | None = None) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.metrics = metrics
+        self.probes = list(default_probes() if probes is None else probes)
+        self.clock = clock or KtimeClock(settings.clock_refresh_s)
+        # Aim a few poll rounds early so that loop jitter keeps watermarks within the interval.
+        wm_target = max(settings.poll_interval_ms,
+                        settings.watermark_interval_ms - 3 * settings.poll_interval_ms)
+        self.framer = Framer(settings.node, max_events=settings.frame_max_events,
+                             max_delay_ms=settings.frame_max_delay_ms,
+                             watermark_interval_ms=wm_target)
+        self.processes = ProcessInfoCache(settings.process_cache_size)
+        self.ctx = ProbeContext(self_pid=os.getpid(), cgroup_ids=cgroup_ids,
+                                ktime_offset_ns=self.clock.offset_ns, ring_pages=settings.ring_pages)
+        self._loaded: list[_Loaded] = []
+        self._incoming: list[pb.Event] = []
+        self._announced: OrderedDict[int, None] = OrderedDict()
+        self._pid_filter: set[int] | None = set(settings.pids) if settings.pids else None
+        self._first_pids = frozenset(settings.pids)
+        self._stop = False
+        self._round_left = settings.round_budget
+        self._drained_at = ktime_now_ns()
+        self._last_decode_log = 0.0
+        self.lost_records = 0
+
+    # -- start -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Compile, attach, configure and open every probe; AgentStartError when one fails."""
+        from bcc import BPF  # imported here: `weft --help` must not need BCC
+
+        try:
+            for probe in self.probes:
+                cflags = probe.cflags(self.ctx)
+                try:
+                    bpf = BPF(src_file=str(probe.source).encode(), cflags=cflags)
+                except Exception as exc:
+                    raise AgentStartError(
+                        f"weft agent cannot compile or load {probe.source.name} with BCC ({exc}); "
+                        "`weft doctor` says what this kernel allows") from None
+                self._loaded.append(_Loaded(probe, bpf, _hash_maps(probe.source)))
+                try:
+                    probe.attach(bpf, self.ctx)
+                    probe.configure(bpf, self.ctx)
+                    for ring in probe.rings:
+                        bpf[ring.map_name.encode()].open_ring_buffer(
+                            self._ring_callback(probe.name, ring))
+                except Exception as exc:
+                    raise AgentStartError(
+                        f"weft agent cannot attach probe {probe.name} ({exc}); "
+                        "`weft doctor` says what this kernel allows") from None
+                logger.info("probe %s loaded from %s", probe.name, probe.source)
+        except BaseException:
+            self._release()
+            raise
+        shed_compiler_memory()
+
+    def _ring_callback(self, probe: str, ring: RingSpec) -> Callable[[Any, Any, int], int]:
+        decode, incoming, clock = ring.decode, self._incoming, self.clock
+
+        def on_record(_ctx: Any, data: Any, size: int) -> int:
+            try:
+                incoming.extend(decode(ctypes.string_at(data, size), clock.offset_ns))
+            except Exception as exc:  # never into the poll loop
+                self.metrics.decode_errors.inc()
+                now = time.monotonic()
+                if now - self._last_decode_log > 10:
+                    self._last_decode_log = now
+                    logger.warning("probe %s: a %d-byte record from %s did not decode: %s",
+                                   probe, size, ring.map_name, exc)
+            # A negative return makes libbpf stop after this record (which counts as consumed):
+            # one round never runs unbounded while the kernel keeps producing.
+            self._round_left -= 1
+            return 0 if self._round_left > 0 else -1
+
+        return on_record
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            logger.info("signal %d: stopping", signum)
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        """Poll until stopped, then shut down cleanly (see close())."""
+        interval = self.settings.poll_interval_ms / 1000
+        next_stats = next_fill = 0.0
+        try:
+            while not self._stop:
+                started = time.monotonic()
+                self.step()
+                if started >= next_stats:
+                    self.read_kernel_counters()
+                    next_stats = started + 1.0
+                if started >= next_fill:
+                    self.read_map_fill()
+                    next_fill = started + self.settings.map_fill_interval_s
+                took = time.monotonic() - started
+                if took > 2 * interval:
+                    logger.info("slow round: %.0f ms", took * 1000)
+                time.sleep(max(0.0, interval - took))
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        """One round: drain the rings, frame what came, send what is ready.
+
+        The watermark is the time sampled before the last round that emptied every ring: when a
+        round stops at its budget (the kernel produces faster than we decode), records emitted
+        before `now` may still wait in a ring, so the watermark holds still until we catch up."""
+        now = ktime_now_ns()
+        if self._consume():
+            self._drained_at = now
+        frames: list[pb.Frame] = []
+        if self._incoming:
+            events, times = self._prepare(self._take_incoming())
+            frames += self.framer.add(events, now, times)
+        frames += self.framer.tick(now, self.clock.to_unix_ns(self._drained_at))
+        for frame in frames:
+            self.sink.send(frame)
+        self.sink.poll()
+        self.clock.refresh_if_due(now)
+
+    def _consume(self) -> bool:
+        """Read every ring, at most `round_budget` records per probe; True if all were emptied."""
+        drained = True
+        for loaded in self._loaded:
+            self._round_left = self.settings.round_budget
+            loaded.bpf.ring_buffer_consume()
+            drained = drained and self._round_left > 0
+        return drained
+
+    def _take_incoming(self) -> list[pb.Event]:
+        events = list(self._incoming)
+        self._incoming.clear()  # the callbacks hold this list object: keep it
+        return events
+
+    def _prepare(self, events: list[pb.Event]) -> tuple[list[pb.Event], list[int]]:
+        """Count, filter, and put ProcessInfo before the first event of each process.
+        Returns the events to frame and their event times."""
+        out: list[pb.Event] = []
+        times: list[int] = []
+        counts: dict[str, int] = {}
+        self_pid, pid_filter, announced = self.ctx.self_pid, self._pid_filter, self._announced
+        for event in events:
+            kind = event.WhichOneof("kind")
+            if kind is None:
+                continue
+            counts[kind] = counts.get(kind, 0) + 1
+            body = getattr(event, kind)
+            if kind == "process":
+                self._on_exec(event, out, times)
+                continue
+            ts = body.start_ns if kind == "http" else body.ts_ns
+            pid = body.parent_pid if kind == "thread_spawn" else body.pid
+            if pid == self_pid:
+                continue  # belt and braces: the kernel side already skips the agent
+            if pid_filter is not None:
+                if pid not in pid_filter:
+                    continue
+                if kind == "thread_spawn" and body.new_process:
+                    pid_filter.add(body.child_pid)  # children of a traced process are traced
+            if pid not in announced:
+                self._announce(pid, ts, out, times)
+            out.append(event)
+            times.append(ts)
+            if kind == "task_exit" and body.tid == body.pid:
+                self._forget(pid)
+        for name, n in counts.items():
+            self.metrics.count_event(name, n)
+        return out, times
+
+    def _announce(self, pid: int, ts_ns: int, out: list[pb.Event], times: list[int]) -> None:
+        self._announced[pid] = None
+        if len(self._announced) > self.settings.process_cache_size:
+            self._announced.popitem(last=False)
+        info = self.processes.get(pid)
+        if info is not None:
+            fresh = pb.ProcessInfo()
+            fresh.CopyFrom(info)
+            fresh.ts_ns = ts_ns
+            out.append(pb.Event(process=fresh))
+            times.append(ts_ns)
+
+    def _on_exec(self, event: pb.Event, out: list[pb.Event], times: list[int]) -> None:
+        """The kernel saw an exec: re-read the process and announce it again, merged."""
+        kernel_info = event.process
+        pid = kernel_info.pid
+        if pid == self.ctx.self_pid or (self._pid_filter is not None and pid not in self._pid_filter):
+            return
+        self.processes.forget(pid)
+        self._announced[pid] = None
+        proc = self.processes.get(pid)
+        if proc is not None:
+            merged = pb.ProcessInfo()
+            merged.CopyFrom(proc)
+            merged.ts_ns = kernel_info.ts_ns
+            if kernel_info.start_ns:
+                merged.start_ns = kernel_info.start_ns
+            if kernel_info.cgroup_id:
+                merged.cgroup_id = kernel_info.cgroup_id
+            out.append(pb.Event(process=merged))
+        else:
+            out.append(event)  # gone already: what the kernel told us is all there is
+        times.append(kernel_info.ts_ns)
+
+    def _forget(self, pid: int) -> None:
+        self.processes.forget(pid)
+        self._announced.pop(pid, None)
+        if self._pid_filter is not None and pid not in self._first_pids:
+            self._pid_filter.discard(pid)
+
+    # -- counters --------------------------------------------------------------------------
+
+    def read_kernel_counters(self) -> None:
+        for loaded in self._loaded:
+            try:
+                totals = read_stats(loaded.bpf, loaded.probe)
+            except Exception as exc:
+                logger.debug("probe %s: cannot read %s: %s", loaded.probe.name,
+                             loaded.probe.stats_map, exc)
+                continue
+            lost = self.metrics.kernel_counters(loaded.probe.name, totals)
+            if lost:
+                self.lost_records += lost
+                logger.warning("probe %s: the kernel lost %d records (ring buffer full)",
+                               loaded.probe.name, lost)
+        self.metrics.process_cache.set(len(self.processes))
+
+    def read_map_fill(self) -> None:
+        for loaded in self._loaded:
+            for name in loaded.hash_maps:
+                try:
+                    table = loaded.bpf.get_table(name.encode())
+                    self.metrics.map_fill(loaded.probe.name, name, len(table) / table.max_entries)
+                except Exception as exc:
+                    logger.debug("map %s of %s: %s", name, loaded.probe.name, exc)
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach everything, publish what the rings still hold, flush, release."""
+        if not self._loaded and self.framer.pending == 0:
+            self.sink.close()
+            return
+        # Each tracepoint detach waits for an RCU grace period (~80 ms here, seconds in all):
+        # detach in a thread while this one keeps the loop (and the watermark cadence) going.
+        detacher = threading.Thread(target=self._detach_all, name="weft-detach")
+        detacher.start()
+        while detacher.is_alive():
+            self.step()
+            detacher.join(self.settings.poll_interval_ms / 1000)
+        # Nothing new is emitted now: read the rings empty (for a bounded time) and close with
+        # a final watermark that covers everything read.
+        frames: list[pb.Frame] = []
+        now = ktime_now_ns()
+        deadline = time.monotonic() + 5.0
+        while True:
+            drained = self._consume()
+            events, times = self._prepare(self._take_incoming())
+            frames += self.framer.add(events, now, times)
+            if drained:
+                self._drained_at = now
+                break
+            if time.monotonic() > deadline:
+                logger.warning("stopping with records still unread in the ring buffers")
+                break
+        self.read_kernel_counters()
+        frames += self.framer.flush(now, self.clock.to_unix_ns(self._drained_at))
+        for frame in frames:
+            self.sink.send(frame)
+        self.sink.close()
+        self._release()
+
+    def _detach_all(self) -> None:
+        for loaded in self._loaded:
+            try:
+                loaded.probe.detach(loaded.bpf)
+            except Exception as exc:
+                logger.warning("probe %s: detach failed: %s", loaded.probe.name, exc)
+            _detach_tracepoints(loaded.bpf)
+
+    def _release(self) -> None:
+        while self._loaded:
+            loaded = self._loaded.pop()
+            try:
+                loaded.bpf.cleanup()
+            except Exception as exc:
+                logger.warning("probe %s: BCC cleanup failed: %s", loaded.probe.name, exc)
+
+
+_MADV_DONTNEED = 4
+_COMPILER_LIBS = ("libLLVM", "libclang")
+
+
+def shed_compiler_memory() -> None:
+    """Give back what compiling cost (~100 MB here): BCC's clang/LLVM leave freed heap that glibc
+    keeps, and tens of MB of their code pages mapped in this process although no further compile
+    happens. malloc_trim returns the heap. For the code, MADV_DONTNEED on a read-only file mapping
+    that holds no private (copied-on-write) page only unmaps page-cache pages: their content is
+    the file's, so a later access faults the same bytes back in. Mappings that hold any private
+    page are left alone. Best effort: a failure only costs memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.malloc_trim(0)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for start, end in _clean_compiler_mappings(Path("/proc/self/smaps").read_text()):
+            libc.madvise(start, end - start, _MADV_DONTNEED)
+    except (OSError, AttributeError, ValueError) as exc:
+        logger.debug("could not shed compiler memory: %s", exc)
+
+
+def _clean_compiler_mappings(smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of the compiler libraries' read-only file mappings with no private page."""
+    out: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in smaps.splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+            current = None
+            if len(parts) >= 6 and "w" not in parts[1] and any(lib in parts[5] for lib in _COMPILER_LIBS):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                current = (lo, hi)
+        elif current is not None and parts[:1] == ["Anonymous:"]:
+            if int(parts[1]) == 0:
+                out.append(current)
+            current = None
+    return out
+
+
+def _detach_tracepoints(bpf: Any) -> None:
+    """Stop new records before the last drain (bpf.cleanup() would also do it, after)."""
+    for tp in list(getattr(bpf, "tracepoint_fds", {})):
+        try:
+            bpf.detach_tracepoint(tp)
+        except Exception as exc:
+            logger.debug("detach tracepoint %s: %s", tp, exc)
+    for tp in list(getattr(bpf, "raw_tracepoint_fds", {})):
+        try:
+            bpf.detach_raw_tracepoint(tp)
+        except Exception as exc:
+            logger.debug("detach raw tracepoint %s: %s", tp, exc)
+
+
+def _hash_maps(source: Path) -> tuple[str, ...]:
+    """Names of the hash maps a program declares (their fill is worth watching)."""
+    try:
+        text = source.read_text()
+    except OSError:
+        return ()
+    return tuple(sorted({a or b for a, b in _HASH_MAP.findall(text)}))
+
+
+def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
+              pids: Sequence[int] | None = None, bootstrap: str | None = None,
+              capture: str | None = None, metrics_port: int | None = None,
+              config_file: str | None = None) -> int:
+    """`weft agent`: settings → checks → probes → loop. Returns the exit status."""
+    from probe_agent.enrich import cgroup_id
+    from probe_agent.sinks import CaptureSink, KafkaSink
+    from probe_agent.spool import Spool
+    from weft.config import ConfigError, KafkaSettings, load_section
+
+    if bootstrap and capture:
+        print("weft agent: give --kafka or --capture, not both", flush=True)
+        return 2
+    try:
+        settings = load_section(AgentSettings, "agent", config_file=config_file, node=node,
+                                cgroups=tuple(cgroups) if cgroups else None,
+                                pids=tuple(pids) if pids else None, capture=capture,
+                                metrics_port=metrics_port)
+        kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
+    except ConfigError as exc:
+        print(f"weft agent: {exc}", flush=True)
+        return 2
+    try:
+        kernel_line = preflight()
+        cgroup_ids = frozenset(cgroup_id(p) for p in settings.cgroups)
+    except AgentStartError as exc:
+        print(str(exc), flush=True)
+        return 1
+    except OSError as exc:
+        print(f"weft agent: cgroup {exc.filename} does not exist: give a cgroup v2 path", flush=True)
+        return 2
+    metrics = AgentMetrics(settings.node)
+    if settings.capture:
+        sink: FrameSink = CaptureSink(settings.capture, settings.node, metrics)
+        where = f"capture {settings.capture}"
+    else:
+        spool = Spool(settings.spool_path(), max_bytes=settings.spool_max_bytes,
+                      segment_bytes=settings.spool_segment_bytes)
+        sink = KafkaSink(kafka, settings.node, spool, metrics,
+                         max_in_flight=settings.max_in_flight_frames,
+                         stall_after_ms=settings.stall_after_ms)
+        where = f"kafka {kafka.bootstrap} topic {kafka.raw_topic}"
+    runner = AgentRunner(settings, sink, metrics, cgroup_ids=cgroup_ids)
+    runner.install_signal_handlers()
+    try:
+        runner.load()
+    except AgentStartError as exc:
+        print(str(exc), flush=True)
+        return 1
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_addr)
+    scope = (f"cgroups {', '.join(settings.cgroups)}" if settings.cgroups else
+             f"pids {', '.join(map(str, settings.pids))}" if settings.pids else "every process")
+    print(f"weft agent {settings.node}: {kernel_line}; probes "
+          f"{', '.join(p.name for p in runner.probes)}; tracing {scope}; frames to {where}",
+          flush=True)
+    runner.run()
+    return 0

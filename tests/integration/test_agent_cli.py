@@ -1,0 +1,93 @@
+"""`weft agent` as a person runs it: refusals in one sentence, and a run publishing to Kafka."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas.codec import decode_frame
+
+ROOT = Path(__file__).resolve().parents[2]
+WEFT = [sys.executable, "-c", "from weft.cli import main; main()"]
+
+
+def run_weft(*args: str, user: int | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    return subprocess.run([*prefix, *WEFT, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test"})
+
+
+def test_not_root_is_refused_with_one_sentence() -> None:
+    result = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap", user=65534)
+    assert result.returncode == 1, result
+    assert "weft agent needs root" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_cgroup_is_refused_with_one_sentence() -> None:
+    result = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap",
+                      "--cgroup", f"/no-such-{uuid.uuid4().hex}")
+    assert result.returncode == 2, result
+    assert "does not exist" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_bad_setting_names_the_key() -> None:
+    result = run_weft("agent", "--node", "has space", "--capture", "/tmp/never.wcap")
+    assert result.returncode == 2
+    assert "agent.node" in result.stdout
+    both = run_weft("agent", "--kafka", "127.0.0.1:1", "--capture", "/tmp/never.wcap")
+    assert both.returncode == 2 and "not both" in both.stdout
+
+
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_agent_publishes_frames_to_kafka_and_never_traces_its_own_traffic(infra: Any,
+                                                                          tmp_path: Path) -> None:
+    topic = f"agent-cli-{uuid.uuid4().hex[:8]}"
+    infra.create_topic(topic, 2)
+    env = {**os.environ, "WEFT_RUN_DIR": str(tmp_path), "WEFT_KAFKA_RAW_TOPIC": topic}
+    log = tmp_path / "agent.log"
+    with open(log, "w") as fh:
+        agent = subprocess.Popen([*WEFT, "agent", "--node", "k1", "--kafka", infra.bootstrap],
+                                 cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "weft agent k1:" not in log.read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        subprocess.run(["sh", "-c", "true; true"], check=True)   # some lineage activity
+        time.sleep(1.0)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+    consumer = Consumer({"bootstrap.servers": infra.bootstrap, "group.id": uuid.uuid4().hex,
+                         "enable.auto.commit": False})
+    meta = consumer.list_topics(topic, timeout=10)
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions])
+    frames = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        msgs = consumer.consume(1000, timeout=1.0)
+        frames += [decode_frame(m.value()) for m in msgs if m.error() is None]
+        if frames and not msgs:
+            break
+    consumer.close()
+    assert frames
+    assert {f.node for f in frames} == {"k1"}
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    events = [e for f in frames for e in f.events]
+    assert sum(e.WhichOneof("kind") == "watermark" for e in events) >= 5
+    for e in events:
+        body = getattr(e, str(e.WhichOneof("kind")))
+        assert agent.pid not in (getattr(body, "pid", None), getattr(body, "parent_pid", None)), e

@@ -1,0 +1,327 @@
+"""HTTP tracer on the real kernel: real servers, real clients, exact fields, client/server agreement."""
+
+from __future__ import annotations
+
+import http.client
+import multiprocessing
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from probe_agent.probes.http import HttpProbe
+from schemas import weft_events_pb2 as pb
+from tests.integration.probe_harness import LoadedProbe, loaded
+from tests.workloads.servers import HERE, Server, running
+
+pytestmark = pytest.mark.bpf
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture(scope="module")
+def probe() -> Iterator[LoadedProbe]:
+    with loaded(HttpProbe()) as lp:
+        yield lp
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("workloads")
+
+
+def requests_on(
+    probe: LoadedProbe, port: int, role: int, count: int, timeout: float = 15.0
+) -> list[pb.HttpRequest]:
+    """Wait for `count` HTTP records of `role` on connections to/from `port`, in start order."""
+
+    def pick(events: list[pb.Event]) -> list[pb.HttpRequest]:
+        out = []
+        for e in events:
+            if e.HasField("http") and e.http.role == role:
+                port_seen = e.http.tuple.local_port if role == pb.ROLE_SERVER else e.http.tuple.remote_port
+                if port_seen == port:
+                    out.append(e.http)
+        return sorted(out, key=lambda r: r.start_ns)
+
+    probe.wait_for(lambda es: len(pick(es)) >= count, timeout)
+    return pick(probe.snapshot())
+
+
+def assert_pairs(servers: list[pb.HttpRequest], clients: list[pb.HttpRequest]) -> None:
+    """Each client record has a server record with the mirrored tuple and the same seq."""
+    by_key = {(s.tuple.remote_port, s.tcp_seq): s for s in servers}
+    assert len(by_key) == len(servers), "two server records share a (port, seq)"
+    for c in clients:
+        assert c.has_seq
+        s = by_key[(c.tuple.local_port, c.tcp_seq)]
+        assert s.has_seq
+        assert (s.tuple.local_addr, s.tuple.local_port) == (c.tuple.remote_addr, c.tuple.remote_port)
+        assert (s.tuple.remote_addr, s.tuple.remote_port) == (c.tuple.local_addr, c.tuple.local_port)
+        assert (s.method, s.path, s.host, s.status) == (c.method, c.path, c.host, c.status)
+        assert c.start_ns <= s.start_ns <= s.end_ns <= c.end_ns
+
+
+def in_child(fn: object, *args: object) -> None:
+    """Run a Python client in a forked process: the test process is the 'agent', never traced."""
+    proc = multiprocessing.get_context("fork").Process(target=fn, args=args)  # type: ignore[arg-type]
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0, f"client process failed ({proc.exitcode})"
+
+
+def keepalive_client(host: str, port: int, path: str, n: int) -> None:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    for _ in range(n):
+        conn.request("GET", path + "?n=1")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+    conn.close()
+
+
+def concurrent_clients(host: str, port: int, clients: int, per_client: int) -> None:
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for j in range(per_client):
+            conn.request("GET", f"/c{i}/{j}")
+            conn.getresponse().read()
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def curl(*args: str) -> None:
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "--fail-with-body", *args], check=False, timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["python", "go", "node", "nginx"])
+def test_curl_each_server(probe: LoadedProbe, workdir: Path, kind: str) -> None:
+    path = "/index.html" if kind == "nginx" else "/hello"
+    with running(kind, workdir) as srv:
+        curl(
+            srv.url(f"{path}?user=secret#frag"),
+            srv.url("/missing?x=1"),
+            "-H",
+            f"traceparent: {TRACEPARENT}",
+            "-H",
+            "tracestate: weft=1",
+        )
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 2)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 2)
+    assert [(s.method, s.path, s.status) for s in servers] == [("GET", path, 200), ("GET", "/missing", 404)]
+    for s in servers:
+        assert s.host == f"127.0.0.1:{srv.port}"
+        assert s.traceparent == TRACEPARENT and s.tracestate == "weft=1"
+        assert s.tuple.local_addr == socket.inet_aton("127.0.0.1")
+        assert s.flags == 0 and s.end_ns > s.start_ns
+        if kind != "nginx":  # nginx serves from a worker process
+            assert s.pid == srv.pid
+    assert_pairs(servers, clients)
+
+
+@pytest.mark.parametrize(
+    ("kind", "client"), [("python", "node"), ("go", "python"), ("node", "python"), ("nginx", "python")]
+)
+def test_keepalive_100_requests_other_language_client(
+    probe: LoadedProbe, workdir: Path, kind: str, client: str
+) -> None:
+    path = "/index.html" if kind == "nginx" else "/k"
+    with running(kind, workdir) as srv:
+        if client == "node":
+            out = subprocess.run(
+                ["node", str(HERE / "node_client.js"), srv.host, str(srv.port), path, "100"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            assert out.split() == ["200"] * 100
+        else:
+            in_child(keepalive_client, srv.host, srv.port, path, 100)
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 100)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 100)
+    assert len(servers) == 100 and len(clients) == 100
+    assert len({s.tuple.remote_port for s in servers}) == 1, "all on one keep-alive connection"
+    assert all((s.method, s.path, s.status) == ("GET", path, 200) for s in servers)
+    seqs = [s.tcp_seq for s in servers]
+    assert len(set(seqs)) == 100
+    assert_pairs(servers, clients)
+
+
+def test_64_concurrent_clients(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir) as srv:
+        in_child(concurrent_clients, srv.host, srv.port, 64, 5)
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 320)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 320)
+    assert sorted(s.path for s in servers) == sorted(f"/c{i}/{j}" for i in range(64) for j in range(5))
+    assert_pairs(servers, clients)
+
+
+def raw_exchange(srv: Server, chunks: list[bytes], responses: int) -> None:
+    """In a child process: send `chunks` as separate writes (TCP_NODELAY), read `responses` replies."""
+    in_child(_raw_exchange, srv.host, srv.port, chunks, responses)
+
+
+def _raw_exchange(host: str, port: int, chunks: list[bytes], responses: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect((host, port))
+        for chunk in chunks:
+            s.sendall(chunk)
+        data = b""
+        s.settimeout(10)
+        while data.count(b"ok /") < responses:  # whole responses: bodies are "ok <path>"
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+
+
+def test_pipelined_requests(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir) as srv:
+        req = "GET /p{} HTTP/1.1\r\nHost: pipe\r\n\r\n"
+        raw_exchange(srv, [b"".join(req.format(i).encode() for i in range(3))], 3)
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 3)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 3)
+    assert [(s.path, s.host, s.status) for s in servers] == [(f"/p{i}", "pipe", 200) for i in range(3)]
+    assert [s.flags & pb.HTTP_FLAG_PIPELINED for s in servers] == [
+        0,
+        pb.HTTP_FLAG_PIPELINED,
+        pb.HTTP_FLAG_PIPELINED,
+    ]
+    first = servers[0].tcp_seq
+    sizes = [len(req.format(i)) for i in range(3)]
+    assert [s.tcp_seq for s in servers] == [first, first + sizes[0], first + sizes[0] + sizes[1]]
+    assert [c.tcp_seq for c in clients] == [s.tcp_seq for s in servers]
+
+
+def test_request_split_byte_by_byte(probe: LoadedProbe, workdir: Path) -> None:
+    with running("python", workdir) as srv:
+        req = f"GET /split?q=1 HTTP/1.1\r\nHost: bytes\r\ntraceparent: {TRACEPARENT}\r\n\r\n".encode()
+        raw_exchange(srv, [req[i : i + 1] for i in range(len(req))], 1)
+        (server,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+    assert (server.method, server.path, server.host, server.traceparent, server.status) == (
+        "GET",
+        "/split",
+        "bytes",
+        TRACEPARENT,
+        200,
+    )
+    assert_pairs([server], [client])
+
+
+def test_16k_header(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir) as srv:
+        curl(srv.url("/big"), "-H", f"traceparent: {TRACEPARENT}", "-H", "X-Big: " + "b" * 16384)
+        (server,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+    assert (server.path, server.host, server.traceparent, server.status) == (
+        "/big",
+        f"127.0.0.1:{srv.port}",
+        TRACEPARENT,
+        200,
+    )
+    assert_pairs([server], [client])
+
+
+def test_non_http_bytes_then_http(probe: LoadedProbe, workdir: Path) -> None:
+    with running("python", workdir) as srv:
+        raw_exchange(srv, [b"\x16\x03\x01 not http at all\r\n\r\n"], 1)  # python answers 400
+        curl(srv.url("/after"))
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+    time.sleep(0.2)  # nothing more may arrive for the junk connection
+    servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+    assert [(s.method, s.path, s.status) for s in servers] == [("GET", "/after", 200)]
+
+
+def test_ipv6_loopback(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir, host="::1") as srv:
+        curl(srv.url("/six"))
+        (server,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+    assert server.tuple.local_addr == socket.inet_pton(socket.AF_INET6, "::1")
+    assert (server.path, server.host, server.status) == ("/six", f"[::1]:{srv.port}", 200)
+    assert_pairs([server], [client])
+
+
+def test_connection_open_close_and_own_traffic_ignored(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir) as srv:
+        curl(srv.url("/oc"))
+        requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+
+        def conn_events(es: list[pb.Event]) -> list[pb.Event]:
+            return [
+                e
+                for e in es
+                if (e.HasField("conn_open") and e.conn_open.tuple.local_port == srv.port)
+                or (e.HasField("conn_close") and e.conn_close.tuple.local_port == srv.port)
+            ]
+
+        # the harness's own pid is the agent's: its connection (wait_port's probe) is not traced either
+        events = probe.wait_for(lambda es: len([e for e in conn_events(es) if e.HasField("conn_close")]) >= 2)
+    (req,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+    curl_port = req.tuple.remote_port
+    opens = [
+        e.conn_open
+        for e in conn_events(events)
+        if e.HasField("conn_open") and e.conn_open.tuple.remote_port == curl_port
+    ]
+    closes = [
+        e.conn_close
+        for e in conn_events(events)
+        if e.HasField("conn_close") and e.conn_close.tuple.remote_port == curl_port
+    ]
+    assert (
+        len(opens) == 1 and len(closes) == 1 and opens[0].role == pb.ROLE_SERVER and opens[0].pid == srv.pid
+    )
+    assert closes[0].sock_cookie == opens[0].sock_cookie and closes[0].bytes_received > 0
+    own = [e for e in events if e.HasField("http") and e.http.pid == probe.ctx.self_pid]
+    assert own == []
+
+
+def _scatter_gather_client(host: str, port: int) -> None:
+    """sendmsg/recvmsg, then writev/readv (os.*v on the socket fd): requests split across iovecs."""
+    import os
+
+    with socket.create_connection((host, port)) as s:
+        s.sendmsg(
+            [
+                b"GET /msg?secret=1 HTTP/1.1\r\n",
+                b"Host: iov\r\n",
+                b"traceparent: " + TRACEPARENT.encode(),
+                b"\r\n\r\n",
+            ]
+        )
+        data = b""
+        while b"ok /msg" not in data:
+            data += s.recvmsg(65536)[0]
+        os.writev(s.fileno(), [b"GET /vec HTTP/1.1\r\n", b"Host: vec\r\n\r\n"])
+        data = b""
+        while b"ok /vec" not in data:
+            buf = bytearray(65536)
+            got = os.readv(s.fileno(), [buf])
+            data += bytes(buf[:got])
+
+
+def test_sendmsg_recvmsg_writev_readv(probe: LoadedProbe, workdir: Path) -> None:
+    with running("go", workdir) as srv:
+        in_child(_scatter_gather_client, srv.host, srv.port)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 2)
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 2)
+    assert [(c.method, c.path, c.host, c.status) for c in clients] == [
+        ("GET", "/msg", "iov", 200),
+        ("GET", "/vec", "vec", 200),
+    ]
+    assert clients[0].traceparent == TRACEPARENT
+    assert_pairs(servers, clients)

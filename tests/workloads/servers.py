@@ -1,0 +1,107 @@
+"""Start and stop the test servers (Python, Go, Node, nginx) on private loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Server:
+    kind: str
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, path: str = "/") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
+
+
+def go_binary(name: str, out_dir: Path) -> Path:
+    """`go build` tests/workloads/<name>.go (stdlib only) into out_dir."""
+    out = out_dir / name
+    if not out.exists():
+        env = {**os.environ, "GOFLAGS": "-mod=mod", "GO111MODULE": "off", "GOCACHE": str(out_dir / "gocache")}
+        subprocess.run(["go", "build", "-o", str(out), str(HERE / f"{name}.go")], check=True, env=env)
+    return out
+
+
+def _command(kind: str, host: str, port: int, workdir: Path, mode: str) -> list[str]:
+    if kind == "python":
+        return [sys.executable, "-m", "tests.workloads.py_server", host, str(port), mode]
+    if kind == "go":
+        return [str(go_binary("go_server", workdir)), f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if kind == "node":
+        return ["node", str(HERE / "node_server.js"), host, str(port)]
+    if kind == "nginx":
+        prefix = Path(tempfile.mkdtemp(prefix="nginx-", dir=workdir))
+        (prefix / "www").mkdir()
+        (prefix / "tmp").mkdir()
+        (prefix / "www" / "index.html").write_text("ok nginx\n")
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        conf = (
+            (HERE / "nginx.conf.tmpl")
+            .read_text()
+            .replace("{prefix}", str(prefix))
+            .replace("{listen}", listen)
+        )
+        (prefix / "nginx.conf").write_text(conf)
+        return ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+    raise ValueError(f"unknown server kind {kind!r}")
+
+
+@contextmanager
+def running(kind: str, workdir: Path, host: str = "127.0.0.1", mode: str = "threading") -> Iterator[Server]:
+    port = free_port(host)
+    proc = subprocess.Popen(
+        _command(kind, host, port, workdir, mode),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(host, port, proc)
+        yield Server(kind, host, port, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
