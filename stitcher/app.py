@@ -1,0 +1,441 @@
+"""`weft stitch`: the Faust app that turns raw event frames into traces, with join state in Redis.
+
+Pipeline per Kafka message (one frame = one node's batch of events):
+    decode (schemas.codec) → engine under the frame lease (RedisStateStore) → OTLP export.
+
+Rules from DESIGN.md ("Facts about the stream pieces here") and how they are kept:
+* Faust acks a message even when the agent raises, silently losing it. So nothing escapes the
+  agent: undecodable or engine-rejected frames go to the dead-letter topic with the reason
+  (`FrameStitcher`); store failures are retried with backoff, and when they persist the worker
+  flushes its exporter and exits hard (`os._exit`) so the frame is not acked and is redelivered.
+* Offsets are committed only after Redis succeeded: a frame is acked (the agent moves on) only
+  after the engine's single `apply` returned. Before each commit, a Faust sensor flushes the
+  exporter, so a committed frame's spans were handed to the OTLP receiver.
+* One worker or many: the engine's state — including every node's watermark and the due
+  schedule — lives in Redis, and a Redis lease (`FrameLease`) runs one engine frame at a time
+  across workers, so N workers on several partitions produce exactly what one worker does.
+* concurrency=1, no Tables, no group_by, web server off, session timeout configurable (~10 s
+  in tests, where Tansu takes about half of it to form a group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import click
+import redis
+
+from schemas import weft_events_pb2 as pb
+from schemas.codec import CodecError, decode_frame
+from stitcher.deadletter import DeadLetterProducer
+from stitcher.engine import Engine, EngineConfig, Span
+from stitcher.otlp_convert import spans_to_json_line
+from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
+from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
+
+logger = logging.getLogger(__name__)
+
+EXIT_STORE_DOWN = 75  # EX_TEMPFAIL: the state store stayed unavailable; restart me
+
+# "The store is unavailable, try again"; any other exception from the engine is the frame's own.
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, LeaseLostError, OSError)
+
+
+# ----------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class StitchSettings:
+    group_id: str = "weft-stitch"         # the Faust app id = Kafka consumer group
+    session_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 3.0
+    commit_interval_s: float = 1.0
+    lease_ttl_ms: int = 10_000
+    store_attempts: int = 8               # store failures in a row before exiting hard
+    namespace: str = ""                   # Redis key prefix (separates replays / test runs)
+    cluster: bool = False                 # Redis Cluster client and slot-split batches
+    expect_nodes: str = ""                # comma-separated nodes to wait for before they speak
+
+    def expected(self) -> list[str]:
+        return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
+
+    def validate(self) -> StitchSettings:
+        if not self.group_id:
+            raise ConfigError("stitch.group_id is empty: name the consumer group")
+        if self.session_timeout_s < 1 or self.heartbeat_interval_s <= 0:
+            raise ConfigError("stitch.session_timeout_s must be >= 1 and heartbeat_interval_s > 0")
+        if self.heartbeat_interval_s * 3 > self.session_timeout_s:
+            raise ConfigError(f"stitch.heartbeat_interval_s={self.heartbeat_interval_s} must be at most "
+                              f"a third of session_timeout_s={self.session_timeout_s}")
+        if self.lease_ttl_ms < 100 or self.store_attempts < 1 or self.commit_interval_s <= 0:
+            raise ConfigError("stitch.lease_ttl_ms must be >= 100, store_attempts >= 1, "
+                              "commit_interval_s > 0")
+        return self
+
+
+# --------------------------------------------------------------------------- frame stitching
+
+
+class SpanSink(Protocol):
+    def export(self, spans: Sequence[Span]) -> None: ...
+    def force_flush(self, timeout_s: float = 30.0) -> bool: ...
+    def shutdown(self, timeout_s: float = 30.0) -> None: ...
+
+
+class JsonLinesSink:
+    """Spans as OTLP JSON lines (one ExportTraceServiceRequest per non-empty batch)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown()
+        self.exported = 0
+
+    def export(self, spans: Sequence[Span]) -> None:
+        if spans:
+            self._fh.write(spans_to_json_line(spans) + "\n")
+            self.exported += len(spans)
+
+    def force_flush(self, timeout_s: float = 30.0) -> bool:
+        self._fh.flush()
+        return True
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a raw value came from (for dead letters and logs)."""
+
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass
+class StitchCounters:
+    frames: int = 0
+    events: int = 0
+    spans: int = 0
+    dead_letters: int = 0
+    store_retries: int = 0
+    lease_waits: int = 0
+
+
+class FrameStitcher:
+    """Raw value → spans: decode, dead-letter, engine under the lease, export. Shared by the
+    Faust agent (async waits) and `weft replay` (blocking waits)."""
+
+    def __init__(self, engine: Engine, sink: SpanSink, *, dead_letters: DeadLetterProducer | None,
+                 lease: FrameLease | None, store_attempts: int = 8, hold_s: float = 0.05) -> None:
+        self.engine = engine
+        self.hold_s = hold_s
+        self._held_since = self._last_done = 0.0
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self.lease = lease
+        self.store_attempts = store_attempts
+        self.counters = StitchCounters()
+
+    def decode(self, value: bytes | None, where: Where) -> pb.Frame | None:
+        """The frame in `value`, or None after dead-lettering it (raises if that fails)."""
+        try:
+            return decode_frame(value or b"", str(where))
+        except CodecError as exc:
+            self.dead_letter(f"undecodable frame: {exc.reason}", value or b"", where)
+            return None
+
+    def dead_letter(self, reason: str, payload: bytes, where: Where, node: str = "") -> None:
+        self.counters.dead_letters += 1
+        if self.dead_letters is None:
+            logger.error("dropped %s (no dead-letter topic): %s", where, reason)
+            return
+        self.dead_letters.send(reason, payload, source_topic=where.topic, partition=where.partition,
+                               offset=where.offset, node=node)
+
+    def try_apply(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span] | None:
+        """One attempt: take the lease (None when another worker holds it), run the engine,
+        hand the spans to the sink. Raises one of STORE_ERRORS when the store failed; the
+        engine writes a frame in one `apply` at its end, so a failed attempt wrote nothing.
+
+        A worker keeps the lease for up to `hold_s` over consecutive frames (handing it over
+        costs the other worker a poll); `release_if_idle()` gives it back between bursts."""
+        lease = self.lease
+        if lease is not None and not lease.held:
+            if not lease.try_acquire():
+                self.counters.lease_waits += 1
+                return None
+            self._held_since = time.monotonic()
+        failed = True
+        try:
+            spans = self.engine.process(frame)
+            failed = False
+        except STORE_ERRORS:
+            self._fresh_engine()
+            raise
+        except Exception as exc:  # the engine refused the frame itself: it will never succeed
+            self._fresh_engine()
+            failed = False
+            logger.exception("engine failed on frame %s", where)
+            self.dead_letter(f"engine error: {type(exc).__name__}: {exc}", value, where, frame.node)
+            return []
+        finally:
+            self._last_done = time.monotonic()
+            if lease is not None and lease.held and (
+                    failed or self._last_done - self._held_since >= self.hold_s):
+                lease.release()
+        c = self.counters
+        c.frames += 1
+        c.events += len(frame.events)
+        c.spans += len(spans)
+        self.sink.export(spans)
+        return spans
+
+    def release_if_idle(self, idle_s: float = 0.002) -> None:
+        """Give the lease back when no frame came for `idle_s` (called between frames)."""
+        if self.lease is not None and self.lease.held and time.monotonic() - self._last_done >= idle_s:
+            self.lease.release()
+
+    def _fresh_engine(self) -> None:
+        """Forget what a failed attempt cached inside the engine; keep its counters."""
+        stats = self.engine.stats
+        self.engine = Engine(self.engine.store, self.engine.config)
+        self.engine.stats = stats
+
+    def _failed(self, exc: Exception, attempts: int) -> float:
+        """Count a store failure; the backoff before the next attempt."""
+        self.counters.store_retries += 1
+        backoff = min(0.05 * float(2 ** (attempts - 1)), 5.0)
+        logger.warning("state store failed (%s); attempt %d of %d, next in %.2f s",
+                       exc, attempts, self.store_attempts, backoff)
+        return backoff
+
+    def apply_blocking(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
+        """try_apply until it succeeds; re-raises the store error after store_attempts."""
+        attempts = 0
+        while True:
+            try:
+                spans = self.try_apply(frame, value, where)
+            except STORE_ERRORS as exc:
+                attempts += 1
+                if attempts >= self.store_attempts:
+                    raise
+                time.sleep(self._failed(exc, attempts))
+                continue
+            if spans is not None:
+                return spans
+            time.sleep(0.0005)
+
+    async def apply_async(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
+        """try_apply until it succeeds, waiting without blocking the event loop."""
+        attempts = 0
+        while True:
+            try:
+                spans = self.try_apply(frame, value, where)
+            except STORE_ERRORS as exc:
+                attempts += 1
+                if attempts >= self.store_attempts:
+                    raise
+                await asyncio.sleep(self._failed(exc, attempts))
+                continue
+            if spans is not None:
+                return spans
+            await asyncio.sleep(0.0005)
+
+
+def exit_hard(sink: SpanSink, reason: str) -> None:
+    """Leave without acking or committing anything more: the broker will redeliver."""
+    message = f"{reason} — exiting (code {EXIT_STORE_DOWN}) so the frame is redelivered"
+    logger.critical(message)
+    try:
+        sink.force_flush(5.0)
+    finally:
+        # os._exit skips every buffer: say it on stderr directly so the reason is never lost
+        print(f"weft stitch: {message}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_STORE_DOWN)
+
+
+# ---------------------------------------------------------------------------------- Faust app
+
+
+def _flush_before_commit(sink: SpanSink) -> Any:
+    """A Faust sensor that flushes the exporter right before Faust commits offsets."""
+    from faust.sensors import Sensor
+
+    class FlushBeforeCommit(Sensor):
+        def on_commit_initiated(self, consumer: Any) -> Any:
+            if not sink.force_flush(10.0):
+                logger.error("span export did not finish before the offset commit")
+            return None
+
+    return FlushBeforeCommit()
+
+
+def _credentials(kafka: KafkaSettings) -> Any:
+    """Faust (aiokafka) credentials for the same settings confluent-kafka gets."""
+    import faust
+
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    context = None
+    if kafka.security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
+        if kafka.ssl_certificate_location:
+            context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location or None)
+    if kafka.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
+                                     mechanism=kafka.sasl_mechanism, ssl_context=context)
+    return faust.SSLCredentials(context)
+
+
+def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSettings) -> Any:
+    """The Faust app: one agent on the raw topic, concurrency 1, values as raw bytes."""
+    import faust  # imported here: `weft` starts fast when it is not stitching
+
+    app = faust.App(
+        settings.group_id,
+        broker=[f"kafka://{host}" for host in kafka.bootstrap.split(",")],
+        broker_credentials=_credentials(kafka),
+        web_enabled=False,
+        autodiscover=False,
+        store="memory://",
+        topic_disable_leader=True,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    app.sensors.add(_flush_before_commit(stitcher.sink))
+    topic = app.topic(kafka.raw_topic, key_type=bytes, value_type=bytes,
+                      key_serializer="raw", value_serializer="raw")
+
+    async def stitch(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            where = Where(msg.topic, msg.partition, msg.offset)
+            value = event.value if isinstance(event.value, bytes) else msg.value
+            try:
+                frame = stitcher.decode(value, where)
+                if frame is not None:
+                    await stitcher.apply_async(frame, value, where)
+            except Exception as exc:  # escaping would ack the frame and lose it
+                exit_hard(stitcher.sink, f"frame {where} could not be stored: {exc!r}")
+
+    app.agent(topic, name="weft.stitch", concurrency=1)(stitch)
+
+    async def report() -> None:
+        c, s = stitcher.counters, stitcher.engine.stats
+        logger.info("stitched frames=%d events=%d spans=%d dead_letters=%d lease_waits=%d "
+                    "store_retries=%d late=%d ambiguous=%d", c.frames, c.events, c.spans,
+                    c.dead_letters, c.lease_waits, c.store_retries, s.late, s.ambiguous)
+
+    app.timer(10.0)(report)
+
+    async def release_idle() -> None:
+        stitcher.release_if_idle()
+
+    app.timer(0.005)(release_idle)
+
+    async def assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        tps = args[0] if args else kwargs.get("assigned", ())
+        parts = sorted(tp.partition for tp in tps if tp.topic == kafka.raw_topic)
+        logger.info("weft-stitch pid %d assigned %s partitions %s", os.getpid(), kafka.raw_topic, parts)
+
+    on_assigned: Any = app.on_partitions_assigned  # mode's stubs reject async receivers
+    on_assigned.connect(assigned)
+    return app
+
+
+def build_stitcher(kafka: KafkaSettings, redis_settings: RedisSettings, settings: StitchSettings,
+                   engine_config: EngineConfig, sink: SpanSink) -> FrameStitcher:
+    store = RedisStateStore(redis_settings, cluster=settings.cluster, namespace=settings.namespace)
+    engine = Engine(store, engine_config)
+    if settings.expected():
+        engine.expect_nodes(settings.expected())
+    return FrameStitcher(engine, sink, dead_letters=DeadLetterProducer(kafka),
+                         lease=store.lease(ttl_ms=settings.lease_ttl_ms),
+                         store_attempts=settings.store_attempts)
+
+
+def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: StitchSettings,
+               engine_config: EngineConfig, sink: SpanSink, *, loglevel: str = "info") -> None:
+    """Run one stitcher worker until SIGTERM/SIGINT; flushes the sink on the way out."""
+    stitcher = build_stitcher(kafka, redis_settings, settings, engine_config, sink)
+    app = make_app(kafka, stitcher, settings)
+    import faust
+
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if stitcher.lease is not None and stitcher.lease.held:
+            stitcher.lease.release()
+        sink.shutdown()
+        c = stitcher.counters
+        logger.info("weft-stitch pid %d done: frames=%d events=%d spans=%d dead_letters=%d",
+                    os.getpid(), c.frames, c.events, c.spans, c.dead_letters)
+        if stitcher.dead_letters is not None:
+            stitcher.dead_letters.close()
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+@click.command("stitch")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file with kafka/redis/stitch/engine sections (else WEFT_CONFIG)")
+@click.option("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap)")
+@click.option("--topic", help="raw frame topic (overrides kafka.raw_topic)")
+@click.option("--redis-url", help="Redis URL (overrides redis.url)")
+@click.option("--group", help="consumer group / Faust app id (overrides stitch.group_id)")
+@click.option("--namespace", help="Redis key prefix (overrides stitch.namespace)")
+@click.option("--session-timeout", type=float, help="consumer session timeout, seconds")
+@click.option("--expect-node", "expect_nodes", multiple=True,
+              help="a node to wait for before it has sent anything (repeatable; stitch.expect_nodes)")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="write OTLP JSON lines to FILE instead of exporting over OTLP")
+def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | None,
+                   redis_url: str | None, group: str | None, namespace: str | None,
+                   session_timeout: float | None, expect_nodes: tuple[str, ...],
+                   out_file: str | None) -> None:
+    """Consume raw event frames, stitch them into traces with state in Redis, export over OTLP.
+
+    Export settings come from the standard OTEL_EXPORTER_OTLP_* variables (protocol grpc or
+    http/protobuf, endpoint, headers, timeout, insecure). Run several of these with the same
+    group to share the partitions; they produce the same traces as one."""
+    kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap,
+                         raw_topic=topic)
+    redis_settings = load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
+    overrides: dict[str, Any] = {"group_id": group, "namespace": namespace,
+                                 "session_timeout_s": session_timeout,
+                                 "expect_nodes": ",".join(expect_nodes) or None}
+    if session_timeout is not None:
+        overrides["heartbeat_interval_s"] = min(StitchSettings.heartbeat_interval_s, session_timeout / 3)
+    settings = load_section(StitchSettings, "stitch", config_file=config_file, **overrides)
+    engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    sink: SpanSink
+    if out_file:
+        sink = JsonLinesSink(out_file)
+    else:
+        from stitcher.otlp import OtlpSpanExporter  # the OTel SDK loads only when exporting
+        sink = OtlpSpanExporter()
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    sys.argv = [sys.argv[0]]  # Faust's worker parses argv itself
+    run_worker(kafka, redis_settings, settings, engine_config, sink, loglevel=level)

@@ -1,0 +1,683 @@
+"""The join engine: frames of raw events in, finished spans out, all state in a StateStore.
+
+How one frame is handled (`Engine.process`):
+
+1. *Ingest*: every event becomes merge ops — HTTP requests are recorded once (keyed by their
+   deterministic span id, so duplicates are no-ops) and indexed for the joins; thread, goroutine
+   and process records are merged; the node's watermark is raised.
+2. *Sweep*: the low watermark L is the oldest watermark of the nodes still heard from (a node
+   whose watermark lags the newest by `node_timeout_s` is no longer waited for). Each request's
+   parent question is scheduled at a threshold time T; once L ≥ T it is settled, looking only at
+   candidates whose own time is ≤ T — all of them are in the store by then, whatever the
+   interleaving of the nodes' streams, so the answer is always the same.
+     * client C (start x): T = max(x + max_request_s, C.end); parent = the one server request on
+       C's thread (or goroutine), else on the nearest ancestor by clone / `go` lineage, that
+       contains x. Two candidates on one level (event loops) → no link, counted as ambiguous.
+       So that spans do not wait max_request_s, the question is first asked at
+       T1 = C.end + in_process_wait_s over the requests ended by then, and answered only if
+       the answer cannot change (see `_client_parent_early`); else it waits for T.
+     * server S: T = S.end + link_wait_s; parent = the client its incoming traceparent names
+       (a Weft client that injected that span id, else the foreign span itself); else the client
+       with the same TCP seq and fingerprint within seq_window_s (tuple equal: "cross_node",
+       tuple different: "nat"); else the one client on the same connection tuple that contains S
+       within the skew bound ("tuple"), among clients without a seq when S has one.
+3. *Traces*: a span's trace is its root's (hash of the root span id) or the incoming
+   traceparent's; a decided span waits (in its parent's `kids` set) until its parent's trace is
+   known, then is emitted exactly once (the record's `out` field). A span deeper than
+   max_trace_depth or starting max_trace_duration_s after its root starts a new trace instead
+   (attribute weft.split_from names the parent it would have had; counted). The bounds are
+   depth and duration, not a span count: whether "the N+1th span" of a trace is cut would
+   depend on the order decisions happen in, and output must not. A parent cycle (malformed
+   input only) is cut at `flush()`: its spans become roots flagged weft.unresolved.
+
+Late events: an HTTP request whose end is at or before the point already swept (possible only
+when its node had been timed out, or an agent broke its own watermark promise) cannot join
+decisions already made. It is exported at once as its own root with `weft.link=orphan` and
+`weft.late=true`, and counted in `stats.late`. Duplicated events (same span id) change nothing.
+
+The engine has no I/O and no clock: time is event time. `flush()` settles everything left
+(end of a capture file).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from schemas import weft_events_pb2 as pb
+from stitcher.engine.config import EngineConfig
+from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id
+from stitcher.engine.lineage import Hop, goroutine_parent, lineage_member, thread_incarnation
+from stitcher.engine.model import AttrValue, Resource, Span
+from stitcher.engine.records import (
+    DUE_INDEX,
+    EXPECT,
+    META,
+    ROLE_CLIENT,
+    ROLE_SERVER,
+    SEP,
+    WAITING,
+    WM,
+    Http,
+    due_key,
+    inj_key,
+    kids_key,
+    n20,
+    proc_prefix,
+    seq_key,
+    span_key,
+    tuple_key,
+)
+from stitcher.engine.store import HSetNX, StateStore
+from stitcher.engine.txn import Txn, open_txn
+
+FOREVER_NS = (1 << 63) - 1
+_ZERO = n20(0)
+_EV_CACHE_MAX = 500_000
+
+
+@dataclass
+class EngineStats:
+    frames: int = 0
+    events: int = 0
+    http: int = 0
+    duplicates: int = 0
+    invalid: int = 0        # HTTP events without a role or with end < start
+    late: int = 0
+    ambiguous: int = 0
+    trace_splits: int = 0
+    unresolved: int = 0     # spans in a parent cycle, cut loose at flush()
+    decided: int = 0
+    emitted: int = 0
+    nodes_timed_out: int = 0
+    links: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int]:
+        flat = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        flat.update({f"link.{k}": v for k, v in sorted(self.links.items())})
+        return flat
+
+
+@lru_cache(maxsize=65536)
+def _ip(hex_addr: str) -> str:
+    try:
+        return str(ipaddress.ip_address(bytes.fromhex(hex_addr)))
+    except ValueError:
+        return hex_addr
+
+
+class Engine:
+    """Stitch frames into spans. One instance per consumer; all join state lives in `store`."""
+
+    def __init__(self, store: StateStore, config: EngineConfig | None = None) -> None:
+        self.store = store
+        self.config = (config or EngineConfig()).validate()
+        self.stats = EngineStats()
+        c = self.config
+        self._max_req = c.max_request_ns
+        self._early = c.in_process_wait_ns
+        self._skew = c.skew_ns
+        self._link_wait = c.link_wait_ns
+        self._seq_window = c.seq_window_ns
+        self._timeout = c.node_timeout_ns
+        self._due_w = c.due_bucket_ns
+        # Decoded request records by span id. They never change once written (HSetNX of a
+        # deterministic value), so the cache stays valid across frames and workers.
+        self._ev_cache: dict[str, Http] = {}
+        self._expected_heard = 0
+        self._resources: dict[tuple[str, int, tuple[str, str]], Resource] = {}
+
+    # ------------------------------------------------------------------------------- ingest
+
+    def process(self, frame: pb.Frame) -> list[Span]:
+        """Apply one frame (one node's events, in agent order) and return the spans it finished."""
+        txn = open_txn(self.store)
+        node = frame.node
+        events = frame.events
+        stats = self.stats
+        stats.frames += 1
+        stats.events += len(events)
+        sids: list[str | None] = []
+        for ev in events:
+            if ev.WhichOneof("kind") == "http":
+                h = ev.http
+                sids.append(span_id(node, h.pid, h.sock_cookie, h.role, h.start_ns).hex())
+            else:
+                sids.append(None)
+        if txn.batched:
+            txn.load(hashes=[WM, META, EXPECT, *(span_key(s) for s in sids if s)])
+        swept = int(txn.hash(META).get("swept", "0"))
+        late: list[str] = []
+        due_buckets: set[str] = set()
+        watermark = 0
+        for ev, sid in zip(events, sids, strict=True):
+            if sid is not None:
+                self._ingest_http(txn, node, ev.http, sid, swept, late, due_buckets)
+                continue
+            kind = ev.WhichOneof("kind")
+            if kind == "watermark":
+                watermark = max(watermark, ev.watermark.ts_ns)
+            elif kind == "process":
+                p = ev.process
+                txn.hsetnx(proc_prefix(node, p.pid) + ":proc", n20(p.ts_ns),
+                           f"{p.service_name or p.exe}{SEP}{p.exe}")
+            elif kind == "thread_spawn":
+                t = ev.thread_spawn
+                if not t.new_process and t.child_pid == t.parent_pid and t.child_tid != t.parent_tid:
+                    txn.zadd(f"{proc_prefix(node, t.child_pid)}:lin:{t.child_tid}",
+                             *lineage_member(t.ts_ns, t.parent_tid))
+            elif kind == "task_exit":
+                x = ev.task_exit
+                txn.zadd(f"{proc_prefix(node, x.pid)}:lin:{x.tid}", *lineage_member(x.ts_ns, None))
+            elif kind == "goroutine_spawn":
+                g = ev.goroutine_spawn
+                txn.hsetnx(f"{proc_prefix(node, g.pid)}:go:{g.child_goid}", "p",
+                           f"{g.parent_goid}|{g.ts_ns}")
+        if due_buckets:
+            txn.sadd(DUE_INDEX, tuple(sorted(due_buckets)))
+        txn.hmax(WM, node, n20(watermark))  # also registers a node with no watermark yet
+        low = self._low_watermark(txn.hash(WM), txn.hash(EXPECT))
+        decided = late + self._sweep(txn, low, swept)
+        out = self._resolve_traces(txn, decided)
+        txn.commit()
+        if len(self._ev_cache) > _EV_CACHE_MAX:
+            self._ev_cache.clear()
+            self._resources.clear()
+        return out
+
+    def flush(self) -> list[Span]:
+        """End of input: settle every open question as if all watermarks had passed."""
+        txn = open_txn(self.store)
+        swept = int(txn.hash(META).get("swept", "0"))
+        out = self._resolve_traces(txn, self._sweep(txn, FOREVER_NS, swept))
+        out += self._break_cycles(txn)
+        txn.commit()
+        if len(self._ev_cache) > _EV_CACHE_MAX:
+            self._ev_cache.clear()
+        return out
+
+    def _break_cycles(self, txn: Txn) -> list[Span]:
+        """After everything was decided, a span still waiting for its parent's trace sits in a
+        parent cycle (only malformed input, e.g. traceparents naming each other, makes one).
+        Each becomes the root of its own trace, flagged weft.unresolved, rather than be lost."""
+        stuck = sorted(txn.members(WAITING))
+        if not stuck:
+            return []
+        if txn.batched:
+            txn.load(hashes=[span_key(sid) for sid in stuck])
+        roots = [sid for sid in stuck if "tr" not in txn.hash(span_key(sid))]
+        for sid in roots:
+            rec = self._event(txn, sid)
+            if rec is not None:
+                trace = root_trace_id(bytes.fromhex(sid)).hex()
+                txn.hsetnx(span_key(sid), "tr", f"{trace}|0|{rec.start}|cut")
+        txn.srem(WAITING, tuple(stuck))
+        self.stats.unresolved += len(roots)
+        return self._emit(txn, roots)
+
+    def _ingest_http(self, txn: Txn, node: str, h: pb.HttpRequest, sid: str, swept: int,
+                     late: list[str], due_buckets: set[str]) -> None:
+        stats = self.stats
+        rec_key = span_key(sid)
+        if "ev" in txn.hash(rec_key):
+            stats.duplicates += 1
+            return
+        role = h.role
+        if role not in (ROLE_SERVER, ROLE_CLIENT) or h.end_ns < h.start_ns:
+            stats.invalid += 1
+            return
+        stats.http += 1
+        rec = Http.from_pb(node, h)
+        txn.hsetnx(rec_key, "ev", rec.encode())
+        self._ev_cache[sid] = rec
+        start, end = rec.start, rec.end
+        if end <= swept:
+            stats.late += 1
+            txn.hsetnx(rec_key, "dec", "|orphan||late")
+            late.append(sid)
+            return
+        if role == ROLE_SERVER:
+            lane = f"g{rec.goid}" if rec.goid else f"t{rec.tid}"
+            txn.zadd(f"{proc_prefix(node, rec.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
+            threshold = end + self._link_wait
+        else:
+            canon = rec.canon_tuple()
+            if rec.has_seq:
+                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.fingerprint}",))
+            txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(rec.has_seq)}")
+            if rec.injected:
+                tp = parse_traceparent(rec.injected)
+                if tp is not None:
+                    txn.sadd(inj_key(tp[1]), (f"{end}|{sid}",))
+            threshold = max(start + self._max_req, end)
+            early = end + self._early
+            if early < threshold:
+                self._schedule(txn, early, sid, due_buckets, early=True)
+                return
+        self._schedule(txn, threshold, sid, due_buckets)
+
+    def _schedule(self, txn: Txn, threshold: int, sid: str, due_buckets: set[str] | None,
+                  early: bool = False) -> None:
+        bucket = threshold // self._due_w
+        txn.sadd(due_key(bucket), (f"{n20(threshold)}|{sid}{'|e' if early else ''}",))
+        if due_buckets is None:
+            txn.sadd(DUE_INDEX, (str(bucket),))
+        else:
+            due_buckets.add(str(bucket))
+
+    def expect_nodes(self, nodes: Iterable[str]) -> None:
+        """Wait for these nodes from the start, even before their first watermark arrives (a
+        node otherwise counts only once it sent one). Use when the node set is known up front,
+        as in a rebuild from capture files: then no interleaving makes one node's events late."""
+        self.store.apply([HSetNX(EXPECT, node, "1") for node in sorted(set(nodes))])
+
+    def _low_watermark(self, marks: Mapping[str, str], expected: Mapping[str, str]) -> int:
+        """Oldest watermark among the nodes still waited for: nodes that sent one and do not
+        lag the newest by node_timeout_s, and expected nodes not heard from yet. (Values are
+        fixed-width, so they compare as strings.)"""
+        heard = [v for v in marks.values() if v != _ZERO]
+        if not heard:
+            return 0
+        if len(expected) > self._expected_heard:   # monotone: a heard node stays heard
+            if any(marks.get(node, _ZERO) == _ZERO for node in expected):
+                return 0
+            self._expected_heard = len(expected)
+        oldest = min(heard)
+        cutoff = n20(max(int(max(heard)) - self._timeout, 0))
+        if oldest >= cutoff:
+            self.stats.nodes_timed_out = 0
+            return int(oldest)
+        alive = [v for v in heard if v >= cutoff]
+        self.stats.nodes_timed_out = len(heard) - len(alive)
+        return int(min(alive))
+
+    # -------------------------------------------------------------------------------- sweep
+
+    def _sweep(self, txn: Txn, low: int, swept: int) -> list[str]:
+        """Settle the scheduled questions of every due bucket that `low` has completed (so a
+        question is settled at its threshold rounded up to the bucket end); returns the newly
+        decided span ids. `swept` is the last threshold already settled."""
+        width = self._due_w
+        ready = (low + 1) // width                # buckets < ready are complete
+        if ready * width - 1 <= swept:
+            return []
+        buckets = sorted(b for b in (int(m) for m in txn.members(DUE_INDEX)) if b < ready)
+        txn.load(sets=[due_key(b) for b in buckets])
+        items: list[str] = []
+        for b in buckets:
+            items.extend(txn.members(due_key(b)))
+        items.sort()
+        upto = ready * width - 1
+        decided: list[str] = []
+        todo = [(int(f[0]), f[1], len(f) > 2) for f in (m.split("|") for m in items)]
+        while todo:
+            now, deferred = self._decide(txn, todo)
+            decided += now
+            # deferred questions due inside this sweep are settled now; later ones scheduled
+            todo = [(thr, sid, False) for thr, sid in deferred if thr <= upto]
+            for thr, sid in deferred:
+                if thr > upto:
+                    self._schedule(txn, thr, sid, None)
+        for b in buckets:
+            txn.delete(due_key(b))
+        if buckets:
+            txn.srem(DUE_INDEX, tuple(str(b) for b in buckets))
+        txn.hmax(META, "swept", n20(min(upto, FOREVER_NS)))
+        return decided
+
+    def _event(self, txn: Txn, sid: str) -> Http | None:
+        rec = self._ev_cache.get(sid)
+        if rec is None:
+            text = txn.hash(span_key(sid)).get("ev")
+            if text is None:
+                return None
+            rec = self._ev_cache[sid] = Http.decode(text)
+        return rec
+
+    def _decide(self, txn: Txn, items: list[tuple[int, str, bool]]
+                ) -> tuple[list[str], list[tuple[int, str]]]:
+        """Settle the questions `items` (threshold, span id, early?); returns the span ids
+        decided and the early questions deferred to their full threshold."""
+        if txn.batched:
+            txn.load(hashes=[span_key(sid) for _, sid, _ in items])
+        todo: list[tuple[int, str, Http]] = []
+        early_sids: set[str] = set()
+        for thr, sid, early in items:
+            if "dec" in txn.hash(span_key(sid)):
+                continue  # settled before (a redelivered frame scheduled it again)
+            rec = self._event(txn, sid)
+            if rec is not None:
+                todo.append((thr, sid, rec))
+                if early:
+                    early_sids.add(sid)
+        if not todo:
+            return [], []
+        chains = self._chains(txn, [(sid, rec) for _, sid, rec in todo if rec.role == ROLE_CLIENT])
+        if txn.batched:
+            self._preload_candidates(txn, todo, chains, early_sids)
+        decided: list[str] = []
+        deferred: list[tuple[int, str]] = []
+        stats = self.stats
+        for thr, sid, rec in todo:
+            if sid in early_sids:
+                answer = self._client_parent_early(txn, thr, rec, chains[sid])
+                if answer is None:
+                    deferred.append((max(rec.start + self._max_req, rec.end), sid))
+                    continue
+                parent, link, ext, flag = answer
+            elif rec.role == ROLE_CLIENT:
+                parent, link, ext, flag = self._client_parent(txn, thr, rec, chains[sid])
+            else:
+                parent, link, ext, flag = self._server_parent(txn, thr, rec)
+            if flag == "ambiguous":
+                stats.ambiguous += 1
+            stats.links[link] += 1
+            stats.decided += 1
+            txn.hsetnx(span_key(sid), "dec", f"{parent}|{link}|{ext}|{flag}")
+            decided.append(sid)
+        return decided, deferred
+
+    def _preload_candidates(self, txn: Txn, todo: list[tuple[int, str, Http]],
+                            chains: dict[str, list[Hop]], early_sids: set[str]) -> None:
+        """One load for every index entry the decisions below will read."""
+        skew = self._skew
+        index_keys: list[str] = []
+        floors: list[tuple[str, int]] = []
+        for thr, sid, rec in todo:
+            if rec.role == ROLE_CLIENT:
+                prefix, tag = proc_prefix(rec.node, rec.pid), "g" if rec.goid else "t"
+                for hop in chains[sid]:
+                    floors.append((f"{prefix}:{tag}{hop.ident}", rec.start // 1000))
+                    if sid in early_sids:
+                        floors.append((f"{prefix}:{tag}{hop.ident}", thr // 1000))
+                continue
+            tp = parse_traceparent(rec.traceparent) if rec.traceparent else None
+            if tp is not None:
+                index_keys.append(inj_key(tp[1]))
+            if rec.has_seq:
+                index_keys.append(seq_key(rec.seq))
+            floors.append((tuple_key(rec.canon_tuple()), (rec.start + skew) // 1000))
+        txn.load(sets=index_keys, floors=floors)
+
+    def _chains(self, txn: Txn, clients: list[tuple[str, Http]]) -> dict[str, list[Hop]]:
+        """Ancestry of each client's thread (or goroutine) at its start, one batched load per
+        level for all clients together."""
+        chains: dict[str, list[Hop]] = {sid: [] for sid, _ in clients}
+        # per open walk: (sid, record, ident at this level, time the level below was spawned)
+        walks = [(sid, rec, rec.goid or rec.tid, rec.start) for sid, rec in clients]
+        for level in range(self.config.max_lineage_depth):
+            if not walks:
+                break
+            keys = [f"{proc_prefix(rec.node, rec.pid)}:{'go' if rec.goid else 'lin'}:{ident}"
+                    for _, rec, ident, _ in walks]
+            if txn.batched:
+                txn.load(hashes=[k for k, w in zip(keys, walks, strict=True) if w[1].goid],
+                         floors=[(k, w[3] // 1000) for k, w in zip(keys, walks, strict=True)
+                                 if not w[1].goid])
+            following = []
+            for key, (sid, rec, ident, when) in zip(keys, walks, strict=True):
+                if rec.goid:
+                    chains[sid].append(Hop(ident, 0, level, when if level else 0))
+                    found = goroutine_parent(txn.hash(key))
+                    if found is not None and found[0] not in (0, ident):
+                        following.append((sid, rec, found[0], found[1]))
+                elif ident == rec.pid:           # the main thread: no spawn record to look for
+                    chains[sid].append(Hop(ident, 0, level, when if level else 0))
+                else:
+                    since, parent = thread_incarnation(txn.floor(key, when // 1000), when)
+                    chains[sid].append(Hop(ident, since, level, when if level else 0))
+                    if parent is not None and parent != ident:
+                        following.append((sid, rec, parent, since))
+            walks = following
+        return chains
+
+    def _client_parent_early(self, txn: Txn, t1: int, rec: Http, hops: list[Hop]
+                             ) -> tuple[str, str, str, str] | None:
+        """The early question, at t1 = C.end + in_process_wait_s, over requests that ended by
+        t1. Answers only when the answer cannot change by the full threshold: exactly one
+        candidate on a lane that shows no overlapping requests (a thread serving one request
+        at a time cannot have another one containing x still running), or two candidates
+        (ambiguous already). Otherwise None: ask again at the full threshold.
+
+        With `early_roots`, a call whose thread (and ancestors) never served a request that
+        ended by t1 is a root now: a client-only thread (load generator, cron job, CLI). The
+        price: a brand-new thread or goroutine whose *first* request keeps running longer than
+        in_process_wait_s after its call returned loses that link (recall, never precision)."""
+        x = rec.start
+        prefix = proc_prefix(rec.node, rec.pid)
+        tag = "g" if rec.goid else "t"
+        served = False
+        for hop in hops:
+            lane = f"{prefix}:{tag}{hop.ident}"
+            seen: dict[str, tuple[int, int]] = {}
+            for _, member in (*txn.floor(lane, x // 1000), *txn.floor(lane, t1 // 1000)):
+                s_s, e_s, ssid = member.split("|")
+                s, e = int(s_s), int(e_s)
+                if e <= t1:          # later ones may or may not have arrived: never look at them
+                    served = True
+                    if s >= hop.since_ns:
+                        seen[ssid] = (s, e)
+            found = [ssid for ssid, (s, e) in seen.items() if s <= x <= e and (
+                hop.level == 0 or s <= hop.spawned_at_ns)]
+            if len(found) > 1:
+                return "", "orphan", "", "ambiguous"
+            if not seen:
+                continue                       # this lane never served: look further up
+            if len(found) == 0 or _overlapping(sorted(seen.values())):
+                return None
+            link = "thread" if hop.level == 0 else ("goroutine" if rec.goid else "spawned_thread")
+            return found[0], link, "", ""
+        if not served and self.config.early_roots:
+            return "", "root", "", ""
+        return None
+
+    def _client_parent(self, txn: Txn, thr: int, rec: Http, hops: list[Hop]) -> tuple[str, str, str, str]:
+        # Candidates: the server requests on this lane that started last before x (a floor
+        # query, FLOOR_LIMIT deep: on a thread that serves one request at a time the first is
+        # the one; more that contain x mean an event loop → ambiguous).
+        x = rec.start
+        prefix = proc_prefix(rec.node, rec.pid)
+        tag = "g" if rec.goid else "t"
+        for hop in hops:
+            found: list[str] = []
+            for _, member in txn.floor(f"{prefix}:{tag}{hop.ident}", x // 1000):
+                s_s, e_s, ssid = member.split("|")
+                s, e = int(s_s), int(e_s)
+                if s <= x <= e and e <= thr and s >= hop.since_ns and (
+                        hop.level == 0 or s <= hop.spawned_at_ns):
+                    found.append(ssid)
+            if len(found) == 1:
+                link = "thread" if hop.level == 0 else ("goroutine" if rec.goid else "spawned_thread")
+                return found[0], link, "", ""
+            if found:
+                return "", "orphan", "", "ambiguous"
+        return "", "root", "", ""
+
+    def _server_parent(self, txn: Txn, thr: int, rec: Http) -> tuple[str, str, str, str]:
+        tp = parse_traceparent(rec.traceparent) if rec.traceparent else None
+        if tp is not None:
+            injected = [m.split("|")[1] for m in txn.members(inj_key(tp[1])) if int(m.split("|")[0]) <= thr]
+            if len(injected) == 1:
+                return injected[0], "traceparent", "", ""
+            return tp[1], "traceparent", tp[0], ""
+        canon = rec.canon_tuple()
+        if rec.has_seq:
+            fingerprint, window, start = rec.fingerprint, self._seq_window, rec.start
+            matches: list[tuple[str, bool]] = []
+            for member in txn.members(seq_key(rec.seq)):
+                s_s, e_s, csid, ccanon, fp = member.split("|", 4)
+                if fp == fingerprint and abs(int(s_s) - start) <= window and int(e_s) <= thr:
+                    matches.append((csid, ccanon == canon))
+            confirmed = [m for m in matches if m[1]]
+            if len(confirmed) == 1:
+                return confirmed[0][0], "cross_node", "", ""
+            if len(matches) == 1:
+                return matches[0][0], "nat", "", ""
+            if matches:
+                return "", "orphan", "", "ambiguous"
+        skew = self._skew
+        found: list[str] = []
+        for _, member in txn.floor(tuple_key(canon), (rec.start + skew) // 1000):
+            s_s, e_s, csid, c_seq = member.split("|")
+            if rec.has_seq and c_seq == "1":
+                continue        # both sides saw a seq and they differ: not the same request
+            s, e = int(s_s), int(e_s)
+            if s - skew <= rec.start and rec.end <= e + skew and e <= thr:
+                found.append(csid)
+        if len(found) == 1:
+            return found[0], "tuple", "", ""
+        if found:
+            return "", "orphan", "", "ambiguous"
+        return "", "root", "", ""
+
+    # ------------------------------------------------------------------------------- traces
+
+    def _trace_below(self, sid: str, rec: Http, parent_tr: str) -> str:
+        trace, depth_s, root_start_s, _ = parent_tr.split("|")
+        depth, root_start = int(depth_s) + 1, int(root_start_s)
+        if depth > self.config.max_trace_depth or rec.start - root_start > self.config.max_trace_duration_ns:
+            self.stats.trace_splits += 1
+            return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|split"
+        return f"{trace}|{depth}|{root_start}|"
+
+    def _resolve_traces(self, txn: Txn, decided: list[str]) -> list[Span]:
+        """Give decided spans their trace when their parent's is known; emit what got one."""
+        if not decided:
+            return []
+        parents: dict[str, tuple[str, str]] = {}
+        for sid in decided:
+            parent, _, ext, _ = txn.hash(span_key(sid))["dec"].split("|")
+            parents[sid] = (parent, ext)
+        if txn.batched:
+            txn.load(hashes=[span_key(p) for p, ext in parents.values() if p and not ext])
+        traced: list[str] = []
+        for sid in decided:
+            rec = self._event(txn, sid)
+            if rec is None:
+                continue
+            parent, ext = parents[sid]
+            if not parent:
+                tr = f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|"
+            elif ext:
+                tr = f"{ext}|1|{rec.start}|"
+            else:
+                parent_tr = txn.hash(span_key(parent)).get("tr")
+                if parent_tr is None:
+                    txn.sadd(kids_key(parent), (sid,))
+                    txn.sadd(WAITING, (sid,))
+                    continue
+                tr = self._trace_below(sid, rec, parent_tr)
+            txn.hsetnx(span_key(sid), "tr", tr)
+            traced.append(sid)
+        frontier = traced
+        while frontier:
+            if txn.batched:
+                txn.load(sets=[kids_key(p) for p in frontier])
+            pairs: list[tuple[str, str]] = []
+            for p in frontier:
+                kids = txn.members(kids_key(p))
+                if kids:
+                    pairs.extend((p, k) for k in sorted(kids))
+                    txn.delete(kids_key(p))      # finished: later children find p's trace
+            if not pairs:
+                break
+            if txn.batched:
+                txn.load(hashes=[span_key(k) for _, k in pairs])
+            following: list[str] = []
+            for p, kid in pairs:
+                kid_rec = txn.hash(span_key(kid))
+                if "tr" in kid_rec or kid_rec.get("dec", "|").split("|")[0] != p:
+                    continue
+                ev = self._event(txn, kid)
+                if ev is None:
+                    continue
+                parent_tr = txn.hash(span_key(p))["tr"]
+                txn.hsetnx(span_key(kid), "tr", self._trace_below(kid, ev, parent_tr))
+                following.append(kid)
+            if following:
+                txn.srem(WAITING, tuple(following))
+            traced.extend(following)
+            frontier = following
+        return self._emit(txn, traced)
+
+    def _emit(self, txn: Txn, sids: Iterable[str]) -> list[Span]:
+        ready: list[tuple[str, Http, Mapping[str, str]]] = []
+        for sid in sids:
+            rec_fields = txn.hash(span_key(sid))
+            if "out" in rec_fields:
+                continue
+            ev = self._event(txn, sid)
+            if ev is not None:
+                ready.append((sid, ev, rec_fields))
+        if txn.batched:
+            txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, ev, _ in ready])
+        spans: list[Span] = []
+        resources = self._resources
+        for sid, ev, rec_fields in ready:
+            txn.hsetnx(span_key(sid), "out", "1")
+            proc = txn.hash(proc_prefix(ev.node, ev.pid) + ":proc")
+            if len(proc) == 1:   # the usual case: one ProcessInfo, one Resource object
+                (only,) = proc.items()
+                resource = resources.get((ev.node, ev.pid, only))
+                if resource is None:
+                    resource = resources[(ev.node, ev.pid, only)] = _resource(ev, proc)
+            else:
+                resource = _resource(ev, proc)
+            spans.append(_span(sid, ev, rec_fields["dec"], rec_fields["tr"], resource))
+        self.stats.emitted += len(spans)
+        return spans
+
+
+def _overlapping(intervals: list[tuple[int, int]]) -> bool:
+    """Whether any two of these (start, end) intervals, sorted by start, overlap."""
+    reach = -1
+    for start, end in intervals:
+        if start < reach:
+            return True
+        reach = max(reach, end)
+    return False
+
+
+def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
+    """The process as it was when the request started (ProcessInfo again after exec)."""
+    if not proc:
+        return Resource("unknown_service", ev.node, ev.pid, "")
+    stamp = n20(ev.start)
+    before = [k for k in proc if k <= stamp]
+    chosen = max(before) if before else min(proc)
+    service, exe = proc[chosen].split(SEP, 1)
+    return Resource(service or exe or "unknown_service", ev.node, ev.pid, exe)
+
+
+def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
+    parent, link, _ext, flag = dec.split("|")
+    trace, _, _, split = tr.split("|")
+    server = ev.role == ROLE_SERVER
+    local_ip, remote_ip = _ip(ev.laddr), _ip(ev.raddr)
+    host = ev.host.rsplit(":", 1)[0] if ev.host and not ev.host.startswith("[") else ev.host
+    attrs: list[tuple[str, AttrValue]] = [("http.request.method", ev.method or "_OTHER"),
+                                          ("url.path", ev.path)]
+    if ev.status:
+        attrs.append(("http.response.status_code", ev.status))
+    if server:
+        attrs += [("server.address", host or local_ip), ("server.port", ev.lport),
+                  ("client.address", remote_ip)]
+    else:
+        attrs += [("server.address", host or remote_ip), ("server.port", ev.rport)]
+    attrs += [("network.peer.address", remote_ip), ("network.peer.port", ev.rport), ("weft.link", link)]
+    if flag:
+        attrs.append((f"weft.{flag}", True))
+    if split == "split":
+        attrs.append(("weft.split_from", parent))
+        parent = ""
+    elif split == "cut":
+        attrs.append(("weft.unresolved", True))
+        parent = ""
+    name = f"{ev.method} {ev.path}" if ev.method else "HTTP"
+    return Span(trace_id=bytes.fromhex(trace), span_id=bytes.fromhex(sid),
+                parent_span_id=bytes.fromhex(parent) if parent else b"",
+                kind="SERVER" if server else "CLIENT", name=name, start_ns=ev.start, end_ns=ev.end,
+                attributes=tuple(attrs), resource=resource, error=ev.status >= 500)

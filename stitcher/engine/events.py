@@ -1,0 +1,52 @@
+"""Builders for raw events (pb.Event), shared by `weft simulate` and the engine tests."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from schemas import weft_events_pb2 as pb
+from schemas.codec import wrap
+
+Endpoint = tuple[str, int]
+
+
+def _addr(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
+
+
+def tuple_of(local: Endpoint, remote: Endpoint) -> pb.Tuple:
+    return pb.Tuple(local_addr=_addr(local[0]), local_port=local[1],
+                    remote_addr=_addr(remote[0]), remote_port=remote[1])
+
+
+def http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
+         local: Endpoint, remote: Endpoint, seq: int | None = None, method: str = "GET",
+         path: str = "/", host: str = "", traceparent: str = "", injected: str = "",
+         status: int = 200, goid: int = 0) -> pb.Event:
+    return wrap(pb.HttpRequest(
+        role=pb.ROLE_SERVER if role == "server" else pb.ROLE_CLIENT, start_ns=start, end_ns=end,
+        pid=pid, tid=tid, goid=goid, sock_cookie=cookie, tuple=tuple_of(local, remote),
+        tcp_seq=seq or 0, has_seq=seq is not None, method=method, path=path, host=host,
+        traceparent=traceparent, status=status, injected_traceparent=injected))
+
+
+def process(pid: int, service: str, exe: str, ts: int) -> pb.Event:
+    return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts))
+
+
+def thread_spawn(pid: int, parent_tid: int, child_tid: int, ts: int) -> pb.Event:
+    return wrap(pb.ThreadSpawn(ts_ns=ts, parent_pid=pid, parent_tid=parent_tid, child_pid=pid,
+                               child_tid=child_tid))
+
+
+def task_exit(pid: int, tid: int, ts: int) -> pb.Event:
+    return wrap(pb.TaskExit(ts_ns=ts, pid=pid, tid=tid))
+
+
+def goroutine_spawn(pid: int, parent_goid: int, child_goid: int, ts: int, tid: int = 0) -> pb.Event:
+    return wrap(pb.GoroutineSpawn(ts_ns=ts, pid=pid, tid=tid, parent_goid=parent_goid,
+                                  child_goid=child_goid))
+
+
+def watermark(ts: int) -> pb.Event:
+    return wrap(pb.Watermark(ts_ns=ts))

@@ -1,0 +1,70 @@
+"""What the join engine produces: spans with deterministic IDs, and the process they came from.
+
+These are plain frozen values; the OTLP conversion lives in `stitcher.otlp_convert` and the
+engine never imports OpenTelemetry. Attribute names follow the OpenTelemetry HTTP semantic
+conventions; `weft.link` says which hop type gave the span its parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SpanKind = Literal["SERVER", "CLIENT"]
+AttrValue = str | int | bool
+
+LINK_TYPES: tuple[str, ...] = (
+    "thread",          # same thread (or same goroutine) served the request that made the call
+    "spawned_thread",  # an ancestor thread by clone lineage served it
+    "goroutine",       # an ancestor goroutine by `go` lineage served it
+    "cross_node",      # server ← client by TCP seq + fingerprint, tuples agree
+    "nat",             # server ← client by TCP seq + fingerprint, tuples differ (NAT)
+    "tuple",           # server ← client by connection tuple + time containment (no seq)
+    "traceparent",     # incoming W3C traceparent named the parent
+    "root",            # no parent exists (entry point)
+    "orphan",          # a parent was looked for and none (or several: ambiguous) qualified
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One traced process on one node (OTel resource: service.name, host.name, process.*)."""
+
+    service_name: str
+    node: str
+    pid: int
+    exe: str
+
+    def attributes(self) -> tuple[tuple[str, AttrValue], ...]:
+        return (("service.name", self.service_name), ("host.name", self.node),
+                ("process.pid", self.pid), ("process.executable.name", self.exe))
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One HTTP request seen from one side. IDs are raw bytes; hex them only at the edges."""
+
+    trace_id: bytes          # 16 bytes
+    span_id: bytes           # 8 bytes
+    parent_span_id: bytes    # 8 bytes, b"" for a root
+    kind: SpanKind
+    name: str                # "GET /path"
+    start_ns: int
+    end_ns: int
+    attributes: tuple[tuple[str, AttrValue], ...]
+    resource: Resource
+    error: bool              # HTTP status >= 500
+
+    def attr(self, key: str, default: AttrValue | None = None) -> AttrValue | None:
+        for k, v in self.attributes:
+            if k == key:
+                return v
+        return default
+
+    @property
+    def link(self) -> str:
+        return str(self.attr("weft.link", ""))
+
+    def sort_key(self) -> tuple[bytes, int, bytes]:
+        """Canonical output order: by trace, then start, then span id."""
+        return (self.trace_id, self.start_ns, self.span_id)

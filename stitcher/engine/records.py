@@ -1,0 +1,131 @@
+"""The engine's state layout: key names (with Redis Cluster hash tags) and record encodings.
+
+Numbers that are compared as strings are zero-padded to 20 digits (`_n`), so string order is
+numeric order in every backend.
+
+    w:{g}:wm                 hash  node → newest watermark (HMax)
+    w:{g}:expect             hash  node → "1": nodes to wait for even before their first watermark
+    w:{g}:meta               hash  "swept" → low watermark already decided up to (HMax)
+    w:{g}:dueidx             set   due buckets that hold work
+    w:{g}:due:<bucket>       set   "<threshold>|<sid>[|e]": a parent question to settle then
+                                   (|e: the early in-process question)
+    w:{g}:waiting            set   decided spans waiting for their parent's trace
+    w:{s:<sid>}              hash  span record: ev (the request), dec (decision), tr (trace), out
+    w:{s:<sid>}:kids         set   decided children waiting for this span's trace
+    w:{p:<node>|<pid>}:proc  hash  "<ts>" → "service\\x1fexe" (ProcessInfo)
+    w:{p:<node>|<pid>}:lin:<tid>  zset  score µs, "<ts>|s<parent tid>" (spawn) / "<ts>|x" (exit)
+    w:{p:<node>|<pid>}:go:<goid>  hash  "p" → "<parent goid>|<ts>" (`go` statement)
+    w:{p:<node>|<pid>}:t<tid> / :g<goid>
+                             zset  score start µs, "<start>|<end>|<sid>": server requests per lane
+    w:{q:<seq>}              set   client requests with that TCP seq
+    w:{c:<canon tuple>}      zset  score start µs, "<start>|<end>|<sid>|<has seq>": client requests
+    w:{i:<span id hex>}      set   client requests that injected that traceparent span id
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from schemas import weft_events_pb2 as pb
+
+SEP = "\x1f"
+WM = "w:{g}:wm"
+META = "w:{g}:meta"
+EXPECT = "w:{g}:expect"
+DUE_INDEX = "w:{g}:dueidx"
+WAITING = "w:{g}:waiting"
+ROLE_SERVER = pb.ROLE_SERVER
+ROLE_CLIENT = pb.ROLE_CLIENT
+
+
+def n20(value: int) -> str:
+    return f"{value:020d}"
+
+
+def due_key(bucket: int) -> str:
+    return f"w:{{g}}:due:{bucket}"
+
+
+def span_key(sid: str) -> str:
+    return f"w:{{s:{sid}}}"
+
+
+def kids_key(sid: str) -> str:
+    return f"w:{{s:{sid}}}:kids"
+
+
+def proc_prefix(node: str, pid: int) -> str:
+    return f"w:{{p:{node}|{pid}}}"
+
+
+def seq_key(seq: int) -> str:
+    return f"w:{{q:{seq}}}"
+
+
+def tuple_key(canon: str) -> str:
+    return f"w:{{c:{canon}}}"
+
+
+def inj_key(span_hex: str) -> str:
+    return f"w:{{i:{span_hex}}}"
+
+
+def _clean(text: str) -> str:
+    return text.replace(SEP, "?") if SEP in text else text
+
+
+class Http(NamedTuple):
+    """One HTTP request event, as the engine stores and reads it back."""
+
+    node: str
+    role: int
+    pid: int
+    tid: int
+    goid: int
+    start: int
+    end: int
+    cookie: int
+    laddr: str      # hex of raw address bytes
+    lport: int
+    raddr: str
+    rport: int
+    has_seq: bool
+    seq: int
+    method: str
+    path: str
+    host: str
+    traceparent: str
+    injected: str
+    status: int
+
+    @classmethod
+    def from_pb(cls, node: str, h: pb.HttpRequest) -> Http:
+        t = h.tuple
+        return cls(node, h.role, h.pid, h.tid, h.goid, h.start_ns, h.end_ns, h.sock_cookie,
+                   t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port,
+                   h.has_seq, h.tcp_seq, _clean(h.method), _clean(h.path), _clean(h.host),
+                   _clean(h.traceparent), _clean(h.injected_traceparent), h.status)
+
+    def encode(self) -> str:
+        return SEP.join((self.node, str(self.role), str(self.pid), str(self.tid), str(self.goid),
+                         str(self.start), str(self.end), str(self.cookie), self.laddr,
+                         str(self.lport), self.raddr, str(self.rport), "1" if self.has_seq else "0",
+                         str(self.seq), self.method, self.path, self.host, self.traceparent,
+                         self.injected, str(self.status)))
+
+    @classmethod
+    def decode(cls, text: str) -> Http:
+        f = text.split(SEP)
+        return cls(f[0], int(f[1]), int(f[2]), int(f[3]), int(f[4]), int(f[5]), int(f[6]),
+                   int(f[7]), f[8], int(f[9]), f[10], int(f[11]), f[12] == "1", int(f[13]),
+                   f[14], f[15], f[16], f[17], f[18], int(f[19]))
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def canon_tuple(self) -> str:
+        """The connection named from the client's side: client end > server end."""
+        if self.role == ROLE_CLIENT:
+            return f"{self.laddr}:{self.lport}>{self.raddr}:{self.rport}"
+        return f"{self.raddr}:{self.rport}>{self.laddr}:{self.lport}"

@@ -1,0 +1,208 @@
+"""Txn: one frame's view of the store — batched loads, read-your-writes, one `apply` at the end.
+
+The engine reads what it needs in a few batched `load` calls, and every write is recorded as a
+merge op (sent to the store in one batch by `commit`) and also applied to the cached copy so
+later reads in the same frame see it. Loaded containers are the store's (read-only by contract):
+they are copied on the first write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Set
+
+from stitcher.engine.store import (
+    FLOOR_LIMIT,
+    Delete,
+    DirectStateStore,
+    Floor,
+    HMax,
+    HMin,
+    HSetNX,
+    Op,
+    SAdd,
+    SRem,
+    StateStore,
+    ZAdd,
+)
+
+
+class Txn:
+    batched = True    # loads matter: the engine names what it will read before reading it
+    __slots__ = ("_f", "_h", "_owned", "_pending", "_s", "_z", "ops", "store")
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._h: dict[str, dict[str, str]] = {}
+        self._s: dict[str, set[str]] = {}
+        self._owned: set[str] = set()
+        self._pending: dict[str, list[Op]] = {}
+        self._f: dict[Floor, list[tuple[int, str]]] = {}
+        self._z: dict[str, list[tuple[int, str]]] = {}      # this frame's ZAdds, not yet applied
+        self.ops: list[Op] = []
+
+    def load(self, hashes: Iterable[str] = (), sets: Iterable[str] = (),
+             floors: Iterable[Floor] = ()) -> None:
+        h, s, f = self._h, self._s, self._f
+        need_h = [k for k in dict.fromkeys(hashes) if k not in h]
+        need_s = [k for k in dict.fromkeys(sets) if k not in s]
+        need_f = [k for k in dict.fromkeys(floors) if k not in f]
+        if not need_h and not need_s and not need_f:
+            return
+        snap = self.store.load(need_h, need_s, need_f)
+        h.update(snap.hashes)
+        s.update(snap.sets)
+        f.update(snap.floors)
+        if self._pending:
+            for key in (*need_h, *need_s):
+                for op in self._pending.pop(key, ()):
+                    self._merge(op)
+
+    def hash(self, key: str) -> Mapping[str, str]:
+        found = self._h.get(key)
+        if found is None:
+            self.load(hashes=(key,))
+            found = self._h[key]
+        return found
+
+    def members(self, key: str) -> Set[str]:
+        found = self._s.get(key)
+        if found is None:
+            self.load(sets=(key,))
+            found = self._s[key]
+        return found
+
+    def floor(self, key: str, score: int) -> list[tuple[int, str]]:
+        """Highest (score, member) entries with score ≤ `score`, this frame's writes included."""
+        found = self._f.get((key, score))
+        if found is None:
+            self.load(floors=((key, score),))
+            found = self._f[(key, score)]
+        mine = self._z.get(key)
+        if mine:
+            found = sorted({*found, *(e for e in mine if e[0] <= score)}, reverse=True)[:FLOOR_LIMIT]
+        return found
+
+    def write(self, op: Op) -> None:
+        self.ops.append(op)
+        key = op.key
+        if isinstance(op, ZAdd):
+            self._z.setdefault(key, []).append((op.score, op.member))
+            return
+        if key in self._h or key in self._s:
+            self._merge(op)
+        else:
+            self._pending.setdefault(key, []).append(op)
+
+    # typed writers (the engine's vocabulary); each records one merge op
+    def hsetnx(self, key: str, field: str, value: str) -> None:
+        self.write(HSetNX(key, field, value))
+
+    def hmax(self, key: str, field: str, value: str) -> None:
+        self.write(HMax(key, field, value))
+
+    def sadd(self, key: str, members: tuple[str, ...]) -> None:
+        self.write(SAdd(key, members))
+
+    def srem(self, key: str, members: tuple[str, ...]) -> None:
+        self.write(SRem(key, members))
+
+    def zadd(self, key: str, score: int, member: str) -> None:
+        self.write(ZAdd(key, score, member))
+
+    def delete(self, key: str) -> None:
+        self.write(Delete(key))
+
+    def _own_hash(self, key: str) -> dict[str, str]:
+        if key not in self._owned:
+            self._h[key] = dict(self._h.get(key) or {})
+            self._owned.add(key)
+        return self._h[key]
+
+    def _own_set(self, key: str) -> set[str]:
+        if key not in self._owned:
+            self._s[key] = set(self._s.get(key) or ())
+            self._owned.add(key)
+        return self._s[key]
+
+    def _merge(self, op: Op) -> None:
+        if isinstance(op, SAdd):
+            self._own_set(op.key).update(op.members)
+        elif isinstance(op, SRem):
+            self._own_set(op.key).difference_update(op.members)
+        elif isinstance(op, Delete):
+            self._h[op.key] = {}
+            self._s[op.key] = set()
+            self._owned.add(op.key)
+        elif isinstance(op, ZAdd):
+            pass
+        else:
+            current = self._own_hash(op.key)
+            old = current.get(op.field)
+            if old is None or (isinstance(op, HMin) and op.value < old) or (
+                    isinstance(op, HMax) and op.value > old):
+                current[op.field] = op.value
+            assert isinstance(op, HMin | HMax | HSetNX)
+
+    def commit(self) -> None:
+        if self.ops:
+            self.store.apply(self.ops)
+        self.ops = []
+        self._h.clear()
+        self._s.clear()
+        self._owned.clear()
+        self._pending.clear()
+        self._f.clear()
+        self._z.clear()
+
+
+class DirectTxn(Txn):
+    """The same interface over a DirectStateStore: reads and writes go straight to the store
+    (loads are no-ops, nothing is batched, no op objects are made)."""
+
+    __slots__ = ("_d",)
+    batched = False
+
+    def __init__(self, store: DirectStateStore) -> None:
+        super().__init__(store)
+        self._d = store
+
+    def load(self, hashes: Iterable[str] = (), sets: Iterable[str] = (),
+             floors: Iterable[Floor] = ()) -> None:
+        return
+
+    def hash(self, key: str) -> Mapping[str, str]:
+        return self._d.hget(key)
+
+    def members(self, key: str) -> Set[str]:
+        return self._d.smembers(key)
+
+    def floor(self, key: str, score: int) -> list[tuple[int, str]]:
+        return self._d.zfloor(key, score)
+
+    def write(self, op: Op) -> None:
+        self._d.apply((op,))
+
+    def hsetnx(self, key: str, field: str, value: str) -> None:
+        self._d.hsetnx(key, field, value)
+
+    def hmax(self, key: str, field: str, value: str) -> None:
+        self._d.hmax(key, field, value)
+
+    def sadd(self, key: str, members: tuple[str, ...]) -> None:
+        self._d.sadd(key, members)
+
+    def srem(self, key: str, members: tuple[str, ...]) -> None:
+        self._d.srem(key, members)
+
+    def zadd(self, key: str, score: int, member: str) -> None:
+        self._d.zadd(key, score, member)
+
+    def delete(self, key: str) -> None:
+        self._d.delete(key)
+
+    def commit(self) -> None:
+        return
+
+
+def open_txn(store: StateStore) -> Txn:
+    return DirectTxn(store) if isinstance(store, DirectStateStore) else Txn(store)

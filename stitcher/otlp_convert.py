@@ -1,0 +1,146 @@
+"""Span → OTLP protobuf, in one place: H2b's OTLP exporter and `weft rebuild`'s JSON writer both
+use it, so streamed and rebuilt traces are the same messages.
+
+JSON lines follow the Collector's file exporter: one ExportTraceServiceRequest per line, protobuf
+JSON mapping with lowerCamelCase names, and (per the OTLP JSON spec) trace/span ids as hex
+strings instead of protobuf JSON's base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+from stitcher.engine.model import AttrValue, Resource, Span
+
+SCOPE_NAME = "weft.stitcher"
+SCOPE_VERSION = "0.1.0"
+_KIND = {"SERVER": PbSpan.SPAN_KIND_SERVER, "CLIENT": PbSpan.SPAN_KIND_CLIENT}
+
+
+def _value(v: AttrValue) -> AnyValue:
+    if isinstance(v, bool):
+        return AnyValue(bool_value=v)
+    if isinstance(v, int):
+        return AnyValue(int_value=v)
+    return AnyValue(string_value=v)
+
+
+def _attrs(pairs: Iterable[tuple[str, AttrValue]]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=_value(v)) for k, v in pairs]
+
+
+def span_to_proto(span: Span) -> PbSpan:
+    pb = PbSpan(trace_id=span.trace_id, span_id=span.span_id, parent_span_id=span.parent_span_id,
+                name=span.name, kind=_KIND[span.kind], start_time_unix_nano=span.start_ns,
+                end_time_unix_nano=span.end_ns, attributes=_attrs(span.attributes),
+                flags=0x100 | 0x01)  # has-is-remote-known | sampled
+    if span.error:
+        pb.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
+    return pb
+
+
+def spans_to_request(spans: Sequence[Span]) -> ExportTraceServiceRequest:
+    """Group spans by resource (first-seen order) into one request."""
+    by_resource: dict[Resource, list[Span]] = {}
+    for span in spans:
+        by_resource.setdefault(span.resource, []).append(span)
+    request = ExportTraceServiceRequest()
+    for resource, members in by_resource.items():
+        rs = ResourceSpans(resource=PbResource(attributes=_attrs(resource.attributes())))
+        rs.scope_spans.append(ScopeSpans(scope=InstrumentationScope(name=SCOPE_NAME, version=SCOPE_VERSION),
+                                         spans=[span_to_proto(s) for s in members]))
+        request.resource_spans.append(rs)
+    return request
+
+
+def _hex_ids(doc: dict[str, Any], request: ExportTraceServiceRequest) -> None:
+    """protobuf JSON writes bytes as base64; OTLP JSON wants hex ids. Rewrite from the protos."""
+    for rs_doc, rs in zip(doc.get("resourceSpans", []), request.resource_spans, strict=True):
+        for ss_doc, ss in zip(rs_doc.get("scopeSpans", []), rs.scope_spans, strict=True):
+            for sp_doc, sp in zip(ss_doc.get("spans", []), ss.spans, strict=True):
+                sp_doc["traceId"] = sp.trace_id.hex()
+                sp_doc["spanId"] = sp.span_id.hex()
+                if sp.parent_span_id:
+                    sp_doc["parentSpanId"] = sp.parent_span_id.hex()
+
+
+def request_to_json(request: ExportTraceServiceRequest) -> str:
+    """One OTLP JSON line (no trailing newline)."""
+    doc = json_format.MessageToDict(request)
+    _hex_ids(doc, request)
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def spans_to_json_line(spans: Sequence[Span]) -> str:
+    return request_to_json(spans_to_request(spans))
+
+
+def request_from_json(line: str) -> ExportTraceServiceRequest:
+    """Parse one OTLP JSON line (hex ids) back into a request."""
+    doc = json.loads(line)
+    for rs in doc.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for sp in ss.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if sp.get(key):
+                        sp[key] = _b64(bytes.fromhex(sp[key]))
+    request = ExportTraceServiceRequest()
+    json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+    return request
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@dataclass(frozen=True)
+class JsonSpan:
+    """A span read back from OTLP JSON lines (what `weft show` and `weft verify` look at)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: str
+    start_ns: int
+    end_ns: int
+    service: str
+    node: str
+    attributes: dict[str, Any]
+
+
+def _plain(value: dict[str, Any]) -> Any:
+    for key in ("stringValue", "boolValue", "doubleValue"):
+        if key in value:
+            return value[key]
+    if "intValue" in value:
+        return int(value["intValue"])
+    return None
+
+
+def read_json_spans(lines: Iterable[str]) -> Iterator[JsonSpan]:
+    """Spans of OTLP JSON lines (hex ids, as the Collector's file exporter writes them)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        doc = json.loads(line)
+        for rs in doc.get("resourceSpans", []):
+            res = {a["key"]: _plain(a.get("value", {})) for a in rs.get("resource", {}).get("attributes", [])}
+            for ss in rs.get("scopeSpans", []):
+                for sp in ss.get("spans", []):
+                    attrs = {a["key"]: _plain(a.get("value", {})) for a in sp.get("attributes", [])}
+                    yield JsonSpan(sp.get("traceId", ""), sp.get("spanId", ""), sp.get("parentSpanId", ""),
+                                   sp.get("name", ""), str(sp.get("kind", "")).removeprefix("SPAN_KIND_"),
+                                   int(sp.get("startTimeUnixNano", 0)), int(sp.get("endTimeUnixNano", 0)),
+                                   str(res.get("service.name", "")), str(res.get("host.name", "")), attrs)

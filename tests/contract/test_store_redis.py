@@ -1,0 +1,167 @@
+"""The StateStore contract against a real Redis (the session's `infra` Redis), plus what only
+Redis has: TTLs, the Lua script's byte order, NOSCRIPT recovery, slot-split batches, racing
+workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from stitcher.engine.store import HMax, HMin, HSetNX, Op, SAdd, SRem, StateStore
+from stitcher.state_memory import MemoryStateStore
+from stitcher.state_redis import LeaseLostError, RedisStateStore, hash_slot
+from tests.contract.store_contract import StoreContract
+from weft.config import RedisSettings
+
+pytestmark = pytest.mark.infra
+
+_TEST_DB = 9  # a database of its own, emptied before each test
+
+
+@pytest.fixture
+def redis_settings(infra: Any) -> Iterator[RedisSettings]:
+    base: RedisSettings = infra.redis_settings()
+    settings = dataclasses.replace(base, url=base.url.rsplit("/", 1)[0] + f"/{_TEST_DB}", key_ttl_s=120)
+    client = redis.Redis.from_url(settings.url, **settings.client_kwargs())
+    client.flushdb()
+    client.close()
+    yield settings
+
+
+class TestRedisStore(StoreContract):
+    @pytest.fixture(autouse=True)
+    def _settings(self, redis_settings: RedisSettings) -> None:
+        self.settings = redis_settings
+
+    def make_store(self) -> StateStore:
+        return RedisStateStore(self.settings)
+
+
+class TestRedisClusterSplitStore(StoreContract):
+    """The same contract with batches split by hash slot, as on Redis Cluster."""
+
+    @pytest.fixture(autouse=True)
+    def _settings(self, redis_settings: RedisSettings) -> None:
+        self.settings = redis_settings
+
+    def make_store(self) -> StateStore:
+        return RedisStateStore(self.settings, cluster=True,
+                               client=redis.Redis.from_url(self.settings.url, decode_responses=True))
+
+
+def test_every_written_key_has_the_ttl(redis_settings: RedisSettings) -> None:
+    store = RedisStateStore(redis_settings)
+    store.apply([HMin("w:{a}:h", "f", "1"), HMax("w:{a}:g", "f", "1"), HSetNX("w:{b}:n", "f", "x"),
+                 SAdd("w:{c}:s", ("m", "n")), SRem("w:{c}:s", ("m",))])
+    keys = store.client.keys("*")
+    assert sorted(keys) == ["w:{a}:g", "w:{a}:h", "w:{b}:n", "w:{c}:s"]
+    for key in keys:
+        assert 0 < store.client.ttl(key) <= redis_settings.key_ttl_s, key
+
+
+def test_order_is_bytewise_like_python(redis_settings: RedisSettings) -> None:
+    """Lua's `<` follows the server's locale; the store must order exactly as Python str does."""
+    rng = random.Random(3)
+    alphabet = "09az|AZ _-.é€"
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 6))) for _ in range(300)]
+    ops: list[Op] = []
+    for i, v in enumerate(values):
+        ops += [HMin("w:{o}:h", f"lo{i % 7}", v), HMax("w:{o}:h", f"hi{i % 7}", v)]
+    redis_store, memory = RedisStateStore(redis_settings), MemoryStateStore()
+    redis_store.apply(ops)
+    memory.apply(ops)
+    assert redis_store.load(["w:{o}:h"]).hashes == memory.load(["w:{o}:h"]).hashes
+
+
+def test_script_is_reloaded_after_script_flush(redis_settings: RedisSettings) -> None:
+    store = RedisStateStore(redis_settings)
+    store.client.script_flush()
+    store.apply([SAdd("w:{t}:s", ("a",))])
+    assert store.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"a"}
+
+
+def test_cluster_split_keeps_each_call_in_one_slot(redis_settings: RedisSettings) -> None:
+    store = RedisStateStore(redis_settings, cluster=True,
+                            client=redis.Redis.from_url(redis_settings.url, decode_responses=True))
+    ops: list[Op] = [SAdd(f"w:{{n{i % 9}}}:s{i}", (str(i),)) for i in range(40)]
+    calls = store._calls(ops)
+    assert len(calls) == len({hash_slot(op.key) for op in ops})
+    for keys, _argv in calls:
+        assert len({hash_slot(k) for k in keys}) == 1
+    for key in ("a{user1000}b", "{user1000}", "x{}y", "{a}{b}", "a{b", "plain"):
+        assert hash_slot(key) == key_slot(key.encode()), key  # redis-py's cluster client agrees
+    assert hash_slot("a{user1000}b") == hash_slot("{user1000}")
+    store.apply(ops)
+    assert store.load(sets=["w:{n3}:s12"]).sets["w:{n3}:s12"] == {"12"}
+
+
+def test_racing_claims_have_exactly_one_winner(redis_settings: RedisSettings) -> None:
+    """Two workers claim the same links at once: every link ends with one owner, never none."""
+    links = [f"link{i}" for i in range(200)]
+    barrier = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        store = RedisStateStore(redis_settings)
+        barrier.wait()
+        for i in range(0, len(links), 20):
+            store.apply([HSetNX("w:{claims}:h", link, name) for link in links[i:i + 20]])
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("w1", "w2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    owners = RedisStateStore(redis_settings).load(["w:{claims}:h"]).hashes["w:{claims}:h"]
+    assert sorted(owners) == sorted(links)
+    assert set(owners.values()) <= {"w1", "w2"}
+
+
+class TestNamespacedRedisStore(StoreContract):
+    """The same contract inside a namespace (how replays and tests share one Redis)."""
+
+    @pytest.fixture(autouse=True)
+    def _settings(self, redis_settings: RedisSettings) -> None:
+        self.settings = redis_settings
+
+    def make_store(self) -> StateStore:
+        return RedisStateStore(self.settings, namespace="replay-1:")
+
+
+def test_namespaces_do_not_meet(redis_settings: RedisSettings) -> None:
+    live, replay = RedisStateStore(redis_settings), RedisStateStore(redis_settings, namespace="r:")
+    live.apply([SAdd("w:{t}:s", ("live",))])
+    replay.apply([SAdd("w:{t}:s", ("replay",))])
+    assert live.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"live"}
+    assert replay.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"replay"}
+    assert hash_slot("r:w:{t}:s") == hash_slot("w:{t}:s")
+
+
+def test_lease_is_exclusive_and_fences_writes(redis_settings: RedisSettings) -> None:
+    a, b = RedisStateStore(redis_settings), RedisStateStore(redis_settings)
+    lease_a, lease_b = a.lease(ttl_ms=200), b.lease(ttl_ms=5000)
+    assert lease_a.try_acquire()
+    assert not lease_b.try_acquire()
+    a.apply([SAdd("w:{t}:s", ("a1",))])  # holder writes
+    deadline = time.monotonic() + 5
+    while not lease_b.try_acquire():  # a stalls past its expiry; b takes over
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(LeaseLostError):
+        a.apply([SAdd("w:{t}:s", ("a2-stale",))])
+    lease_a.release()  # must not free b's lease
+    waiter = a.lease()
+    assert not waiter.try_acquire()  # b holds it; waiter is now queued
+    b.apply([SAdd("w:{t}:s", ("b1",))])
+    lease_b.release()
+    assert a.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"a1", "b1"}
+    assert not lease_b.try_acquire()  # free, but the waiting worker goes first
+    assert waiter.try_acquire()
+    waiter.release()

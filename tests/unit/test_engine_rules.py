@@ -1,0 +1,319 @@
+"""Table-driven tests of the join engine's rules, one scenario per row.
+
+Each scenario lists per-node events (times in ms after T0, node-local clocks) and the expected
+parent of every span, by label "<S|C><path>@<node>" (S = server, C = client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from schemas import weft_events_pb2 as pb
+from schemas.codec import make_frame
+from stitcher.engine import Engine, EngineConfig, Span
+from stitcher.engine import events as E
+from stitcher.engine.ids import root_trace_id, span_id
+from stitcher.engine.store import StateStore
+from stitcher.state_memory import BatchedMemoryStateStore, MemoryStateStore
+
+MS = 1_000_000
+STORES = {"direct": MemoryStateStore, "batched": BatchedMemoryStateStore}
+T0 = 1_760_000_000 * 1_000_000_000
+A_IP, B_IP, VIP = "10.0.0.1", "10.0.0.2", "10.96.0.9"
+
+
+def t(ms: float) -> int:
+    return T0 + int(ms * MS)
+
+
+_cookies = iter(range(1, 1 << 30))
+
+
+def srv(path: str, start: float, end: float, *, tid: int = 11, pid: int = 100, goid: int = 0,
+        seq: int | None = None, local: tuple[str, int] = (A_IP, 80),
+        remote: tuple[str, int] = ("192.0.2.1", 5000), traceparent: str = "", status: int = 200) -> pb.Event:
+    return E.http("server", pid=pid, tid=tid, goid=goid, start=t(start), end=t(end), cookie=next(_cookies),
+                  local=local, remote=remote, seq=seq, path=path, traceparent=traceparent, status=status)
+
+
+def cli(path: str, start: float, end: float, *, tid: int = 11, pid: int = 100, goid: int = 0,
+        seq: int | None = None, local: tuple[str, int] = (A_IP, 40000),
+        remote: tuple[str, int] = (B_IP, 80), injected: str = "") -> pb.Event:
+    return E.http("client", pid=pid, tid=tid, goid=goid, start=t(start), end=t(end), cookie=next(_cookies),
+                  local=local, remote=remote, seq=seq, path=path, injected=injected)
+
+
+def label(span: Span) -> str:
+    pid = span.resource.pid
+    suffix = "" if pid in (100, 200) else f"#{pid}"
+    return f"{span.kind[0]}{span.attr('url.path')}@{span.resource.node}{suffix}"
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest) -> StateStore:
+    """Every test runs on the memory store directly and through the batched (Redis-like) path."""
+    return STORES[request.param]()
+
+
+def run(store: StateStore, nodes: dict[str, list[pb.Event]], config: EngineConfig | None = None,
+        watermark_ms: float = 30_000, flush: bool = True) -> tuple[dict[str, Span], Engine]:
+    """Feed each node's events (plus a final watermark) as one frame per node, then flush."""
+    engine = Engine(store, config)
+    engine.expect_nodes(nodes)
+    spans: list[Span] = []
+    for node, events in nodes.items():
+        spans += engine.process(make_frame(node, [*events, E.watermark(t(watermark_ms))]))
+    if flush:
+        spans += engine.flush()
+    by_label = {label(s): s for s in spans}
+    assert len(by_label) == len(spans), "labels must be unique in a scenario"
+    return by_label, engine
+
+
+@dataclass
+class Case:
+    name: str
+    nodes: dict[str, list[pb.Event]]
+    parents: dict[str, str]          # label → parent label ("" = root / no parent)
+    links: dict[str, str] = field(default_factory=dict)   # label → weft.link
+    ambiguous: int = 0
+
+
+CASES = [
+    Case("sequential requests on one thread: the client joins the one it started in",
+         {"A": [srv("/s1", 0, 30), srv("/s2", 40, 70), cli("/c", 50, 60)]},
+         {"S/s1@A": "", "S/s2@A": "", "C/c@A": "S/s2@A"}, {"C/c@A": "thread"}),
+    Case("several calls nested in one request all join it",
+         {"A": [srv("/s", 0, 100), cli("/c1", 10, 20), cli("/c2", 30, 40), cli("/c3", 60, 95)]},
+         {"S/s@A": "", "C/c1@A": "S/s@A", "C/c2@A": "S/s@A", "C/c3@A": "S/s@A"}),
+    Case("overlapping requests on one thread (event loop): no link where both contain the call",
+         {"A": [srv("/s1", 0, 100), srv("/s2", 20, 120), cli("/both", 50, 60), cli("/first", 10, 15)]},
+         {"S/s1@A": "", "S/s2@A": "", "C/both@A": "", "C/first@A": "S/s1@A"},
+         {"C/both@A": "orphan"}, ambiguous=1),
+    Case("a handler's spawned worker thread calls out",
+         {"A": [srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12)]},
+         {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "spawned_thread"}),
+    Case("a worker spawned two levels down",
+         {"A": [srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), E.thread_spawn(100, 12, 13, t(15)),
+                cli("/c", 20, 30, tid=13)]},
+         {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "spawned_thread"}),
+    Case("a thread spawned before the request (a pool) does not inherit it",
+         {"A": [E.thread_spawn(100, 11, 12, t(5)), srv("/s", 10, 100), cli("/c", 20, 30, tid=12)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "root"}),
+    Case("a reused tid follows its current creator, not the previous one",
+         {"A": [srv("/a", 0, 40, tid=11), E.thread_spawn(100, 11, 13, t(5)), E.task_exit(100, 13, t(45)),
+                srv("/b", 50, 200, tid=12), srv("/c", 55, 200, tid=11),
+                E.thread_spawn(100, 12, 13, t(60)), cli("/x", 70, 80, tid=13)]},
+         {"S/a@A": "", "S/b@A": "", "S/c@A": "", "C/x@A": "S/b@A"}, {"C/x@A": "spawned_thread"}),
+    Case("a tid reused without a spawn record is a new thread: old requests do not count",
+         {"A": [srv("/old", 0, 100, tid=12), E.task_exit(100, 12, t(101)), cli("/x", 120, 130, tid=12)]},
+         {"S/old@A": "", "C/x@A": ""}),
+    Case("goroutines: same goroutine, and a `go` child",
+         {"A": [srv("/s", 0, 100, goid=100, tid=5), cli("/same", 10, 20, goid=100, tid=6),
+                E.goroutine_spawn(100, 100, 101, t(25)), cli("/child", 30, 40, goid=101, tid=7)]},
+         {"S/s@A": "", "C/same@A": "S/s@A", "C/child@A": "S/s@A"},
+         {"C/same@A": "thread", "C/child@A": "goroutine"}),
+    Case("cross-node by TCP seq and fingerprint, tuples agree",
+         {"A": [cli("/b", 10, 50, seq=777, local=(A_IP, 40000), remote=(B_IP, 80))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": "C/b@A"}, {"S/b@B": "cross_node"}),
+    Case("NAT: same seq and fingerprint, different tuples",
+         {"A": [cli("/b", 10, 50, seq=777, local=(A_IP, 40000), remote=(VIP, 80))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 8080), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": "C/b@A"}, {"S/b@B": "nat"}),
+    Case("same seq but another fingerprint does not link",
+         {"A": [cli("/other", 10, 50, seq=777)],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/other@A": "", "S/b@B": ""}),
+    Case("two seq matches, neither tuple confirms: ambiguous, no link",
+         {"A": [cli("/b", 10, 50, seq=777, local=(A_IP, 40001), remote=(VIP, 80)),
+                cli("/b", 11, 51, seq=777, pid=101, local=(A_IP, 40002), remote=(VIP, 80))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"S/b@B": "", "C/b@A": "", "C/b@A#101": ""}, {"S/b@B": "orphan"}, ambiguous=1),
+    Case("no seq: same tuple, containment within the skew bound (B's clock 300 ms ahead)",
+         {"A": [cli("/b", 10, 50, local=(A_IP, 40000), remote=(B_IP, 80))],
+          "B": [srv("/b", 312, 348, pid=200, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": "C/b@A"}, {"S/b@B": "tuple"}),
+    Case("no seq: skew beyond the bound does not link",
+         {"A": [cli("/b", 10, 50, local=(A_IP, 40000), remote=(B_IP, 80))],
+          "B": [srv("/b", 712, 748, pid=200, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": ""}, {"S/b@B": "root"}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_rule(case: Case, store: StateStore) -> None:
+    spans, engine = run(store, case.nodes)
+    by_id = {s.span_id: label for label, s in spans.items()}
+    got = {lab: by_id.get(s.parent_span_id, "") for lab, s in spans.items() if lab in case.parents}
+    assert got == case.parents
+    for lab, link in case.links.items():
+        assert spans[lab].link == link, lab
+    assert engine.stats.ambiguous == case.ambiguous
+    # a trace is one tree: every child shares its parent's trace
+    for s in spans.values():
+        parent = next((p for p in spans.values() if p.span_id == s.parent_span_id), None)
+        if parent is not None:
+            assert s.trace_id == parent.trace_id
+
+
+FOREIGN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_incoming_traceparent_wins_over_seq(store: StateStore) -> None:
+    spans, _ = run(store, {"A": [cli("/b", 10, 50, seq=777)],
+                    "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000),
+                              traceparent=FOREIGN)]})
+    server = spans["S/b@B"]
+    assert server.parent_span_id.hex() == "b7ad6b7169203331"
+    assert server.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
+    assert server.link == "traceparent"
+
+
+def test_traceparent_weft_injected_links_to_its_client(store: StateStore) -> None:
+    injected = "00-11111111111111111111111111111111-2222222222222222-01"
+    spans, _ = run(store, {"A": [srv("/a", 0, 100), cli("/b", 10, 50, injected=injected)],
+                    "B": [srv("/b", 12, 48, pid=200, local=(B_IP, 80), remote=(A_IP, 40000),
+                              traceparent=injected)]})
+    assert spans["S/b@B"].parent_span_id == spans["C/b@A"].span_id
+    assert spans["S/b@B"].trace_id == spans["S/a@A"].trace_id == root_trace_id(spans["S/a@A"].span_id)
+
+
+def test_ids_are_functions_of_the_events(store: StateStore) -> None:
+    event = cli("/c", 10, 20)
+    spans, _ = run(store, {"A": [event]})
+    h = event.http
+    assert spans["C/c@A"].span_id == span_id("A", h.pid, h.sock_cookie, h.role, h.start_ns)
+    assert spans["C/c@A"].trace_id == root_trace_id(spans["C/c@A"].span_id)
+
+
+def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
+    spans, _ = run(store, {"A": [E.process(100, "checkout", "python3", t(-1000)),
+                          srv("/pay", 0, 10, status=503, remote=("192.0.2.7", 5555))]})
+    s = spans["S/pay@A"]
+    assert (s.kind, s.name, s.error) == ("SERVER", "GET /pay", True)
+    attrs = dict(s.attributes)
+    assert attrs["http.request.method"] == "GET" and attrs["url.path"] == "/pay"
+    assert attrs["http.response.status_code"] == 503
+    assert attrs["server.port"] == 80 and attrs["client.address"] == "192.0.2.7"
+    assert attrs["network.peer.address"] == "192.0.2.7" and attrs["network.peer.port"] == 5555
+    assert s.resource.attributes() == (("service.name", "checkout"), ("host.name", "A"),
+                                       ("process.pid", 100), ("process.executable.name", "python3"))
+
+
+def test_spans_wait_for_the_watermark_then_export_once(store: StateStore) -> None:
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    first = engine.process(make_frame("A", [srv("/s", 0, 10), E.watermark(t(100))]))
+    assert first == []                      # S.end + link_wait (500 ms) not passed yet
+    second = engine.process(make_frame("A", [E.watermark(t(600))]))
+    assert [label(s) for s in second] == ["S/s@A"]
+    assert engine.process(make_frame("A", [E.watermark(t(5000))])) == []
+    assert engine.flush() == []
+    assert engine.stats.emitted == 1
+
+
+@pytest.mark.parametrize("early_roots", [False, True])
+def test_client_waits_for_its_server_that_ends_later(store: StateStore, early_roots: bool) -> None:
+    # The handler runs on 880 ms after its call returned, on a thread that served nothing
+    # before: found at the full threshold; with early_roots the call is taken for a
+    # client-only thread's at C.end + 0.5 s (the documented recall price of early roots).
+    engine = Engine(store, EngineConfig(max_request_s=1.0, early_roots=early_roots))
+    engine.expect_nodes(["A"])
+    out = engine.process(make_frame("A", [cli("/c", 10, 20), E.watermark(t(50))]))
+    out += engine.process(make_frame("A", [srv("/s", 0, 900), E.watermark(t(2000))]))
+    spans = {label(s): s for s in out}
+    if early_roots:
+        assert spans["C/c@A"].parent_span_id == b"" and spans["C/c@A"].link == "root"
+    else:
+        assert spans["C/c@A"].parent_span_id == spans["S/s@A"].span_id
+
+
+def test_a_served_thread_waits_for_its_long_handler(store: StateStore) -> None:
+    # the same, on a thread known to serve requests: the early question is deferred
+    spans, _ = run(store, {"A": [srv("/before", 0, 5), cli("/c", 10, 20), srv("/s", 8, 900)]},
+                   EngineConfig(max_request_s=1.0))
+    assert spans["C/c@A"].parent_span_id == spans["S/s@A"].span_id
+
+
+def test_stopped_node_times_out_and_its_late_events_are_marked(store: StateStore) -> None:
+    engine = Engine(store, EngineConfig(node_timeout_s=2.0))
+    engine.expect_nodes(["A", "B"])
+    engine.process(make_frame("B", [E.watermark(t(10))]))      # B then goes silent
+    out = engine.process(make_frame("A", [srv("/s", 0, 10), E.watermark(t(1000))]))
+    assert out == []                                          # still waiting for B
+    out = engine.process(make_frame("A", [E.watermark(t(3000))]))
+    assert [label(s) for s in out] == ["S/s@A"]               # B timed out
+    assert engine.stats.nodes_timed_out == 1
+    late = engine.process(make_frame("B", [cli("/s", 5, 9, seq=1), E.watermark(t(20))]))
+    assert [label(s) for s in late] == ["C/s@B"]
+    assert late[0].attr("weft.late") is True and late[0].parent_span_id == b""
+    assert engine.stats.late == 1
+
+
+@pytest.mark.parametrize(("config", "split_label"), [
+    (EngineConfig(max_trace_depth=1), "S/b@B"),
+    (EngineConfig(max_trace_duration_s=0.005), "C/b@A"),
+])
+def test_trace_bounds_start_a_new_trace(config: EngineConfig, split_label: str, store: StateStore) -> None:
+    spans, engine = run(store, {"A": [srv("/a", 0, 100), cli("/b", 10, 50, seq=9)],
+                         "B": [srv("/b", 12, 48, pid=200, seq=9, local=(B_IP, 80), remote=(A_IP, 40000))]},
+                        config)
+    split = spans[split_label]
+    assert split.parent_span_id == b"" and split.trace_id == root_trace_id(split.span_id)
+    assert split.attr("weft.split_from") != ""
+    assert engine.stats.trace_splits == 1
+    assert len({s.trace_id for s in spans.values()}) == 2
+
+
+def test_duplicated_frames_change_nothing(store: StateStore) -> None:
+    nodes = {"A": [srv("/a", 0, 100), cli("/b", 10, 50, seq=9)],
+             "B": [srv("/b", 12, 48, pid=200, seq=9, local=(B_IP, 80), remote=(A_IP, 40000))]}
+    once, _ = run(type(store)(), nodes)
+    engine = Engine(store)
+    engine.expect_nodes(nodes)
+    spans: list[Span] = []
+    for node, events in nodes.items():
+        frame = make_frame(node, [*events, E.watermark(t(30_000))])
+        spans += engine.process(frame) + engine.process(frame)
+    spans += engine.flush()
+    assert sorted(spans, key=Span.sort_key) == sorted(once.values(), key=Span.sort_key)
+    assert engine.stats.duplicates == 3 and engine.stats.late == 0
+
+
+def test_invalid_requests_are_counted_not_stitched(store: StateStore) -> None:
+    bad = E.http("server", pid=1, tid=1, start=t(10), end=t(5), cookie=1, local=(A_IP, 80), remote=(B_IP, 1))
+    spans, engine = run(store, {"A": [bad]})
+    assert spans == {} and engine.stats.invalid == 1
+
+
+def test_in_process_link_is_exported_without_waiting_max_request(store: StateStore) -> None:
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    out = engine.process(make_frame("A", [srv("/s", 0, 100), cli("/c", 10, 50), E.watermark(t(700))]))
+    spans = {label(s): s for s in out}
+    assert set(spans) == {"S/s@A", "C/c@A"}           # at C.end + 0.5 s, not x + 10 s
+    assert spans["C/c@A"].parent_span_id == spans["S/s@A"].span_id
+
+
+def test_event_loop_evidence_defers_the_early_answer_to_the_full_one(store: StateStore) -> None:
+    # S1 contains the call; S3 overlaps S1 on the same thread (an event loop), so the early
+    # answer is not trusted; by the full threshold the long S2 also contains the call.
+    spans, engine = run(store, {"A": [srv("/s1", 0, 100), srv("/s3", 55, 90), cli("/c", 50, 60),
+                               srv("/s2", 20, 2000)]})
+    assert spans["C/c@A"].parent_span_id == b"" and spans["C/c@A"].link == "orphan"
+    assert engine.stats.ambiguous == 1
+
+
+def test_a_parent_cycle_from_malformed_input_is_cut_not_lost(store: StateStore) -> None:
+    x = "00-11111111111111111111111111111111-aaaaaaaaaaaaaaaa-01"
+    y = "00-22222222222222222222222222222222-bbbbbbbbbbbbbbbb-01"
+    spans, engine = run(store, {
+        "A": [srv("/sa", 0, 100, traceparent=y), cli("/ca", 10, 50, injected=x)],
+        "B": [srv("/sb", 0, 100, pid=200, tid=21, traceparent=x),
+              cli("/cb", 10, 50, pid=200, tid=21, injected=y)]})
+    assert set(spans) == {"S/sa@A", "C/ca@A", "S/sb@B", "C/cb@B"}
+    assert all(s.parent_span_id == b"" and s.attr("weft.unresolved") is True for s in spans.values())
+    assert engine.stats.unresolved == 4
