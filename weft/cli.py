@@ -9,7 +9,7 @@ import os
 import click
 
 # Each module exposes `commands: list[click.Command]`; the stage it belongs to owns it.
-_COMMAND_MODULES = ("infra.cli", "probe_agent.cli", "stitcher.cli")
+_COMMAND_MODULES = ("infra.cli", "probe_agent.cli", "stitcher.cli", "weft.commands")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
