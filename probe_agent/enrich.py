@@ -2,21 +2,31 @@
 
 For a pid: executable base name, OTEL_SERVICE_NAME from its environment (only that variable is
 kept; nothing else of the environment leaves this module), parent pid, start time as Unix ns,
-cgroup v2 id. Results are cached in a bounded LRU; an exec or an exit drops the entry.
+cgroup v2 id, and the runtime: "go" when the executable is a Go binary (it has the ELF section
+`.go.buildinfo`, which every Go toolchain since 1.13 writes, stripped or not). Results are cached
+in a bounded LRU; an exec or an exit drops the entry. The runtime is cached per executable file
+((device, inode, mtime, size) of /proc/PID/exe), also bounded, so a hundred processes of one binary
+cost one ELF read.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
 
 from schemas import weft_events_pb2 as pb
 
 _SERVICE_VAR = b"OTEL_SERVICE_NAME="
 _MAX_ENVIRON = 1 << 20  # read at most this much of an environment
 _TICKS = os.sysconf("SC_CLK_TCK")
+_GO_SECTION = ".go.buildinfo"
 
 
 def cgroup2_mount() -> Path:
@@ -52,6 +62,48 @@ def service_name_from_environ(data: bytes) -> str:
     return ""
 
 
+def runtime_of_elf(fh: BinaryIO) -> str:
+    """"go" for a Go executable (ELF with a `.go.buildinfo` section), else ""."""
+    if fh.read(4) != b"\x7fELF":
+        return ""
+    fh.seek(0)
+    try:
+        return "go" if ELFFile(fh).get_section_by_name(_GO_SECTION) is not None else ""
+    except (ELFError, ValueError, EOFError, struct.error):
+        return ""
+
+
+class RuntimeCache:
+    """The runtime of executable files, by (device, inode, mtime, size): bounded LRU."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._max = max_entries
+        self._cache: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self.reads = 0   # ELF files actually parsed
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def of(self, exe: str | Path) -> str:
+        """Runtime of the file `exe` (e.g. /proc/PID/exe); "" when it cannot be read."""
+        try:
+            with open(exe, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                found = self._cache.get(key)
+                if found is not None:
+                    self._cache.move_to_end(key)
+                    return found
+                self.reads += 1
+                runtime = runtime_of_elf(fh)
+        except OSError:
+            return ""
+        self._cache[key] = runtime
+        if len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return runtime
+
+
 class ProcessInfoCache:
     def __init__(self, max_entries: int = 8192, proc: Path = Path("/proc")) -> None:
         self._max = max_entries
@@ -59,6 +111,7 @@ class ProcessInfoCache:
         self._cache: OrderedDict[int, pb.ProcessInfo] = OrderedDict()
         self._mount = cgroup2_mount()
         self._boot_ns = _boot_unix_ns()
+        self.runtimes = RuntimeCache(max(16, min(max_entries, 1024)))
         self.misses = 0   # processes gone before they could be read
 
     def __len__(self) -> int:
@@ -91,13 +144,15 @@ class ProcessInfoCache:
             return None
         # comm may hold spaces and parentheses: the fields start after the LAST ')'.
         close = stat.rfind(b")")
-        comm = stat[stat.find(b"(") + 1:close].decode("utf-8", "replace")
         fields = stat[close + 2:].split()
         ppid, start_ticks = int(fields[1]), int(fields[19])
         try:
             exe = os.path.basename(os.readlink(base / "exe"))
         except OSError:
-            exe = comm  # kernel threads, or a process exiting right now
+            # A process exiting right now (a zombie: no exe, no environ) or a kernel thread:
+            # what could be read would be wrong (comm for exe and service, no runtime), and
+            # would override the right record announced earlier. Treat it as gone.
+            return None
         exe = exe.removesuffix(" (deleted)")
         service = ""
         try:
@@ -107,7 +162,8 @@ class ProcessInfoCache:
             pass
         return pb.ProcessInfo(pid=pid, ppid=ppid, exe=exe, service_name=service or exe,
                               cgroup_id=self._cgroup_of(base),
-                              start_ns=self._boot_ns + start_ticks * 1_000_000_000 // _TICKS)
+                              start_ns=self._boot_ns + start_ticks * 1_000_000_000 // _TICKS,
+                              runtime=self.runtimes.of(base / "exe"))
 
     def _cgroup_of(self, base: Path) -> int:
         try:

@@ -125,6 +125,7 @@ class ProcessInfo(_message.Message):
     SERVICE_NAME_FIELD_NUMBER: _builtins.int
     CGROUP_ID_FIELD_NUMBER: _builtins.int
     START_NS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
     ts_ns: _builtins.int
     pid: _builtins.int
     ppid: _builtins.int
@@ -135,6 +136,8 @@ class ProcessInfo(_message.Message):
     cgroup_id: _builtins.int
     start_ns: _builtins.int
     """process start time, Unix ns (tells pid reuse apart)"""
+    runtime: _builtins.str
+    """"go" for Go binaries, else empty"""
     def __init__(
         self,
         *,
@@ -145,10 +148,11 @@ class ProcessInfo(_message.Message):
         service_name: _builtins.str = ...,
         cgroup_id: _builtins.int = ...,
         start_ns: _builtins.int = ...,
+        runtime: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "exe", b"exe", "pid", b"pid", "ppid", b"ppid", "service_name", b"service_name", "start_ns", b"start_ns", "ts_ns", b"ts_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "exe", b"exe", "pid", b"pid", "ppid", b"ppid", "runtime", b"runtime", "service_name", b"service_name", "start_ns", b"start_ns", "ts_ns", b"ts_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -382,7 +382,8 @@ class Simulation:
         for svc in [*self.services, *self.loadgens]:
             self._emit(svc.node, T0 - 1_000 * MS, ev.process(svc.pid, svc.name,
                                                              "go-svc" if svc.go else "python3",
-                                                             self._local(svc.node, T0 - 1_000 * MS)))
+                                                             self._local(svc.node, T0 - 1_000 * MS),
+                                                             runtime="go" if svc.go else ""))
         self._record()
 
     def frames(self, node: int) -> Iterator[pb.Frame]:

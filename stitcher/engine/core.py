@@ -16,6 +16,13 @@ How one frame is handled (`Engine.process`):
        So that spans do not wait max_request_s, the question is first asked at
        T1 = C.end + in_process_wait_s over the requests ended by then, and answered only if
        the answer cannot change (see `_client_parent_early`); else it waits for T.
+       In a Go process (ProcessInfo.runtime "go") goroutines move between OS threads, so the
+       thread / clone rule would give wrong parents: there a client's in-process parent comes
+       only from goroutine lineage (goid on both sides). A Go client without a goid is an
+       orphan (`weft.no_goroutine`, counted in stats.go_unlinked), never linked by thread.
+       Whether the process is Go is read from the ProcessInfo records with ts <= the decision
+       time (T1 or T): all of them are in the store by then, so the answer is deterministic;
+       none by then means thread rules.
      * server S: T = S.end + link_wait_s; parent = the client its incoming traceparent names
        (a Weft client that injected that span id, else the foreign span itself); else the client
        with the same TCP seq and fingerprint within seq_window_s (tuple equal: "cross_node",
@@ -88,6 +95,7 @@ class EngineStats:
     invalid: int = 0        # HTTP events without a role or with end < start
     late: int = 0
     ambiguous: int = 0
+    go_unlinked: int = 0    # Go clients without a goroutine id: never linked by thread
     trace_splits: int = 0
     unresolved: int = 0     # spans in a parent cycle, cut loose at flush()
     decided: int = 0
@@ -163,7 +171,8 @@ class Engine:
             elif kind == "process":
                 p = ev.process
                 txn.hsetnx(proc_prefix(node, p.pid) + ":proc", n20(p.ts_ns),
-                           f"{p.service_name or p.exe}{SEP}{p.exe}")
+                           f"{_safe(p.service_name or p.exe)}{SEP}{_safe(p.exe)}"
+                           + (f"{SEP}{_safe(p.runtime)}" if p.runtime else ""))
             elif kind == "thread_spawn":
                 t = ev.thread_spawn
                 if not t.new_process and t.child_pid == t.parent_pid and t.child_tid != t.parent_tid:
@@ -355,14 +364,24 @@ class Engine:
                     early_sids.add(sid)
         if not todo:
             return [], []
-        chains = self._chains(txn, [(sid, rec) for _, sid, rec in todo if rec.role == ROLE_CLIENT])
+        clients = [(sid, rec) for _, sid, rec in todo if rec.role == ROLE_CLIENT]
+        if txn.batched and clients:
+            txn.load(hashes=sorted({proc_prefix(rec.node, rec.pid) + ":proc" for _, rec in clients}))
+        # Go multiplexes goroutines over OS threads: in a Go process only goroutine lineage
+        # may give a client its in-process parent, never the OS thread or clone lineage.
+        threadless = {sid for thr, sid, rec in todo if rec.role == ROLE_CLIENT and not rec.goid
+                      and _runtime(txn.hash(proc_prefix(rec.node, rec.pid) + ":proc"), thr) == "go"}
+        chains = self._chains(txn, [(sid, rec) for sid, rec in clients if sid not in threadless])
         if txn.batched:
-            self._preload_candidates(txn, todo, chains, early_sids)
+            self._preload_candidates(txn, [x for x in todo if x[1] not in threadless], chains, early_sids)
         decided: list[str] = []
         deferred: list[tuple[int, str]] = []
         stats = self.stats
         for thr, sid, rec in todo:
-            if sid in early_sids:
+            if sid in threadless:
+                parent, link, ext, flag = "", "orphan", "", "no_goroutine"
+                stats.go_unlinked += 1
+            elif sid in early_sids:
                 answer = self._client_parent_early(txn, thr, rec, chains[sid])
                 if answer is None:
                     deferred.append((max(rec.start + self._max_req, rec.end), sid))
@@ -631,6 +650,24 @@ class Engine:
         return spans
 
 
+def _safe(text: str) -> str:
+    return text.replace(SEP, "?") if SEP in text else text
+
+
+def _runtime(proc: Mapping[str, str], known_by_ns: int) -> str:
+    """"go" when any ProcessInfo record of the process with ts <= `known_by_ns` says so, else "".
+    Only records up to the decision time count: by then every one of them is in the store,
+    whatever the interleaving, so the answer does not depend on arrival order. Any record, not
+    only the one current at the request: "go" is sticky, because the safe error is a missed
+    link (a pid that exec'd from Go into something else), never a wrong one (a later, partial
+    record hiding an earlier "go"). No record by then: "" (thread rules)."""
+    bound = n20(known_by_ns)
+    for ts, value in proc.items():
+        if ts <= bound and value.count(SEP) >= 2 and value.rsplit(SEP, 1)[1] == "go":
+            return "go"
+    return ""
+
+
 def _overlapping(intervals: list[tuple[int, int]]) -> bool:
     """Whether any two of these (start, end) intervals, sorted by start, overlap."""
     reach = -1
@@ -648,7 +685,7 @@ def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
     stamp = n20(ev.start)
     before = [k for k in proc if k <= stamp]
     chosen = max(before) if before else min(proc)
-    service, exe = proc[chosen].split(SEP, 1)
+    service, exe = proc[chosen].split(SEP)[:2]
     return Resource(service or exe or "unknown_service", ev.node, ev.pid, exe)
 
 

@@ -30,8 +30,9 @@ def http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
         traceparent=traceparent, status=status, injected_traceparent=injected))
 
 
-def process(pid: int, service: str, exe: str, ts: int) -> pb.Event:
-    return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts))
+def process(pid: int, service: str, exe: str, ts: int, runtime: str = "") -> pb.Event:
+    return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts,
+                               runtime=runtime))
 
 
 def thread_spawn(pid: int, parent_tid: int, child_tid: int, ts: int) -> pb.Event:

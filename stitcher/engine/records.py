@@ -12,7 +12,7 @@ numeric order in every backend.
     w:{g}:waiting            set   decided spans waiting for their parent's trace
     w:{s:<sid>}              hash  span record: ev (the request), dec (decision), tr (trace), out
     w:{s:<sid>}:kids         set   decided children waiting for this span's trace
-    w:{p:<node>|<pid>}:proc  hash  "<ts>" → "service\\x1fexe" (ProcessInfo)
+    w:{p:<node>|<pid>}:proc  hash  "<ts>" → "service\\x1fexe[\\x1fruntime]" (ProcessInfo)
     w:{p:<node>|<pid>}:lin:<tid>  zset  score µs, "<ts>|s<parent tid>" (spawn) / "<ts>|x" (exit)
     w:{p:<node>|<pid>}:go:<goid>  hash  "p" → "<parent goid>|<ts>" (`go` statement)
     w:{p:<node>|<pid>}:t<tid> / :g<goid>

@@ -59,6 +59,15 @@ def sample_events() -> list[pb.Event]:
     return [wrap(body) for body in bodies]
 
 
+def sample_events_current() -> list[pb.Event]:
+    """The v1 sample plus the fields added to schema v1 since its golden files were written
+    (additive, same SCHEMA_VERSION): every field of today's schema set. The golden files stay
+    those of `sample_events()`; today's decoder must still read them."""
+    events = sample_events()
+    events[0].process.runtime = "go"    # ProcessInfo.runtime = 8
+    return events
+
+
 def golden_frames() -> list[pb.Frame]:
     """The frames of the golden capture: every kind from node-a, then a watermark from node-b."""
     return [make_frame("node-a", sample_events(), agent_instance=0xDEAD_BEEF_CAFE, seq=7),

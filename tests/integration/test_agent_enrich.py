@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from probe_agent.enrich import ProcessInfoCache, cgroup2_mount, cgroup_id, service_name_from_environ
+from probe_agent.enrich import (
+    ProcessInfoCache,
+    RuntimeCache,
+    cgroup2_mount,
+    cgroup_id,
+    service_name_from_environ,
+)
+from tests.workloads.servers import go_binary
 
 
 @pytest.fixture
@@ -71,3 +78,61 @@ def test_cache_is_bounded() -> None:
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.fixture(scope="module")
+def go_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Go binary: tests/workloads/go_server.go, built with `go build`."""
+    return go_binary("go_server", tmp_path_factory.mktemp("go"))
+
+
+def test_a_go_binary_is_runtime_go_and_others_are_not(go_exe: Path, tmp_path: Path) -> None:
+    procs = {"go": subprocess.Popen([str(go_exe), "127.0.0.1:0"]),
+             "": subprocess.Popen(["sleep", "30"]),
+             "python": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])}
+    try:
+        time.sleep(0.2)
+        cache = ProcessInfoCache(max_entries=8)
+        got = {name: cache.get(p.pid) for name, p in procs.items()}
+        assert all(info is not None for info in got.values())
+        runtimes = {name: info.runtime for name, info in got.items() if info}
+        assert runtimes == {"go": "go", "": "", "python": ""}
+        assert got["go"] is not None and got["go"].exe == "go_server"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    # not an ELF file at all, a missing file, a truncated ELF: never "go", never an error
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(go_exe.read_bytes()[:4096])
+    runtimes = RuntimeCache()
+    assert [runtimes.of(p) for p in (script, tmp_path / "missing", truncated)] == ["", "", ""]
+
+
+def test_runtime_is_read_once_per_executable_and_the_cache_is_bounded(go_exe: Path, tmp_path: Path) -> None:
+    runtimes = RuntimeCache(max_entries=2)
+    assert [runtimes.of(go_exe) for _ in range(3)] == ["go"] * 3
+    assert runtimes.reads == 1                      # one ELF parse for one (dev, inode, mtime, size)
+    copy = tmp_path / "copy"
+    copy.write_bytes(go_exe.read_bytes())
+    assert runtimes.of(copy) == "go" and runtimes.of(sys.executable) == ""
+    assert runtimes.reads == 3 and len(runtimes) == 2
+    copy.write_bytes(Path("/bin/sleep").read_bytes())   # same path, new content: read again
+    assert runtimes.of(copy) == "" and runtimes.reads == 4
+
+
+def test_an_exiting_process_is_gone_not_misread() -> None:
+    # A zombie has /proc/PID/stat but no exe and no environ: reading it would announce comm as
+    # the executable and service, and no runtime. It counts as gone instead.
+    proc = subprocess.Popen(["sleep", "0"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        cache = ProcessInfoCache()
+        assert cache.get(proc.pid) is None and cache.misses == 1
+    finally:
+        proc.wait()

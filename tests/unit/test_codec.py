@@ -55,7 +55,7 @@ def _unset_fields(message: Message, prefix: str = "") -> list[str]:
 
 
 def test_sample_has_every_kind_with_every_field_set() -> None:
-    events = make_golden.sample_events()
+    events = make_golden.sample_events_current()
     assert [e.WhichOneof("kind") for e in events] == list(EVENT_KINDS)
     for event in events:
         body = getattr(event, event.WhichOneof("kind"))
@@ -111,7 +111,7 @@ def test_capture_written_and_read_back_is_identical(tmp_path: Path) -> None:
 
 
 def test_frame_round_trip_and_time_range() -> None:
-    frame = make_frame("n", make_golden.sample_events())
+    frame = make_frame("n", make_golden.sample_events_current())
     assert decode_frame(encode_frame(frame)) == frame
     assert frame.t_min_ns == make_golden.T0 and frame.t_max_ns == make_golden.T0 + 1000
 

@@ -79,6 +79,15 @@ class Case:
     parents: dict[str, str]          # label → parent label ("" = root / no parent)
     links: dict[str, str] = field(default_factory=dict)   # label → weft.link
     ambiguous: int = 0
+    go_unlinked: int = 0
+
+
+def go_proc(ts_ms: float = -1000, pid: int = 100) -> pb.Event:
+    return E.process(pid, "svc", "go-svc", t(ts_ms), runtime="go")
+
+
+def py_proc(ts_ms: float = -1000, pid: int = 100) -> pb.Event:
+    return E.process(pid, "svc", "python3", t(ts_ms))
 
 
 CASES = [
@@ -140,6 +149,36 @@ CASES = [
          {"A": [cli("/b", 10, 50, local=(A_IP, 40000), remote=(B_IP, 80))],
           "B": [srv("/b", 712, 748, pid=200, local=(B_IP, 80), remote=(A_IP, 40000))]},
          {"C/b@A": "", "S/b@B": ""}, {"S/b@B": "root"}),
+    # Go multiplexes goroutines over OS threads: thread / clone lineage must never link there.
+    Case("Go process, same-thread candidate, no goid: no link (orphan, counted)",
+         {"A": [go_proc(), srv("/s", 0, 100), cli("/c", 10, 50)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, go_unlinked=1),
+    Case("Go process, spawned-thread candidate, no goid: no link",
+         {"A": [go_proc(), srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, go_unlinked=1),
+    Case("Go process, thread candidate, client has a goid but the server has none: no link",
+         {"A": [go_proc(), srv("/s", 0, 100), cli("/c", 10, 50, goid=7)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "root"}),
+    Case("Go process, ProcessInfo after the requests in the stream (before the decision): no link",
+         {"A": [srv("/s", 0, 100), cli("/c", 10, 50), go_proc(ts_ms=60)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, go_unlinked=1),
+    Case("Go process with goids on both sides: goroutine lineage still links",
+         {"A": [go_proc(), srv("/s", 0, 100, goid=100, tid=5), cli("/same", 10, 20, goid=100, tid=6),
+                E.goroutine_spawn(100, 100, 101, t(25)), cli("/child", 30, 40, goid=101, tid=5)]},
+         {"S/s@A": "", "C/same@A": "S/s@A", "C/child@A": "S/s@A"},
+         {"C/same@A": "thread", "C/child@A": "goroutine"}),
+    Case("a non-Go process with the same events links by thread",
+         {"A": [py_proc(), srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12),
+                cli("/d", 40, 50)]},
+         {"S/s@A": "", "C/c@A": "S/s@A", "C/d@A": "S/s@A"}, {"C/c@A": "spawned_thread", "C/d@A": "thread"}),
+    Case("Go is sticky: a later record without the runtime (a partial read) does not hide it",
+         {"A": [go_proc(), py_proc(ts_ms=5), srv("/s", 0, 100), cli("/c", 10, 50)]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, go_unlinked=1),
+    Case("Go is per process: a Go caller's neighbour (another pid) still links by thread",
+         {"A": [go_proc(), py_proc(pid=101), srv("/s", 0, 100), cli("/c", 10, 50),
+                srv("/s2", 0, 100, pid=101), cli("/c2", 10, 50, pid=101)]},
+         {"S/s@A": "", "C/c@A": "", "S/s2@A#101": "", "C/c2@A#101": "S/s2@A#101"},
+         {"C/c@A": "orphan", "C/c2@A#101": "thread"}, go_unlinked=1),
 ]
 
 
@@ -152,6 +191,7 @@ def test_rule(case: Case, store: StateStore) -> None:
     for lab, link in case.links.items():
         assert spans[lab].link == link, lab
     assert engine.stats.ambiguous == case.ambiguous
+    assert engine.stats.go_unlinked == case.go_unlinked
     # a trace is one tree: every child shares its parent's trace
     for s in spans.values():
         parent = next((p for p in spans.values() if p.span_id == s.parent_span_id), None)
@@ -317,3 +357,15 @@ def test_a_parent_cycle_from_malformed_input_is_cut_not_lost(store: StateStore) 
     assert set(spans) == {"S/sa@A", "C/ca@A", "S/sb@B", "C/cb@B"}
     assert all(s.parent_span_id == b"" and s.attr("weft.unresolved") is True for s in spans.values())
     assert engine.stats.unresolved == 4
+
+
+def test_go_client_without_goid_is_an_orphan_exported_early_and_flagged(store: StateStore) -> None:
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    out = engine.process(make_frame("A", [go_proc(), srv("/s", 0, 100), cli("/c", 10, 50),
+                                          E.watermark(t(700))]))
+    spans = {label(s): s for s in out}
+    assert set(spans) == {"S/s@A", "C/c@A"}           # at C.end + 0.5 s, not x + 10 s
+    c = spans["C/c@A"]
+    assert (c.parent_span_id, c.link, c.attr("weft.no_goroutine")) == (b"", "orphan", True)
+    assert c.resource.exe == "go-svc" and engine.stats.go_unlinked == 1
