@@ -32,7 +32,7 @@ proto: ## regenerate schemas/*_pb2.py from the .proto files
 bench: setup ## run the benchmarks; prints a table, writes results/bench.json
 	@$(PY) -m tests.bench
 
-soak: setup ## long fault-injection run; writes results/soak.json
+soak: setup ## fault-injection areas (tests/bench/*.soak); writes results/soak.json
 	@$(PY) -m tests.bench --soak
 
 demo: setup ## multi-node demo: test nodes, agents, stitcher, demo services, traces shown

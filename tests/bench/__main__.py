@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = BenchContext(quick=ns.quick, console=console)
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     failed: list[str] = []
+    ran = 0
     try:
         for name in _modules():
             area = name.removeprefix("bench_")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             fn = getattr(module, entry, None)
             if fn is None:
                 continue
+            ran += 1
             console.rule(f"[bold]{area}")
             t0 = time.monotonic()
             try:
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{area}: {len(figures)} figures in {time.monotonic() - t0:.0f} s")
     finally:
         ctx.close()
+    if not ran:
+        console.print(f"[red]no benchmark area has a {entry}() for this selection; nothing measured")
+        return 1
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     table = Table(title=f"Weft {'soak' if ns.soak else 'benchmarks'} → {out}")
