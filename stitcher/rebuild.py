@@ -44,22 +44,13 @@ def _stream(reader: CaptureReader) -> Iterator[pb.Frame]:
 
 
 def merged_frames(readers: Sequence[CaptureReader]) -> Iterator[pb.Frame]:
-    """Frames of all captures, each file in its own order, merged by the frames' end time."""
-    streams = [_stream(r) for r in readers]
-    heap: list[tuple[int, int, int, pb.Frame]] = []
-    for i, stream in enumerate(streams):
-        first = next(stream, None)
-        if first is not None:
-            heap.append((first.t_max_ns, i, 0, first))
-    heapq.heapify(heap)
-    counter = 0
-    while heap:
-        _, i, _, frame = heapq.heappop(heap)
-        yield frame
-        following = next(streams[i], None)
-        if following is not None:
-            counter += 1
-            heapq.heappush(heap, (following.t_max_ns, i, counter, following))
+    """Frames of all captures, each file in its own order, merged by the frames' end time
+    (ties: the earlier file first)."""
+    return heapq.merge(*(_stream(r) for r in readers), key=_frame_end)
+
+
+def _frame_end(frame: pb.Frame) -> int:
+    return frame.t_max_ns
 
 
 def _nodes(readers: Sequence[CaptureReader]) -> set[str]:

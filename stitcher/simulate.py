@@ -438,21 +438,7 @@ def write_captures(sim: Simulation, out_dir: Path) -> tuple[list[Path], int]:
 def interleaved_frames(sim: Simulation) -> Iterator[pb.Frame]:
     """All nodes' frames merged by time (a broker would see roughly this)."""
     streams = [sim.frames(n) for n in range(len(sim.node_names))]
-    heap: list[tuple[int, int, int, pb.Frame]] = []
-    counter = 0
-    for n, stream in enumerate(streams):
-        first = next(stream, None)
-        if first is not None:
-            heap.append((first.t_max_ns, counter, n, first))
-            counter += 1
-    heapq.heapify(heap)
-    while heap:
-        _, _, n, frame = heapq.heappop(heap)
-        yield frame
-        following = next(streams[n], None)
-        if following is not None:
-            counter += 1
-            heapq.heappush(heap, (following.t_max_ns, counter, n, following))
+    return heapq.merge(*streams, key=lambda frame: frame.t_max_ns)
 
 
 def produce_kafka(sim: Simulation, bootstrap: str, out_truth: Path | None, topic: str | None = None) -> int:
