@@ -4,11 +4,15 @@ at the end of the session (exactly the pids it started)."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from infra.services import LocalInfra
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,3 +30,23 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture
+def reachable_by_nobody() -> Iterator[None]:
+    """Let an unprivileged user (tests run `weft` as `nobody`) reach this checkout and its venv.
+
+    A clone under a private directory (mktemp -d is 0700) is not traversable by others; grant
+    search permission (o+x, no listing) on each such ancestor for the test, then restore it.
+    """
+    changed: list[tuple[Path, int]] = []
+    for directory in [ROOT, *ROOT.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((directory, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for directory, mode in changed:
+            directory.chmod(mode)

@@ -26,6 +26,7 @@ def run_weft(*args: str, user: int | None = None, timeout: float = 60) -> subpro
                           timeout=timeout, env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test"})
 
 
+@pytest.mark.usefixtures("reachable_by_nobody")
 def test_not_root_is_refused_with_one_sentence() -> None:
     result = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap", user=65534)
     assert result.returncode == 1, result

@@ -248,6 +248,7 @@ def test_blocking_problems_name_what_to_do() -> None:
 
 
 @pytest.mark.bpf
+@pytest.mark.usefixtures("reachable_by_nobody")
 def test_unprivileged_doctor_exits_non_zero_and_says_why(tmp_path: Path) -> None:
     """Run as `nobody` with no capabilities: the blocking problems, and a non-zero exit."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "WEFT_KAFKA_BOOTSTRAP": "127.0.0.1:1",
