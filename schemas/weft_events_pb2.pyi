@@ -358,6 +358,7 @@ class HttpRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     INJECTED_TRACEPARENT_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    ASSIGNED_TRACEPARENT_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     start_ns: _builtins.int
     """server: first request byte read; client: first request byte written"""
@@ -385,6 +386,12 @@ class HttpRequest(_message.Message):
     """the traceparent Weft itself wrote on the wire, if any"""
     flags: _builtins.int
     """HttpFlag bits"""
+    assigned_traceparent: _builtins.str
+    """Server side, header injection on: the context Weft gave this request in the kernel
+    (00-<trace>-<span>-01; the trace is the incoming traceparent's when there is one). Client
+    requests sent while serving it carry this trace in injected_traceparent, and the stitcher
+    exports this span with exactly these ids.
+    """
     @_builtins.property
     def tuple(self) -> Global___Tuple: ...
     def __init__(
@@ -408,10 +415,11 @@ class HttpRequest(_message.Message):
         status: _builtins.int = ...,
         injected_traceparent: _builtins.str = ...,
         flags: _builtins.int = ...,
+        assigned_traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tuple", b"tuple"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ns", b"end_ns", "flags", b"flags", "goid", b"goid", "has_seq", b"has_seq", "host", b"host", "injected_traceparent", b"injected_traceparent", "method", b"method", "path", b"path", "pid", b"pid", "role", b"role", "sock_cookie", b"sock_cookie", "start_ns", b"start_ns", "status", b"status", "tcp_seq", b"tcp_seq", "tid", b"tid", "traceparent", b"traceparent", "tracestate", b"tracestate", "tuple", b"tuple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_traceparent", b"assigned_traceparent", "end_ns", b"end_ns", "flags", b"flags", "goid", b"goid", "has_seq", b"has_seq", "host", b"host", "injected_traceparent", b"injected_traceparent", "method", b"method", "path", b"path", "pid", b"pid", "role", b"role", "sock_cookie", b"sock_cookie", "start_ns", b"start_ns", "status", b"status", "tcp_seq", b"tcp_seq", "tid", b"tid", "traceparent", b"traceparent", "tracestate", b"tracestate", "tuple", b"tuple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
