@@ -11,6 +11,12 @@ Rules from DESIGN.md ("Facts about the stream pieces here") and how they are kep
 * Offsets are committed only after Redis succeeded: a frame is acked (the agent moves on) only
   after the engine's single `apply` returned. Before each commit, a Faust sensor flushes the
   exporter, so a committed frame's spans were handed to the OTLP receiver.
+* A worker killed after the engine's commit but before its exporter flushed: the frames since
+  the last offset commit are redelivered, but their spans are already marked emitted, so the
+  engine would not emit them again. So the engine keeps emitted span ids in an outbox (same
+  Redis commit) until the flush succeeded (`acknowledge_exported`), and a starting worker
+  exports what the outbox still holds (`export_unacknowledged`): a span may be exported twice,
+  always with the same IDs and contents, never lost.
 * One worker or many: the engine's state — including every node's watermark and the due
   schedule — lives in Redis, and a Redis lease (`FrameLease`) runs one engine frame at a time
   across workers, so N workers on several partitions produce exactly what one worker does.
@@ -36,6 +42,7 @@ import redis
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
+from stitcher.consumer_lag import ConsumerLag
 from stitcher.deadletter import DeadLetterProducer
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.otlp_convert import spans_to_json_line
@@ -64,6 +71,8 @@ class StitchSettings:
     namespace: str = ""                   # Redis key prefix (separates replays / test runs)
     cluster: bool = False                 # Redis Cluster client and slot-split batches
     expect_nodes: str = ""                # comma-separated nodes to wait for before they speak
+    fetch_max_wait_ms: int = 100          # longest Kafka fetch wait (Faust's own: 1500; see faust_fetch)
+    hold_timeouts_lag: int = 20           # unread messages on a partition that hold node timeouts
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -79,6 +88,10 @@ class StitchSettings:
         if self.lease_ttl_ms < 100 or self.store_attempts < 1 or self.commit_interval_s <= 0:
             raise ConfigError("stitch.lease_ttl_ms must be >= 100, store_attempts >= 1, "
                               "commit_interval_s > 0")
+        if self.hold_timeouts_lag < 0:
+            raise ConfigError(f"stitch.hold_timeouts_lag={self.hold_timeouts_lag}: must be >= 0")
+        if not 1 <= self.fetch_max_wait_ms <= 60_000:
+            raise ConfigError(f"stitch.fetch_max_wait_ms={self.fetch_max_wait_ms}: must be 1..60000")
         return self
 
 
@@ -149,6 +162,7 @@ class FrameStitcher:
         self.lease = lease
         self.store_attempts = store_attempts
         self.counters = StitchCounters()
+        self._exported_ids: list[str] = []   # handed to the sink since the last acknowledgement
 
     def decode(self, value: bytes | None, where: Where) -> pb.Frame | None:
         """The frame in `value`, or None after dead-lettering it (raises if that fails)."""
@@ -201,8 +215,34 @@ class FrameStitcher:
         c.frames += 1
         c.events += len(frame.events)
         c.spans += len(spans)
-        self.sink.export(spans)
+        self._export(spans)
         return spans
+
+    def _export(self, spans: Sequence[Span]) -> None:
+        self.sink.export(spans)
+        if self.engine.outbox:
+            self._exported_ids.extend(s.span_id.hex() for s in spans)
+
+    def export_unacknowledged(self) -> int:
+        """Export again what a killed worker left in the outbox; how many spans."""
+        if not self.engine.outbox:
+            return 0
+        spans = self.engine.unacknowledged()
+        self._export(spans)
+        if spans:
+            logger.warning("exported %d spans again that an earlier worker stitched but may not "
+                           "have exported (same IDs: a backend drops the copies)", len(spans))
+        return len(spans)
+
+    def acknowledge_exported(self) -> None:
+        """The sink flushed: what it was handed leaves the outbox. A failure only means those
+        spans are exported once more by a later worker."""
+        done, self._exported_ids = self._exported_ids, []
+        try:
+            self.engine.acknowledge(done)
+        except STORE_ERRORS as exc:
+            logger.warning("could not acknowledge %d exported spans (%s); a later worker "
+                           "may export them again", len(done), exc)
 
     def release_if_idle(self, idle_s: float = 0.002) -> None:
         """Give the lease back when no frame came for `idle_s` (called between frames)."""
@@ -211,9 +251,9 @@ class FrameStitcher:
 
     def _fresh_engine(self) -> None:
         """Forget what a failed attempt cached inside the engine; keep its counters."""
-        stats = self.engine.stats
+        stats, outbox = self.engine.stats, self.engine.outbox
         self.engine = Engine(self.engine.store, self.engine.config)
-        self.engine.stats = stats
+        self.engine.stats, self.engine.outbox = stats, outbox
 
     def _failed(self, exc: Exception, attempts: int) -> float:
         """Count a store failure; the backoff before the next attempt."""
@@ -225,7 +265,7 @@ class FrameStitcher:
 
     def apply_blocking(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
         """try_apply until it succeeds; re-raises the store error after store_attempts."""
-        attempts = 0
+        attempts = waits = 0
         while True:
             try:
                 spans = self.try_apply(frame, value, where)
@@ -237,11 +277,12 @@ class FrameStitcher:
                 continue
             if spans is not None:
                 return spans
-            time.sleep(0.0005)
+            waits += 1
+            time.sleep(_lease_poll_s(waits))
 
     async def apply_async(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
         """try_apply until it succeeds, waiting without blocking the event loop."""
-        attempts = 0
+        attempts = waits = 0
         while True:
             try:
                 spans = self.try_apply(frame, value, where)
@@ -253,7 +294,16 @@ class FrameStitcher:
                 continue
             if spans is not None:
                 return spans
-            await asyncio.sleep(0.0005)
+            waits += 1
+            await asyncio.sleep(_lease_poll_s(waits))
+
+
+def _lease_poll_s(waits: int) -> float:
+    """Pause before asking for the frame lease again: 0.5 ms doubling to 4 ms. Every ask is a
+    script call on the Redis the lease holder is working against; the holder keeps the lease
+    up to `hold_s` (50 ms), and the asking worker's marker keeps it from taking it back, so a
+    few ms of polling granularity cost little idle time and spare the holder's Redis."""
+    return min(0.0005 * (1 << min(waits - 1, 3)), 0.004)
 
 
 def exit_hard(sink: SpanSink, reason: str) -> None:
@@ -272,13 +322,16 @@ def exit_hard(sink: SpanSink, reason: str) -> None:
 # ---------------------------------------------------------------------------------- Faust app
 
 
-def _flush_before_commit(sink: SpanSink) -> Any:
-    """A Faust sensor that flushes the exporter right before Faust commits offsets."""
+def _flush_before_commit(stitcher: FrameStitcher) -> Any:
+    """A Faust sensor that flushes the exporter right before Faust commits offsets, then
+    acknowledges the flushed spans (they leave the engine's outbox)."""
     from faust.sensors import Sensor
 
     class FlushBeforeCommit(Sensor):
         def on_commit_initiated(self, consumer: Any) -> Any:
-            if not sink.force_flush(10.0):
+            if stitcher.sink.force_flush(10.0):
+                stitcher.acknowledge_exported()
+            else:
                 logger.error("span export did not finish before the offset commit")
             return None
 
@@ -304,9 +357,9 @@ def _credentials(kafka: KafkaSettings) -> Any:
 
 def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSettings) -> Any:
     """The Faust app: one agent on the raw topic, concurrency 1, values as raw bytes."""
-    import faust  # imported here: `weft` starts fast when it is not stitching
+    from stitcher.faust_fetch import app_class  # Faust loads here: `weft` starts fast otherwise
 
-    app = faust.App(
+    app = app_class(settings.fetch_max_wait_ms)(
         settings.group_id,
         broker=[f"kafka://{host}" for host in kafka.bootstrap.split(",")],
         broker_credentials=_credentials(kafka),
@@ -322,14 +375,18 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
         key_serializer="raw",
         value_serializer="raw",
     )
-    app.sensors.add(_flush_before_commit(stitcher.sink))
+    app.sensors.add(_flush_before_commit(stitcher))
     topic = app.topic(kafka.raw_topic, key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw")
+
+    lag = ConsumerLag(settings.hold_timeouts_lag)
 
     async def stitch(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
             where = Where(msg.topic, msg.partition, msg.offset)
+            lag.observe(msg.partition, msg.offset, _highwater(app, msg.tp))
+            stitcher.engine.hold_node_timeouts = lag.behind
             value = event.value if isinstance(event.value, bytes) else msg.value
             try:
                 frame = stitcher.decode(value, where)
@@ -363,10 +420,20 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     return app
 
 
+def _highwater(app: Any, tp: Any) -> int | None:
+    """The broker's next offset for `tp` as of the consumer's last fetch (None when unknown)."""
+    try:
+        value = app.consumer.highwater(tp)
+    except (AssertionError, KeyError, AttributeError):  # not (or no longer) assigned here
+        return None
+    return value if isinstance(value, int) else None
+
+
 def build_stitcher(kafka: KafkaSettings, redis_settings: RedisSettings, settings: StitchSettings,
                    engine_config: EngineConfig, sink: SpanSink) -> FrameStitcher:
     store = RedisStateStore(redis_settings, cluster=settings.cluster, namespace=settings.namespace)
     engine = Engine(store, engine_config)
+    engine.outbox = True
     if settings.expected():
         engine.expect_nodes(settings.expected())
     return FrameStitcher(engine, sink, dead_letters=DeadLetterProducer(kafka),
@@ -378,6 +445,7 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
                engine_config: EngineConfig, sink: SpanSink, *, loglevel: str = "info") -> None:
     """Run one stitcher worker until SIGTERM/SIGINT; flushes the sink on the way out."""
     stitcher = build_stitcher(kafka, redis_settings, settings, engine_config, sink)
+    stitcher.export_unacknowledged()
     app = make_app(kafka, stitcher, settings)
     import faust
 
@@ -385,6 +453,8 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
     try:
         worker.execute_from_commandline()
     finally:
+        if sink.force_flush(10.0):
+            stitcher.acknowledge_exported()
         if stitcher.lease is not None and stitcher.lease.held:
             stitcher.lease.release()
         sink.shutdown()

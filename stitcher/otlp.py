@@ -14,7 +14,9 @@ second encoder that could drift from rebuild's JSON.
 Batching is ours (the SDK's BatchSpanProcessor only takes SDK spans): a queue drained by one
 thread, exported when `max_export_batch_size` spans wait or `schedule_delay` passed since the
 oldest one, flushed on `force_flush()`/`shutdown()`. The standard `OTEL_BSP_*` variables set
-it; the default delay is 200 ms (the SDK's 5 s would blow the end-to-end latency budget).
+it; the default delay is 50 ms (the SDK's 5 s would blow the end-to-end latency budget; 200 ms
+measured 0.12 s more on the export p50/p95 than 50 ms, and a busy stream fills batches by
+size long before either).
 A full queue blocks the caller (backpressure) for up to the export timeout, then drops and counts.
 
 Settings: protocol from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`
@@ -96,7 +98,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 class OtlpSettings:
     protocol: str = "grpc"
     endpoint: str | None = None      # base URL; None: the SDK reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT
-    schedule_delay_ms: int = 200
+    schedule_delay_ms: int = 50
     max_export_batch_size: int = 512
     max_queue_size: int = 65536
     export_timeout_ms: int = 30000

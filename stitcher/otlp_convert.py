@@ -12,6 +12,7 @@ import base64
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from google.protobuf import json_format
@@ -36,8 +37,16 @@ def _value(v: AttrValue) -> AnyValue:
     return AnyValue(string_value=v)
 
 
+@lru_cache(maxsize=65536)
+def _kv(key: str, value: AttrValue, _is_bool: bool) -> KeyValue:
+    """One attribute (whether it is a bool is part of the cache key: True == 1 in a dict).
+    Attributes repeat heavily (methods, paths, peers, link types): building each message
+    once and letting protobuf copy it is cheaper than building it again per span."""
+    return KeyValue(key=key, value=_value(value))
+
+
 def _attrs(pairs: Iterable[tuple[str, AttrValue]]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=_value(v)) for k, v in pairs]
+    return [_kv(k, v, v is True or v is False) for k, v in pairs]
 
 
 def span_to_proto(span: Span) -> PbSpan:

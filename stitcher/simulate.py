@@ -348,8 +348,8 @@ class Simulation:
             parent, hop = "", "root"
         else:
             caller = call.caller
-            parent = self._sid(caller.node, caller.pid, call.cookie, pb.ROLE_CLIENT,
-                               self._local(caller.node, call.start))
+            parent = call.injected.split("-")[2] if call.injected else self._sid(  # Weft's ids win
+                caller.node, caller.pid, call.cookie, pb.ROLE_CLIENT, self._local(caller.node, call.start))
             hop = ("traceparent" if call.injected else "nat" if svc.vip else
                    "cross_node" if call.seq_ok else "tuple")
         self.truth.append({"span": sid, "parent": parent, "hop": hop, "node": self.node_names[node]})
@@ -364,7 +364,9 @@ class Simulation:
             cookie=call.cookie, local=(caller.ip, call.port), remote=remote,
             seq=call.seq if call.seq_ok else None, path=f"/{target.name}",
             host=f"{target.name}:{remote[1]}", injected=call.injected, status=200))
-        sid = self._sid(node, caller.pid, call.cookie, pb.ROLE_CLIENT, start)
+        # a request Weft injected into is exported with the span id it put on the wire
+        sid = call.injected.split("-")[2] if call.injected else self._sid(
+            node, caller.pid, call.cookie, pb.ROLE_CLIENT, start)
         if call.parent is None:
             parent, hop = "", "root"
         else:

@@ -22,6 +22,8 @@ class EngineConfig:
     max_trace_duration_s: float = 600.0  # spans starting this long after their root start a new trace
     due_bucket_s: float = 0.1          # granularity of the decision schedule
     max_lineage_depth: int = 16        # thread / goroutine ancestors looked at
+    link_by_seq: bool = True           # cross-node: (tuple, TCP seq) match; off: header/tuple only
+    link_by_tuple: bool = True         # cross-node: (tuple, time) fallback; off: never
 
     def validate(self) -> EngineConfig:
         for name in ("max_request_s", "in_process_wait_s", "skew_s", "node_timeout_s", "max_trace_duration_s",

@@ -15,7 +15,9 @@ How one frame is handled (`Engine.process`):
        contains x. Two candidates on one level (event loops) → no link, counted as ambiguous.
        So that spans do not wait max_request_s, the question is first asked at
        T1 = C.end + in_process_wait_s over the requests ended by then, and answered only if
-       the answer cannot change (see `_client_parent_early`); else it waits for T.
+       the answer cannot change (see `_client_parent_early`); else it waits for T. Requests
+       that a reused tid served after the calling thread ended do not count as its own (so
+       fan-out worker threads are decided at T1).
        In a Go process (ProcessInfo.runtime "go") goroutines move between OS threads, so the
        thread / clone rule would give wrong parents: there a client's in-process parent comes
        only from goroutine lineage (goid on both sides). A Go client without a goid is an
@@ -50,19 +52,27 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from schemas import weft_events_pb2 as pb
 from stitcher.engine.config import EngineConfig
 from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id
-from stitcher.engine.lineage import Hop, goroutine_parent, lineage_member, thread_incarnation
+from stitcher.engine.lineage import (
+    Hop,
+    ended_by,
+    goroutine_parent,
+    incarnation_end,
+    lineage_member,
+    thread_incarnation,
+)
 from stitcher.engine.model import AttrValue, Resource, Span
 from stitcher.engine.records import (
     DUE_INDEX,
     EXPECT,
     META,
+    OUTBOX,
     ROLE_CLIENT,
     ROLE_SERVER,
     SEP,
@@ -101,12 +111,19 @@ class EngineStats:
     decided: int = 0
     emitted: int = 0
     nodes_timed_out: int = 0
+    trace_mismatch: int = 0  # spans whose Weft-injected trace differs from their parent's
     links: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
         flat = {k: v for k, v in vars(self).items() if isinstance(v, int)}
         flat.update({f"link.{k}": v for k, v in sorted(self.links.items())})
         return flat
+
+
+def _own_ids(h: pb.HttpRequest) -> tuple[str, str] | None:
+    """(trace, span) hex of the traceparent Weft gave this request (server) or sent (client)."""
+    own = h.assigned_traceparent if h.role == ROLE_SERVER else h.injected_traceparent
+    return parse_traceparent(own) if own else None
 
 
 @lru_cache(maxsize=65536)
@@ -137,29 +154,75 @@ class Engine:
         self._ev_cache: dict[str, Http] = {}
         self._expected_heard = 0
         self._resources: dict[tuple[str, int, tuple[str, str]], Resource] = {}
+        # `weft stitch` sets this: emitted span ids go to OUTBOX in the same commit that marks
+        # them `out`, until `acknowledge()` (after the export flushed). See `unacknowledged()`.
+        self.outbox = False
+        # The consumer sets this while it has unread messages on some partition (catching up
+        # after a restart, a replay, or a burst): a node whose frames are merely unread must not
+        # be timed out, or its events would all arrive "late". See `_low_watermark`.
+        self.hold_node_timeouts = False
 
     # ------------------------------------------------------------------------------- ingest
 
     def process(self, frame: pb.Frame) -> list[Span]:
         """Apply one frame (one node's events, in agent order) and return the spans it finished."""
+        return self.process_frames((frame,))
+
+    def process_frames(self, frames: Sequence[pb.Frame]) -> list[Span]:
+        """Apply several frames (of any nodes; each node's in agent order) as one batch: one
+        load of what they name, one sweep, one store `apply`. The output over a whole stream
+        is the same however it is cut into batches (decisions depend only on event time), so
+        a consumer may hand over whatever it has buffered; a batch is also committed as one
+        unit (a failed `apply` wrote none of it)."""
         txn = open_txn(self.store)
+        frame_sids = [self._frame_sids(frame) for frame in frames]
+        if txn.batched:
+            txn.load(hashes=[WM, META, EXPECT, *(span_key(s) for sids in frame_sids for s in sids if s)])
+        swept = int(txn.hash(META).get("swept", "0"))
+        late: list[str] = []
+        due_buckets: set[str] = set()
+        marks: dict[str, int] = {}
+        for frame, sids in zip(frames, frame_sids, strict=True):
+            node = frame.node
+            marks[node] = max(marks.get(node, 0),
+                              self._ingest_frame(txn, node, frame.events, sids, swept, late, due_buckets))
+        if due_buckets:
+            txn.sadd(DUE_INDEX, tuple(sorted(due_buckets)))
+        for node, watermark in marks.items():
+            txn.hmax(WM, node, n20(watermark))  # also registers a node with no watermark yet
+        low = self._low_watermark(txn.hash(WM), txn.hash(EXPECT))
+        decided = late + self._sweep(txn, low, swept)
+        out = self._resolve_traces(txn, decided)
+        txn.commit()
+        if len(self._ev_cache) > _EV_CACHE_MAX:
+            self._ev_cache.clear()
+            self._resources.clear()
+        return out
+
+    def span_ids(self, frame: pb.Frame) -> list[str | None]:
+        """The span id (hex) the engine gives each event of `frame`; None for non-requests."""
+        return self._frame_sids(frame)
+
+    def _frame_sids(self, frame: pb.Frame) -> list[str | None]:
+        """The span id of each event of the frame that is an HTTP request (else None)."""
         node = frame.node
         events = frame.events
-        stats = self.stats
-        stats.frames += 1
-        stats.events += len(events)
         sids: list[str | None] = []
         for ev in events:
             if ev.WhichOneof("kind") == "http":
                 h = ev.http
-                sids.append(span_id(node, h.pid, h.sock_cookie, h.role, h.start_ns).hex())
+                own = _own_ids(h)  # WEFT-INJECT: the ids Weft put on the wire are the span's
+                sids.append(own[1] if own else span_id(node, h.pid, h.sock_cookie, h.role, h.start_ns).hex())
             else:
                 sids.append(None)
-        if txn.batched:
-            txn.load(hashes=[WM, META, EXPECT, *(span_key(s) for s in sids if s)])
-        swept = int(txn.hash(META).get("swept", "0"))
-        late: list[str] = []
-        due_buckets: set[str] = set()
+        return sids
+
+    def _ingest_frame(self, txn: Txn, node: str, events: Sequence[pb.Event], sids: list[str | None],
+                      swept: int, late: list[str], due_buckets: set[str]) -> int:
+        """Record one frame's events; returns the frame's newest watermark (0: none)."""
+        stats = self.stats
+        stats.frames += 1
+        stats.events += len(events)
         watermark = 0
         for ev, sid in zip(events, sids, strict=True):
             if sid is not None:
@@ -185,17 +248,7 @@ class Engine:
                 g = ev.goroutine_spawn
                 txn.hsetnx(f"{proc_prefix(node, g.pid)}:go:{g.child_goid}", "p",
                            f"{g.parent_goid}|{g.ts_ns}")
-        if due_buckets:
-            txn.sadd(DUE_INDEX, tuple(sorted(due_buckets)))
-        txn.hmax(WM, node, n20(watermark))  # also registers a node with no watermark yet
-        low = self._low_watermark(txn.hash(WM), txn.hash(EXPECT))
-        decided = late + self._sweep(txn, low, swept)
-        out = self._resolve_traces(txn, decided)
-        txn.commit()
-        if len(self._ev_cache) > _EV_CACHE_MAX:
-            self._ev_cache.clear()
-            self._resources.clear()
-        return out
+        return watermark
 
     def flush(self) -> list[Span]:
         """End of input: settle every open question as if all watermarks had passed."""
@@ -240,6 +293,8 @@ class Engine:
             return
         stats.http += 1
         rec = Http.from_pb(node, h)
+        if role == ROLE_SERVER and h.assigned_traceparent:
+            rec = rec._replace(injected=h.assigned_traceparent)  # WEFT-INJECT: kept like a client's
         txn.hsetnx(rec_key, "ev", rec.encode())
         self._ev_cache[sid] = rec
         start, end = rec.start, rec.end
@@ -287,16 +342,24 @@ class Engine:
         """Oldest watermark among the nodes still waited for: nodes that sent one and do not
         lag the newest by node_timeout_s, and expected nodes not heard from yet. (Values are
         fixed-width, so they compare as strings.)"""
-        heard = [v for v in marks.values() if v != _ZERO]
-        if not heard:
+        if not marks:
             return 0
         if len(expected) > self._expected_heard:   # monotone: a heard node stays heard
             if any(marks.get(node, _ZERO) == _ZERO for node in expected):
                 return 0
             self._expected_heard = len(expected)
+        # Runs once per frame over every node: the usual case (all heard, none timed out) is
+        # two C-level passes; the list of heard nodes is built only when one is not.
+        oldest, newest = min(marks.values()), max(marks.values())
+        if newest == _ZERO:
+            return 0
+        cutoff = n20(max(int(newest) - self._timeout, 0))
+        if oldest != _ZERO and oldest >= cutoff:
+            self.stats.nodes_timed_out = 0
+            return int(oldest)
+        heard = [v for v in marks.values() if v != _ZERO]
         oldest = min(heard)
-        cutoff = n20(max(int(max(heard)) - self._timeout, 0))
-        if oldest >= cutoff:
+        if oldest >= cutoff or self.hold_node_timeouts:
             self.stats.nodes_timed_out = 0
             return int(oldest)
         alive = [v for v in heard if v >= cutoff]
@@ -412,6 +475,8 @@ class Engine:
                     floors.append((f"{prefix}:{tag}{hop.ident}", rec.start // 1000))
                     if sid in early_sids:
                         floors.append((f"{prefix}:{tag}{hop.ident}", thr // 1000))
+                        if not rec.goid and hop.ident != rec.pid:
+                            floors.append((f"{prefix}:lin:{hop.ident}", thr // 1000))
                 continue
             tp = parse_traceparent(rec.traceparent) if rec.traceparent else None
             if tp is not None:
@@ -464,7 +529,13 @@ class Engine:
         With `early_roots`, a call whose thread (and ancestors) never served a request that
         ended by t1 is a root now: a client-only thread (load generator, cron job, CLI). The
         price: a brand-new thread or goroutine whose *first* request keeps running longer than
-        in_process_wait_s after its call returned loses that link (recall, never precision)."""
+        in_process_wait_s after its call returned loses that link (recall, never precision).
+
+        A lane's requests count only while they belong to the thread incarnation that made
+        the call (or spawned the level below): those that started after it ended (exit, or its
+        tid spawned again, by t1) were served by a later thread with the same tid. A fan-out
+        worker thread that exited, and whose tid then served a request, has still served
+        nothing itself: its lane is passed over and the call joins its creator's request now."""
         x = rec.start
         prefix = proc_prefix(rec.node, rec.pid)
         tag = "g" if rec.goid else "t"
@@ -485,13 +556,41 @@ class Engine:
                 return "", "orphan", "", "ambiguous"
             if not seen:
                 continue                       # this lane never served: look further up
-            if len(found) == 0 or _overlapping(sorted(seen.values())):
-                return None
+            if not found or _overlapping(sorted(seen.values())):
+                # Requests of later incarnations of the tid never contain x (they start after
+                # this one ended), so `found` stands; without them the lane may show that
+                # this thread never served (look further up) or no overlap after all.
+                if rec.goid or hop.ident == rec.pid:
+                    return None
+                seen = self._this_incarnation(txn, prefix, rec, hop, t1, seen)
+                if not seen:
+                    continue
+                if not found or _overlapping(sorted(seen.values())):
+                    return None
             link = "thread" if hop.level == 0 else ("goroutine" if rec.goid else "spawned_thread")
             return found[0], link, "", ""
         if not served and self.config.early_roots:
             return "", "root", "", ""
         return None
+
+    @staticmethod
+    def _this_incarnation(txn: Txn, prefix: str, rec: Http, hop: Hop, t1: int,
+                          seen: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """The lane requests `seen` less those served after the thread incarnation of `hop`
+        ended (by a later thread with the same tid). Exact when the lineage floor at t1 shows
+        the end; else the earliest request is checked with a floor at its own start (if the
+        incarnation had ended by then it served none of them). Requests that stay in by
+        doubt only make the early answer wait, never change it."""
+        lin = f"{prefix}:lin:{hop.ident}"
+        alive_at = hop.spawned_at_ns if hop.level else rec.start
+        end, exact = incarnation_end(txn.floor(lin, t1 // 1000), alive_at, t1)
+        if end is None:
+            return seen
+        if not exact:
+            first = min(s for s, _ in seen.values())
+            if ended_by(txn.floor(lin, first // 1000), alive_at, first):
+                return {}
+        return {ssid: (s, e) for ssid, (s, e) in seen.items() if s < end}
 
     def _client_parent(self, txn: Txn, thr: int, rec: Http, hops: list[Hop]) -> tuple[str, str, str, str]:
         # Candidates: the server requests on this lane that started last before x (a floor
@@ -523,7 +622,7 @@ class Engine:
                 return injected[0], "traceparent", "", ""
             return tp[1], "traceparent", tp[0], ""
         canon = rec.canon_tuple()
-        if rec.has_seq:
+        if rec.has_seq and self.config.link_by_seq:
             fingerprint, window, start = rec.fingerprint, self._seq_window, rec.start
             matches: list[tuple[str, bool]] = []
             for member in txn.members(seq_key(rec.seq)):
@@ -537,6 +636,8 @@ class Engine:
                 return matches[0][0], "nat", "", ""
             if matches:
                 return "", "orphan", "", "ambiguous"
+        if not self.config.link_by_tuple:
+            return "", "root", "", ""
         skew = self._skew
         found: list[str] = []
         for _, member in txn.floor(tuple_key(canon), (rec.start + skew) // 1000):
@@ -578,8 +679,10 @@ class Engine:
             if rec is None:
                 continue
             parent, ext = parents[sid]
+            own = parse_traceparent(rec.injected) if rec.injected else None  # WEFT-INJECT
             if not parent:
-                tr = f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|"
+                root_trace = own[0] if own else root_trace_id(bytes.fromhex(sid)).hex()
+                tr = f"{root_trace}|0|{rec.start}|"
             elif ext:
                 tr = f"{ext}|1|{rec.start}|"
             else:
@@ -589,6 +692,8 @@ class Engine:
                     txn.sadd(WAITING, (sid,))
                     continue
                 tr = self._trace_below(sid, rec, parent_tr)
+            if parent:
+                self._check_own_trace(rec, tr)
             txn.hsetnx(span_key(sid), "tr", tr)
             traced.append(sid)
         frontier = traced
@@ -614,13 +719,22 @@ class Engine:
                 if ev is None:
                     continue
                 parent_tr = txn.hash(span_key(p))["tr"]
-                txn.hsetnx(span_key(kid), "tr", self._trace_below(kid, ev, parent_tr))
+                kid_tr = self._trace_below(kid, ev, parent_tr)
+                self._check_own_trace(ev, kid_tr)
+                txn.hsetnx(span_key(kid), "tr", kid_tr)
                 following.append(kid)
             if following:
                 txn.srem(WAITING, tuple(following))
             traced.extend(following)
             frontier = following
         return self._emit(txn, traced)
+
+    def _check_own_trace(self, rec: Http, tr: str) -> None:
+        """WEFT-INJECT: a child keeps its parent's trace; when the trace Weft put on the wire for
+        it says otherwise (a context that was not this parent's), count it: the link wins."""
+        own = parse_traceparent(rec.injected) if rec.injected else None
+        if own is not None and not tr.startswith(own[0]):
+            self.stats.trace_mismatch += 1
 
     def _emit(self, txn: Txn, sids: Iterable[str]) -> list[Span]:
         ready: list[tuple[str, Http, Mapping[str, str]]] = []
@@ -646,8 +760,39 @@ class Engine:
             else:
                 resource = _resource(ev, proc)
             spans.append(_span(sid, ev, rec_fields["dec"], rec_fields["tr"], resource))
+        if self.outbox and ready:
+            txn.sadd(OUTBOX, tuple(sid for sid, _, _ in ready))
         self.stats.emitted += len(spans)
         return spans
+
+    def unacknowledged(self) -> list[Span]:
+        """The spans in OUTBOX: emitted (marked `out`, so a redelivered frame does not emit
+        them again) but never acknowledged as exported — a worker killed between the state
+        commit and its export flush leaves them. The next worker exports them again, with the
+        same IDs (DESIGN.md: never skip an emit because Redis says it is done). Read-only."""
+        txn = open_txn(self.store)
+        sids = sorted(txn.members(OUTBOX))
+        if txn.batched:
+            txn.load(hashes=[span_key(s) for s in sids])
+        ready: list[tuple[str, Http, Mapping[str, str]]] = []
+        for sid in sids:
+            rec_fields = txn.hash(span_key(sid))
+            ev = self._event(txn, sid) if "out" in rec_fields else None
+            if ev is not None:
+                ready.append((sid, ev, rec_fields))
+        if txn.batched:
+            txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, ev, _ in ready])
+        return [_span(sid, ev, rec_fields["dec"], rec_fields["tr"],
+                      _resource(ev, txn.hash(proc_prefix(ev.node, ev.pid) + ":proc")))
+                for sid, ev, rec_fields in ready]
+
+    def acknowledge(self, sids: Iterable[str]) -> None:
+        """These emitted spans were exported (the sink flushed): drop them from OUTBOX."""
+        done = tuple(sids)
+        if done:
+            txn = open_txn(self.store)
+            txn.srem(OUTBOX, done)
+            txn.commit()
 
 
 def _safe(text: str) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from stitcher.engine.store import FLOOR_LIMIT
+
 
 @dataclass(frozen=True, slots=True)
 class Hop:
@@ -54,3 +56,30 @@ def goroutine_parent(fields: Mapping[str, str]) -> tuple[int, int] | None:
         return None
     parent_s, ts_s = record.split("|", 1)
     return int(parent_s), int(ts_s)
+
+
+def incarnation_end(records: list[tuple[int, str]], alive_at_ns: int, by_ns: int
+                    ) -> tuple[int | None, bool]:
+    """(end, exact) of the thread incarnation alive at `alive_at_ns`, from a floor query at
+    `by_ns` (highest first): its end is its next lineage record (an exit, or a spawn of the
+    reused tid) in (alive_at_ns, by_ns], None when there is none. `exact` is False when the
+    floor was full of later records, so the earliest may be missing: `end` is then only an
+    upper bound of the true end."""
+    end = None
+    for _, member in records:
+        ts = int(member.split("|", 1)[0])
+        if ts <= alive_at_ns:
+            return end, True
+        if ts <= by_ns:
+            end = ts
+    return end, len(records) < FLOOR_LIMIT
+
+
+def ended_by(records: list[tuple[int, str]], alive_at_ns: int, at_ns: int) -> bool:
+    """Whether the incarnation alive at `alive_at_ns` had ended by `at_ns`, from a floor
+    query at `at_ns` (highest first): its top record at or before `at_ns` is a later one."""
+    for _, member in records:
+        ts = int(member.split("|", 1)[0])
+        if ts <= at_ns:
+            return ts > alive_at_ns
+    return False

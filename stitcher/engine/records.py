@@ -34,6 +34,7 @@ META = "w:{g}:meta"
 EXPECT = "w:{g}:expect"
 DUE_INDEX = "w:{g}:dueidx"
 WAITING = "w:{g}:waiting"
+OUTBOX = "w:{g}:outbox"      # emitted span ids whose export is not yet acknowledged
 ROLE_SERVER = pb.ROLE_SERVER
 ROLE_CLIENT = pb.ROLE_CLIENT
 

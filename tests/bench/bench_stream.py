@@ -21,8 +21,9 @@ from confluent_kafka import Producer
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import encode_frame
-from stitcher.engine.ids import span_id
+from stitcher.engine import Engine
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
+from stitcher.state_memory import MemoryStateStore
 from tests.bench.bench_infra import shared_infra
 from tests.bench.context import BenchContext
 from tests.integration.stitch_harness import StitchRun, rebuild_spans
@@ -67,6 +68,7 @@ def _latency(ctx: BenchContext, logs: Path) -> dict[str, float]:
     run = StitchRun.fresh(infra, sim.node_names, partitions=PARTITIONS)
     producer = Producer({"bootstrap.servers": run.bootstrap, "enable.idempotence": True, "linger.ms": 0})
     produced_at: dict[bytes, float] = {}  # span id → when the frame with its request was produced
+    namer = Engine(MemoryStateStore())     # only to name spans as the workers' engines do
     with OtlpReceiver() as rx:
         try:
             run.start_worker(logs / "latency.log", rx.endpoint)
@@ -80,11 +82,9 @@ def _latency(ctx: BenchContext, logs: Path) -> dict[str, float]:
                 producer.produce(run.raw_topic, encode_frame(frame), frame.node.encode())
                 producer.poll(0)
                 sent = time.monotonic()
-                for ev in frame.events:
-                    if ev.WhichOneof("kind") == "http":
-                        h = ev.http
-                        produced_at.setdefault(span_id(frame.node, h.pid, h.sock_cookie, h.role, h.start_ns),
-                                               sent)
+                for sid in namer.span_ids(frame):
+                    if sid is not None:
+                        produced_at.setdefault(bytes.fromhex(sid), sent)
             producer.flush(30)
             expected = len(rebuild_spans(frames, sim.node_names))
             spans = rx.wait_for(expected, timeout=120)

@@ -73,8 +73,9 @@ class StoreContract:
             for _ in range(5):
                 k = rng.randrange(3)
                 v = f"{rng.randrange(100):04d}"
-                batch.append(rng.choice([HMin(keys_h[k], f"f{k}", v), HMax(keys_h[k], f"g{k}", v),
-                                         SAdd(keys_s[k], (v,))]))
+                options: list[Op] = [HMin(keys_h[k], f"f{k}", v), HMax(keys_h[k], f"g{k}", v),
+                                     SAdd(keys_s[k], (v,))]
+                batch.append(rng.choice(options))
                 batch.append(HSetNX(keys_h[k], f"n{v}", f"det-{v}"))
             batches.append(batch)
         states = set()

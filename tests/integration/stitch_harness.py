@@ -95,6 +95,29 @@ class StitchRun:
         assert producer.flush(30) == 0
         return n
 
+    def wait_consumed(self, partitions: int, messages: int, timeout: float = 60) -> None:
+        """Until the group's committed offsets cover `messages` records on the raw topic (all
+        produced from offset 0): the workers took every frame (spans can all be out well before
+        the tail of watermark-only frames is read). Tansu's ListOffsets reply is not usable as
+        the end of a partition here, hence the count."""
+        from confluent_kafka import TopicPartition
+
+        probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group,
+                          "enable.auto.commit": False})
+        tps = [TopicPartition(self.raw_topic, p) for p in range(partitions)]
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                done = sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=10))
+                if done >= messages:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"group {self.group} committed {done} of {messages} records "
+                                       f"in {timeout} s")
+                time.sleep(0.2)
+        finally:
+            probe.close()
+
     def stop_all(self) -> None:
         for w in self.workers:
             w.stop()

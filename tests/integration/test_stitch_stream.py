@@ -51,6 +51,7 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             run.wait_assigned(4)  # both in the group before any frame arrives
             sent = run.produce(interleaved_frames(sim), extra=[(b"node-garbage", GARBAGE)])
             rx.wait_for(len(expected), timeout=90)
+            run.wait_consumed(4, sent + 1)  # + the garbage record; spans can be out before the tail
         finally:
             codes = [w.stop() for w in run.workers]  # SIGTERM: flush, then exit
         yield StreamResult(run, expected, received_bytes(rx.requests), codes,
@@ -82,3 +83,23 @@ def test_garbage_goes_to_the_dead_letter_topic(two_workers: StreamResult) -> Non
     assert letter.source_topic == run.raw_topic
     assert letter.partition >= 0 and letter.offset >= 0
 
+
+
+def test_the_worker_consumer_waits_at_most_fetch_max_wait_ms() -> None:
+    # Faust hard-codes a 1.5 s fetch wait; a broker that holds a fetch to its end (Tansu) adds
+    # that to every span's export delay. `weft stitch` builds its consumer with its own wait.
+    import asyncio
+
+    from stitcher.faust_fetch import app_class
+
+    async def consumer_wait() -> int:
+        app = app_class(123)("weft-test-fetch", broker="kafka://127.0.0.1:9", web_enabled=False,
+                             autodiscover=False, store="memory://")
+        thread: Any = app.consumer._thread  # type: ignore[attr-defined]  # the aiokafka driver's
+        consumer = thread._create_worker_consumer(app.transport)
+        try:
+            return int(consumer._fetch_max_wait_ms)  # what AIOKafkaConsumer.start() gives its Fetcher
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(consumer_wait()) == 123

@@ -3,6 +3,8 @@ byte-identical output (the sorted spans as OTLP JSON)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from functools import cache
 
 from hypothesis import HealthCheck, given, settings
@@ -25,12 +27,21 @@ def _streams() -> tuple[tuple[pb.Frame, ...], ...]:
     return tuple(tuple(sim.frames(n)) for n in range(NODES))
 
 
-def _stitch(frames: list[pb.Frame], batched: bool = False) -> str:
+def _stitch(frames: list[pb.Frame], batched: bool = False, cuts: Sequence[int] = ()) -> str:
+    """Stitch `frames` one per `process` call, or, given `cuts` (batch sizes, repeated as
+    needed), in `process_frames` batches of those sizes."""
     engine = Engine(BatchedMemoryStateStore() if batched else MemoryStateStore())
     engine.expect_nodes({f.node for f in frames})
     spans: list[Span] = []
-    for frame in frames:
-        spans += engine.process(frame)
+    if cuts:
+        i, sizes = 0, itertools.cycle(cuts)
+        while i < len(frames):
+            size = next(sizes)
+            spans += engine.process_frames(frames[i:i + size])
+            i += size
+    else:
+        for frame in frames:
+            spans += engine.process(frame)
     spans += engine.flush()
     assert len(spans) == len({s.span_id for s in spans}), "a span was emitted twice"
     return spans_to_json_line(sorted(spans, key=Span.sort_key))
@@ -44,10 +55,13 @@ def _baseline() -> str:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=st.lists(st.integers(0, NODES - 1), max_size=400),
        dups=st.sets(st.tuples(st.integers(0, NODES - 1), st.integers(0, 80)), max_size=12),
-       dup_delay=st.integers(0, 5), batched=st.booleans())
+       dup_delay=st.integers(0, 5), batched=st.booleans(),
+       cuts=st.lists(st.integers(1, 40), max_size=6))
 def test_any_interleaving_and_duplication_gives_identical_output(
-        schedule: list[int], dups: set[tuple[int, int]], dup_delay: int, batched: bool) -> None:
-    """…on the direct memory store and through the batched (Redis-like) path alike."""
+        schedule: list[int], dups: set[tuple[int, int]], dup_delay: int, batched: bool,
+        cuts: list[int]) -> None:
+    """…on the direct memory store and through the batched (Redis-like) path alike, frame by
+    frame or cut into `process_frames` batches of any sizes."""
     streams = _streams()
     pos = [0] * NODES
     merged: list[pb.Frame] = []
@@ -67,7 +81,7 @@ def test_any_interleaving_and_duplication_gives_identical_output(
         if pos[node] < len(streams[node]):
             take(node)
     merged.extend(frame for _, frame in pending)
-    assert _stitch(merged, batched) == _baseline()
+    assert _stitch(merged, batched, cuts) == _baseline()
 
 
 def test_baseline_is_not_trivial() -> None:

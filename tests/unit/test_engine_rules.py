@@ -293,6 +293,22 @@ def test_stopped_node_times_out_and_its_late_events_are_marked(store: StateStore
     assert engine.stats.late == 1
 
 
+def test_unread_node_is_not_timed_out_while_the_consumer_catches_up(store: StateStore) -> None:
+    # the same stream, but the consumer says it still has unread messages (B's partition lags):
+    # B is waited for, and its events, once read, are linked, not late
+    engine = Engine(store, EngineConfig(node_timeout_s=2.0))
+    engine.expect_nodes(["A", "B"])
+    engine.hold_node_timeouts = True
+    engine.process(make_frame("B", [E.watermark(t(10))]))
+    out = engine.process(make_frame("A", [srv("/s", 0, 10, seq=1), E.watermark(t(1000))]))
+    out += engine.process(make_frame("A", [E.watermark(t(3000))]))
+    assert out == [] and engine.stats.nodes_timed_out == 0
+    out = engine.process(make_frame("B", [cli("/s", 0, 10, seq=1), E.watermark(t(3000))]))
+    spans = {label(s): s for s in out}
+    assert spans["S/s@A"].parent_span_id == spans["C/s@B"].span_id
+    assert engine.stats.late == 0
+
+
 @pytest.mark.parametrize(("config", "split_label"), [
     (EngineConfig(max_trace_depth=1), "S/b@B"),
     (EngineConfig(max_trace_duration_s=0.005), "C/b@A"),
@@ -369,3 +385,64 @@ def test_go_client_without_goid_is_an_orphan_exported_early_and_flagged(store: S
     c = spans["C/c@A"]
     assert (c.parent_span_id, c.link, c.attr("weft.no_goroutine")) == (b"", "orphan", True)
     assert c.resource.exe == "go-svc" and engine.stats.go_unlinked == 1
+
+
+def test_a_finished_worker_thread_links_early_despite_its_reused_tid(store: StateStore) -> None:
+    # The fan-out worker (tid 12) exits at 31 ms; its tid then serves /r. At C.end + 0.5 s the
+    # worker's incarnation is over, so /r cannot be its parent and nothing else can arrive:
+    # the call joins /s through clone lineage now, not at x + max_request_s.
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    out = engine.process(make_frame("A", [
+        srv("/s", 0, 300), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12),
+        E.task_exit(100, 12, t(31)), E.thread_spawn(100, 100, 12, t(40)), srv("/r", 41, 60, tid=12),
+        E.task_exit(100, 12, t(61)), E.watermark(t(900))]))
+    spans = {label(s): s for s in out}
+    assert spans["C/c@A"].parent_span_id == spans["S/s@A"].span_id
+    assert spans["C/c@A"].link == "spawned_thread"
+
+
+def test_a_worker_still_alive_at_the_early_point_waits(store: StateStore) -> None:
+    # the same, but the worker's incarnation is not over by C.end + 0.5 s: deferred
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    frame = [srv("/s", 0, 300), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12),
+             srv("/late", 25, 35, tid=12), E.watermark(t(900))]
+    assert "C/c@A" not in {label(s) for s in engine.process(make_frame("A", frame))}
+    out = engine.process(make_frame("A", [E.task_exit(100, 12, t(2000)), E.watermark(t(10_100))]))
+    assert {label(s) for s in out} == {"C/c@A"}
+
+
+def test_an_ended_thread_that_served_before_still_waits(store: StateStore) -> None:
+    # The worker served /early itself, then made the call and exited. Its incarnation ended by
+    # C.end + 0.5 s, but a request it read could still be answered by another thread, so the
+    # lane is not passed over early: the call is decided at x + max_request_s (via /s then).
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    first = engine.process(make_frame("A", [
+        srv("/s", 0, 300), E.thread_spawn(100, 11, 12, t(5)), srv("/early", 12, 15, tid=12),
+        cli("/c", 20, 30, tid=12), E.task_exit(100, 12, t(31)), E.watermark(t(900))]))
+    assert "C/c@A" not in {label(s) for s in first}
+    out = engine.process(make_frame("A", [E.watermark(t(10_100))]))
+    spans = {label(s): s for s in out}
+    assert spans["C/c@A"].parent_span_id == next(s for s in first if label(s) == "S/s@A").span_id
+    assert spans["C/c@A"].link == "spawned_thread"
+
+
+def test_a_much_reused_tid_is_told_apart_beyond_one_lineage_floor(store: StateStore) -> None:
+    # After the worker exits its tid is spawned and exits six more times before C.end + 0.5 s:
+    # more lineage records than one floor query returns. The earliest request on the lane is
+    # then checked on its own: it came after the worker ended, so the call still joins /s now.
+    reuse: list[pb.Event] = []
+    for k in range(6):
+        base = 40 + 20 * k
+        reuse += [E.thread_spawn(100, 100, 12, t(base)), srv(f"/r{k}", base + 1, base + 5, tid=12),
+                  E.task_exit(100, 12, t(base + 6))]
+    engine = Engine(store)
+    engine.expect_nodes(["A"])
+    out = engine.process(make_frame("A", [
+        srv("/s", 0, 300), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12),
+        E.task_exit(100, 12, t(31)), *reuse, E.watermark(t(900))]))
+    spans = {label(s): s for s in out}
+    assert spans["C/c@A"].parent_span_id == spans["S/s@A"].span_id
+    assert spans["C/c@A"].link == "spawned_thread"
