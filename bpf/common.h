@@ -22,6 +22,7 @@ enum weft_kind {
     WEFT_KIND_CONN_OPEN = 4,
     WEFT_KIND_CONN_CLOSE = 5,
     WEFT_KIND_HTTP = 6,
+    WEFT_KIND_GO_SPAWN = 7, /* bpf/go_runtime.bpf.c */
 };
 
 struct weft_hdr {
@@ -53,5 +54,6 @@ static __always_inline void weft_fill_hdr(struct weft_hdr *h, u16 kind, u64 pid_
  *   weft_skip_task(pid_tgid), weft_stat(idx)
  */
 #define WEFT_MAX_STATS 16
+#define WEFT_MAX_GO_PROCS 4096 /* Go processes traced at goroutine level (pid -> offsets) */
 
 #endif /* WEFT_COMMON_H */

@@ -39,6 +39,7 @@
  *   WEFT_FILES_FDT_OFF, WEFT_FDT_FD_OFF, WEFT_FILE_PRIVATE_OFF, WEFT_SOCKET_SK_OFF, WEFT_SCAN_MAX.
  */
 #include "common.h"
+#include "inject.h" /* WEFT-INJECT: struct weft_tpctx (ids of header injection) */
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -99,7 +100,8 @@ struct req {
     char host[HOST_MAX];
     char tp[TP_MAX];
     char ts[TS_MAX];
-}; /* 360 bytes */
+    u64 goid; /* Go: the goroutine serving (server) / sending for (client); 0 elsewhere */
+}; /* 368 bytes */
 
 struct tuple {
     u8 laddr[16];
@@ -117,8 +119,9 @@ struct http_rec {
     u64 cookie;
     struct tuple t;
     struct req r;
+    struct weft_tpctx inj; /* WEFT-INJECT: assigned (server) / injected (client) ids, kind 0: none */
 };
-_Static_assert(sizeof(struct http_rec) == 440, "http_rec layout changed: update probe_agent/probes/http.py");
+_Static_assert(sizeof(struct http_rec) == 512, "http_rec layout changed: update probe_agent/probes/http.py");
 
 struct conn_rec {
     struct weft_hdr hdr;
@@ -156,6 +159,9 @@ struct conn {
     u8 resp_started;
     u8 pad;
     struct req q[NQ];
+#if WEFT_INJECT
+    struct weft_tpctx qctx[NQ]; /* WEFT-INJECT: per queued request, like q (256 bytes: only then) */
+#endif
 };
 
 /* A socket syscall in flight on this thread. */
@@ -183,12 +189,14 @@ struct parse_ctx {
     u64 total; /* bytes the call moved */
     u64 buf;   /* first user buffer (chunked-end check) */
     u64 buflen;
+    u64 goid;  /* Go: goroutine of the call (weft_call_goid) */
     u32 n;     /* bytes of the call copied to scratch */
     u32 pos;   /* next byte to parse */
     u32 seq0;
     u8 has_seq;
     u8 request_dir;
-    u8 pad[2];
+    u8 inj_begin; /* WEFT-INJECT: a server request line ended in this run */
+    u8 inj_hdrs;  /* WEFT-INJECT: a server request's headers ended in this run */
 };
 
 struct pending_conn {
@@ -212,6 +220,58 @@ BPF_PERCPU_ARRAY(scratch, struct scan_buf, 1);
 BPF_PERCPU_ARRAY(parse_state, struct parse_ctx, 1);
 BPF_PROG_ARRAY(parsers, 1); /* [0] = weft_parse, filled by the loader */
 BPF_ARRAY(zero_conn, struct conn, 1); /* never written: the initial value of a connection */
+#if WEFT_INJECT
+/* WEFT-INJECT: owned by inject.bpf.c (loaded first); see its header comment */
+BPF_TABLE("extern", u32, struct weft_tpctx, weft_ctx, WEFT_MAX_TASKS);
+BPF_TABLE("extern", u32, struct weft_inj_out, weft_inj_out, WEFT_MAX_TASKS);
+#endif
+
+/* ---------- Go goroutine ids (issue 6; filled by probe_agent/probes/goroutines.py) ----------
+ * weft_go_procs: pid -> offsets, for the Go processes the agent traces (empty: goid stays 0).
+ * weft_go_caller: (pid, writeLoop goid) -> goid of the goroutine whose request it writes, set
+ * by bpf/go_runtime.bpf.c, which declares both maps "extern": they are public and owned here.
+ * At a syscall tracepoint the task's user registers sit at the top of its kernel stack
+ * (bpf_task_pt_regs, measured to work in tracepoints here); Go's ABIInternal keeps the current
+ * g in R14 through syscall.Syscall/RawSyscall6 (Go 1.17+), so goid = *(g + goid_off). A
+ * syscall made by C code (cgo) has anything in R14: the g is believed only when the user stack
+ * pointer lies inside that g's stack [g.stack.lo, g.stack.hi). */
+struct weft_go_proc {
+    u64 goid_off;
+    u64 stack_off; /* offsetof(runtime.g, stack): {lo, hi} */
+    u64 m_off;     /* offsetof(runtime.g, m), used by go_runtime.bpf.c */
+    u64 curg_off;  /* offsetof(runtime.m, curg), used by go_runtime.bpf.c */
+};
+struct weft_go_key {
+    u64 id;
+    u32 pid;
+    u32 pad;
+};
+BPF_TABLE_PUBLIC("hash", u32, struct weft_go_proc, weft_go_procs, WEFT_MAX_GO_PROCS);
+BPF_TABLE_PUBLIC("lru_hash", struct weft_go_key, u64, weft_go_caller, WEFT_MAX_TASKS);
+
+static __always_inline u64 weft_call_goid(u64 pid_tgid, u8 client_write)
+{
+    u32 pid = pid_tgid >> 32;
+    struct weft_go_proc *proc = weft_go_procs.lookup(&pid);
+    if (!proc)
+        return 0;
+    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 g = 0, sp = 0, goid = 0, stack[2] = {};
+    if (!regs || bpf_probe_read_kernel(&g, 8, regs + WEFT_PT_REGS_R14_OFF) || !g ||
+        bpf_probe_read_kernel(&sp, 8, regs + WEFT_PT_REGS_SP_OFF) ||
+        bpf_probe_read_user(stack, sizeof(stack), (void *)(g + proc->stack_off)) ||
+        sp < stack[0] || sp >= stack[1])
+        return 0;
+    bpf_probe_read_user(&goid, 8, (void *)(g + proc->goid_off));
+    if (client_write && goid) {
+        struct weft_go_key key = {.id = goid, .pid = pid};
+        u64 *caller = weft_go_caller.lookup(&key);
+        if (caller)
+            return *caller;
+    }
+    return goid;
+}
+/* ---------- end Go goroutine ids ---------- */
 
 static __always_inline int weft_skip_task(u64 pid_tgid)
 {
@@ -357,6 +417,25 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
     r->cookie = c->cookie;
     __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
     __builtin_memcpy(&r->r, q, sizeof(struct req));
+    /* WEFT-INJECT: the request's ids; a finished server request's context is cleared */
+#if WEFT_INJECT
+    struct weft_tpctx *x = &c->qctx[idx & (NQ - 1)];
+    __builtin_memcpy(&r->inj, x, sizeof(struct weft_tpctx));
+    if (x->kind == WEFT_CTX_ASSIGNED) {
+        u32 owner = q->tid;
+        struct weft_tpctx *live = weft_ctx.lookup(&owner);
+        if (live && live->kind == WEFT_CTX_AMBIGUOUS) {
+            if (live->open <= 1)
+                weft_ctx.delete(&owner);
+            else
+                live->open--;
+        } else if (live && live->serial == x->serial) {
+            weft_ctx.delete(&owner);
+        }
+    }
+#else
+    __builtin_memset(&r->inj, 0, sizeof(struct weft_tpctx));
+#endif
     r->r.end_ns = end_ns;
     r->r.flags = (r->r.flags | extra_flags) & 0x7f; /* 0x80: internal 'path cut' mark */
     http_events.ringbuf_submit(r, 0);
@@ -448,10 +527,14 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             r->tid = (u32)pid_tgid;
             r->has_seq = p->has_seq;
             r->seq = p->seq0 + i;
+            r->goid = p->goid; /* Go */
             if (c->tail != c->head)
                 r->flags = F_PIPELINED;
             r->method[0] = ch;
             r->method_len = 1;
+#if WEFT_INJECT
+            c->qctx[c->tail & (NQ - 1)].kind = WEFT_CTX_NONE; /* WEFT-INJECT */
+#endif
             c->tail++;
             c->rq_state = RQ_METHOD;
             continue;
@@ -490,6 +573,7 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             }
         } else if (st == RQ_VERSION) {
             if (ch == '\n') {
+                p->inj_begin = 1; /* WEFT-INJECT */
                 c->rq_state = RQ_HNAME;
                 c->rq_name_len = 0;
                 c->rq_name[0] = 0;
@@ -499,6 +583,7 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             if (ch == '\n') {
                 /* blank line: headers done; the next byte may start a pipelined request */
                 r->done_headers = 1;
+                p->inj_hdrs = 1; /* WEFT-INJECT */
                 r->flags &= 0x7f;
                 c->rq_state = RQ_IDLE;
             } else if (ch == ':') {
@@ -610,6 +695,8 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
                 return 1;
             c->rs_state = RS_VERSION;
             c->resp_started = 1;
+            if (p->goid && c->t.role == ROLE_SERVER && c->head != c->tail)
+                c->q[c->head & (NQ - 1)].goid = p->goid; /* Go: the writer serves it, not a background reader */
             c->clen = (u64)-1;
             c->chunked = 0;
             c->body_left = 0;
@@ -673,6 +760,77 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
     return 0;
 }
 
+#if WEFT_INJECT
+/* ---------- WEFT-INJECT: header injection context ---------- */
+
+/* Bytes the injector pushed into this thread's current send on `sk` (0 if none). Taken once. */
+static __always_inline u32 injected_in_call(u32 tid, char *sk)
+{
+    struct weft_inj_out *o = weft_inj_out.lookup(&tid);
+    if (!o || o->seq_taken)
+        return 0;
+    u16 dport = 0, lport = 0;
+    bpf_probe_read_kernel(&dport, 2, sk + WEFT_SKC_DPORT_OFF);
+    bpf_probe_read_kernel(&lport, 2, sk + WEFT_SKC_NUM_OFF);
+    u32 ports = ((u32)lport << 16) | (u16)((dport >> 8) | (dport << 8));
+    if (o->ports != ports)
+        return 0;
+    o->seq_taken = 1;
+    return o->pushed;
+}
+
+/* After a request-direction run: a server request gets its context (random ids, the trace id of
+ * a valid incoming traceparent once its headers are read), kept in weft_ctx[tid] until its
+ * response is complete (emit_req); a client request takes the ids the injector put on the wire. */
+static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *p)
+{
+    if (c->tail == c->head)
+        return;
+    u32 idx = (c->tail - 1) & (NQ - 1);
+    struct weft_tpctx *x = &c->qctx[idx];
+    struct req *r = &c->q[idx];
+    u32 tid = r->tid;
+    if (c->t.role == ROLE_CLIENT) {
+        u32 me = (u32)p->pid_tgid;
+        struct weft_inj_out *o = weft_inj_out.lookup(&me);
+        if (!o || !o->seq_taken || x->kind != WEFT_CTX_NONE)
+            return;
+        __builtin_memcpy(x->trace, o->trace, 32);
+        __builtin_memcpy(x->span, o->span, 16);
+        x->serial = 0;
+        x->kind = WEFT_CTX_INJECTED;
+        weft_inj_out.delete(&me);
+        return;
+    }
+    if (c->t.role != ROLE_SERVER)
+        return;
+    if (p->inj_begin && x->kind == WEFT_CTX_NONE) {
+        x->serial = p->now;
+        weft_random_hex(x->trace, 32);
+        weft_random_hex(x->span, 16);
+        x->kind = WEFT_CTX_ASSIGNED;
+        struct weft_tpctx *busy = weft_ctx.lookup(&tid);
+        if (busy && busy->kind != WEFT_CTX_NONE) {
+            /* a second request open on one thread: its sends can't be told apart */
+            busy->kind = WEFT_CTX_AMBIGUOUS;
+            if (busy->open < 255)
+                busy->open++;
+        } else {
+            x->open = 1;
+            weft_ctx.update(&tid, x);
+            x->open = 0;
+        }
+    }
+    if (p->inj_hdrs && x->kind == WEFT_CTX_ASSIGNED && r->tp_len == 55) {
+        if (weft_trace_of(r->tp, 55, x->trace)) {
+            struct weft_tpctx *live = weft_ctx.lookup(&tid);
+            if (live && live->serial == x->serial)
+                __builtin_memcpy(live->trace, x->trace, 32);
+        }
+    }
+}
+#endif
+
 /* ---------- syscalls ---------- */
 
 /* Entry of a data syscall: a known socket fd gets an in-flight entry; anything else costs one
@@ -698,6 +856,23 @@ static __always_inline int on_enter(u32 fd, u64 buf, u8 kind, u8 is_write, u32 i
             u->has_seq = 0;
             u->done = 0;
         }
+        return 0;
+    }
+    struct call *cur = calls.lookup(&tid);
+    if (cur) {
+        /* this thread's slot from its previous call: rewrite it in place (an LRU update would
+         * allocate a new element and free the old one on every socket call) */
+        cur->sk = *sk;
+        cur->buf = buf;
+        cur->ts = bpf_ktime_get_ns();
+        cur->fd = fd;
+        cur->tid = tid;
+        cur->seq0 = 0;
+        cur->iovcnt = iovcnt;
+        cur->is_write = is_write;
+        cur->kind = kind;
+        cur->has_seq = 0;
+        cur->done = 0;
         return 0;
     }
     struct call call = {};
@@ -766,6 +941,9 @@ static __always_inline int on_sock_length(void *skp, int ret, int flags, u16 fam
     if (is_write) {
         bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_WRITE_SEQ_OFF);
         call->seq0 = seq - (u32)ret;
+#if WEFT_INJECT
+        call->seq0 -= injected_in_call(tid, sk); /* WEFT-INJECT: pushed bytes are on the wire too */
+#endif
     } else {
         bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_COPIED_SEQ_OFF);
         if (flags & MSG_PEEK) {
@@ -873,6 +1051,17 @@ static __always_inline int on_exit(void *ctx, long ret)
     }
     u64 buflen = 0;
     u64 buf = first_buffer(call, &buflen);
+    if (c->rs_state == RS_BODY && c->t.role != ROLE_UNKNOWN &&
+        is_write == (c->t.role == ROLE_SERVER)) {
+        /* response body bytes: their framing is arithmetic, nothing to copy or parse */
+        if (c->chunked)
+            check_chunked_end(c, buf, buflen, (u64)ret, now);
+        else if (c->clen != (u64)-1 && (u64)ret >= c->body_left)
+            response_done(c, now);
+        else if (c->clen != (u64)-1)
+            c->body_left -= (u64)ret;
+        return 0;
+    }
     u32 zero = 0;
     struct scan_buf *sb = scratch.lookup(&zero);
     if (!sb)
@@ -914,6 +1103,9 @@ static __always_inline int on_exit(void *ctx, long ret)
     p->seq0 = call->seq0;
     p->has_seq = call->has_seq;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
+    p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
+    p->inj_begin = 0; /* WEFT-INJECT */
+    p->inj_hdrs = 0;
     parsers.call(ctx, 0);
     return 0;
 }
@@ -932,6 +1124,10 @@ int weft_parse(void *ctx)
     if (!c)
         return 0;
     int stop = p->request_dir ? scan_request(c, sb->b, p) : scan_response(c, sb->b, p);
+#if WEFT_INJECT
+    if (p->request_dir)
+        inject_after_scan(c, p);
+#endif
     if (!stop && p->pos < p->n) {
         parsers.call(ctx, 0);
         return 0; /* tail call failed (limit): the rest of the call is not parsed */

@@ -14,6 +14,7 @@
  *               WEFT_TASK_START_TIME_OFF (all from BTF, probe_agent/btf.py).
  */
 #include "common.h"
+#include "inject.h" /* WEFT-INJECT */
 
 #define WEFT_FILENAME_MAX 128
 
@@ -41,6 +42,31 @@ BPF_HASH(cgroup_allow, u64, u8, 1024);
 BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
 BPF_RINGBUF_OUTPUT(lineage_events, WEFT_RING_PAGES);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_rec, 1);
+#if WEFT_INJECT
+/* WEFT-INJECT: owned by inject.bpf.c (loaded first). A new thread refers to the request its
+ * creator serves now (tid + serial): valid only while the creator still serves that request. */
+BPF_TABLE("extern", u32, struct weft_tpctx, weft_ctx, WEFT_MAX_TASKS);
+BPF_TABLE("extern", u32, struct weft_ctx_ref, weft_ctx_ref, WEFT_MAX_TASKS);
+
+static __always_inline void inherit_context(u32 parent_tid, u32 child_tid)
+{
+    struct weft_ctx_ref ref = {};
+    struct weft_tpctx *live = weft_ctx.lookup(&parent_tid);
+    if (live) {
+        ref.tid = parent_tid;
+        ref.serial = live->serial;
+        weft_ctx_ref.update(&child_tid, &ref);
+        return;
+    }
+    struct weft_ctx_ref *up = weft_ctx_ref.lookup(&parent_tid);
+    if (up) {
+        __builtin_memcpy(&ref, up, sizeof(ref));
+        weft_ctx_ref.update(&child_tid, &ref);
+    } else {
+        weft_ctx_ref.delete(&child_tid); /* a reused tid must not keep an old reference */
+    }
+}
+#endif
 
 /* The agent itself and tasks outside the allowed cgroups are not traced. */
 static __always_inline int weft_skip_task(u64 pid_tgid)
@@ -71,6 +97,10 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     bpf_probe_read_kernel(&r.child_pid, 4, child + WEFT_TASK_TGID_OFF);
     bpf_probe_read_kernel(&r.child_tid, 4, child + WEFT_TASK_PID_OFF);
     weft_fill_hdr(&r.hdr, WEFT_KIND_THREAD_SPAWN, pid_tgid, bpf_ktime_get_ns());
+#if WEFT_INJECT
+    if (r.child_pid == (u32)(pid_tgid >> 32))
+        inherit_context((u32)pid_tgid, r.child_tid); /* WEFT-INJECT: threads only */
+#endif
     if (lineage_events.ringbuf_output(&r, sizeof(r), 0))
         weft_stat(LST_RING_FULL);
     return 0;

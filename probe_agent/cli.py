@@ -32,6 +32,8 @@ def doctor(as_json: bool) -> None:
     else:
         for line in features.describe():
             click.echo(line)
+        for line in features.injection_sentences():
+            click.echo(f"header injection: {line}")
         click.echo(f"broker: {'reachable' if kafka_ok else 'not reachable'}: {kafka_detail}")
         click.echo(f"redis: {'reachable' if redis_ok else 'not reachable'}: {redis_detail}")
         for problem in problems:
@@ -53,14 +55,17 @@ commands.append(doctor)
 @click.option("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML file with agent: and kafka: sections")
+@click.option("--inject-headers", is_flag=True, default=None,
+              help="put a W3C traceparent on outgoing HTTP/1.x requests (sock_ops + sk_msg)")
 def agent(node: str | None, cgroups: tuple[str, ...], pids: tuple[int, ...], bootstrap: str | None,
-          capture: str | None, metrics_port: int | None, config_file: str | None) -> None:
+          capture: str | None, metrics_port: int | None, config_file: str | None,
+          inject_headers: bool | None) -> None:
     """Trace this node's HTTP requests, connections and thread lineage from the kernel."""
     from probe_agent.runner import run_agent
 
     raise SystemExit(run_agent(node=node, cgroups=cgroups or None, pids=pids or None,
                                bootstrap=bootstrap, capture=capture, metrics_port=metrics_port,
-                               config_file=config_file))
+                               config_file=config_file, inject_headers=inject_headers))
 
 
 commands.append(agent)

@@ -24,6 +24,8 @@ class AgentSettings:
     watermark_interval_ms: int = 200       # a watermark goes out at least this often
     poll_interval_ms: int = 20             # ring buffers are drained at least this often
     round_budget: int = 8192               # records read per probe per poll round (~0.1 s)
+    ring_reader: str = "mmap"              # "mmap": read rings in batches from their mapping
+                                           # (x86; else BCC); "bcc": BCC's per-record callback
     ring_pages: int = 1024                 # pages per ring buffer (power of two): 4 MiB, ~9k
                                            # HTTP records, ~90 ms of a 100k records/s burst
     spool_dir: str = ""                    # default: run_dir()/spool/<node>
@@ -36,6 +38,7 @@ class AgentSettings:
     process_cache_size: int = 8192         # bounded /proc enrichment cache
     clock_refresh_s: float = 10.0          # ktime → Unix offset re-sampled this often
     map_fill_interval_s: float = 10.0      # BPF map fill gauges refreshed this often
+    inject_headers: bool = False           # put a W3C traceparent on outgoing HTTP/1.x requests
 
     def validate(self) -> AgentSettings:
         if not self.node or any(c.isspace() for c in self.node):
@@ -46,6 +49,8 @@ class AgentSettings:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"agent.{name}={getattr(self, name)}: must be >= 1")
+        if self.ring_reader not in ("mmap", "bcc"):
+            raise ConfigError(f"agent.ring_reader={self.ring_reader!r}: use 'mmap' or 'bcc'")
         if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
             raise ConfigError(f"agent.ring_pages={self.ring_pages}: must be a power of two")
         if self.watermark_interval_ms > 200:

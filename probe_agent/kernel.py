@@ -106,6 +106,24 @@ class KernelFeatures:
             return "probe_write_user"
         return "none"
 
+    def injection_sentences(self) -> list[str]:
+        """Which injection form is active and why the other is not, one plain sentence each."""
+        if self.sock_ops.ok and self.sk_msg.ok:
+            form_b = ("form (b), sock_ops + sk_msg with bpf_msg_push_data, is active: "
+                      "it works for any language and is allowed under lockdown.")
+        else:
+            failed = self.sock_ops if not self.sock_ops.ok else self.sk_msg
+            form_b = f"form (b), sock_ops + sk_msg, is not available: {failed.detail}."
+        if self.write_user.ok:
+            form_a = ("form (a), bpf_probe_write_user into Go programs, is allowed by this kernel "
+                      "but not used: Weft writes headers with form (b).")
+        elif not self.write_user.checked:
+            form_a = f"form (a), bpf_probe_write_user, was not checked: {self.write_user.detail}."
+        else:
+            form_a = (f"form (a), bpf_probe_write_user, is refused by the kernel "
+                      f"(lockdown={self.lockdown}: {self.write_user.detail}).")
+        return [form_b, form_a]
+
     @property
     def seq_join(self) -> bool:
         """Cross-node joins can use (tuple, TCP sequence number)."""
@@ -196,6 +214,7 @@ class KernelFeatures:
         out["tracepoints"] = dict(self.tracepoints)
         out["offsets"] = dict(self.offsets)
         out.update(header_injection=self.header_injection, seq_join=self.seq_join,
+                   injection_forms=self.injection_sentences(),
                    blocking_problems=self.blocking_problems())
         return out
 

@@ -1,7 +1,8 @@
 """The agent's loop: probes declare, the runner acts.
 
 Start: check the machine can run us (root, BTF, BCC), compile each probe with BCC into its own
-`BPF` object, attach, configure its filter maps, open a callback per ring buffer.
+`BPF` object, attach, configure its filter maps, map each ring buffer (read in batches, see
+probe_agent.ringbuf; BCC's per-record callback where mapping is not possible).
 Loop (every `poll_interval_ms`): sample the kernel clock, drain every ring buffer, decode the
 records (a bad record is counted, never raised into the loop), put a ProcessInfo in front of the
 first event of each process, hand events to the framer and frames to the sink; now and then read
@@ -13,6 +14,7 @@ a final watermark, flush the sink, release every BPF object.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -22,25 +24,29 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from probe_agent.btf import release_parsed
 from probe_agent.clock import KtimeClock, ktime_now_ns
 from probe_agent.config import AgentSettings
 from probe_agent.enrich import ProcessInfoCache
 from probe_agent.framer import Framer
 from probe_agent.metrics import AgentMetrics
 from probe_agent.probes.base import Probe, ProbeContext, RingSpec, read_stats
+from probe_agent.ringbuf import MappedRing, usable
 from probe_agent.sinks import FrameSink
 from schemas import weft_events_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-# Probes the agent loads, in order: lineage first so a process's spawn precedes its traffic.
+# Probes the agent loads, in order: lineage first so a process's spawn precedes its traffic;
+# goroutines after http, whose public maps it uses.
 PROBE_CLASSES = (("probe_agent.probes.lineage", "LineageProbe"),
-                 ("probe_agent.probes.http", "HttpProbe"))
+                 ("probe_agent.probes.http", "HttpProbe"),
+                 ("probe_agent.probes.goroutines", "GoroutineProbe"))
 
 _HASH_MAP = re.compile(r'BPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH)\(\s*(\w+)'
                        r'|BPF_F?_?TABLE\(\s*"(?:lru_)?(?:percpu_)?hash"\s*,[^,]+,[^,]+,\s*(\w+)')
@@ -62,7 +68,7 @@ def default_probes() -> list[Probe]:
     return probes
 
 
-def preflight() -> str:
+def preflight(inject_headers: bool = False) -> str:
     """Raise AgentStartError when this machine cannot run the agent; else the start-up line."""
     if os.geteuid() != 0:  # before anything loads: probing the kernel needs root too
         raise AgentStartError("weft agent needs root (CAP_BPF, CAP_PERFMON): run it as root")
@@ -75,7 +81,12 @@ def preflight() -> str:
     problems = features.blocking_problems()
     if problems:
         raise AgentStartError(f"weft agent cannot run here: {problems[0]}")
-    return features.one_line()
+    if inject_headers and features.header_injection != "sk_msg":
+        raise AgentStartError(f"weft agent --inject-headers: {features.injection_sentences()[0]}")
+    line = features.one_line()
+    if inject_headers:
+        return line + "; header injection: " + " ".join(features.injection_sentences())
+    return line + "; header injection off (--inject-headers turns it on)"
 
 
 @dataclass
@@ -83,6 +94,8 @@ class _Loaded:
     probe: Probe
     bpf: Any  # bcc.BPF
     hash_maps: tuple[str, ...]
+    mapped: list[tuple[RingSpec, MappedRing]] = field(default_factory=list)  # read by us
+    bcc_rings: int = 0  # rings read through BCC's per-record callback
 
 
 class AgentRunner:
@@ -93,6 +106,14 @@ class AgentRunner:
         self.sink = sink
         self.metrics = metrics
         self.probes = list(default_probes() if probes is None else probes)
+        extra: dict[str, int] = {}
+        if settings.inject_headers:
+            # WEFT-INJECT: the injector owns the context maps the other probes use: load it first
+            from probe_agent.probes.inject import INJECT_FLAG, InjectProbe
+
+            if not any(p.name == "inject" for p in self.probes):
+                self.probes.insert(0, InjectProbe(settings.cgroups))
+            extra[INJECT_FLAG] = 1
         self.clock = clock or KtimeClock(settings.clock_refresh_s)
         # Aim a few poll rounds early so that loop jitter keeps watermarks within the interval.
         wm_target = max(settings.poll_interval_ms,
@@ -102,7 +123,8 @@ class AgentRunner:
                              watermark_interval_ms=wm_target)
         self.processes = ProcessInfoCache(settings.process_cache_size)
         self.ctx = ProbeContext(self_pid=os.getpid(), cgroup_ids=cgroup_ids,
-                                ktime_offset_ns=self.clock.offset_ns, ring_pages=settings.ring_pages)
+                                ktime_offset_ns=self.clock.offset_ns, ring_pages=settings.ring_pages,
+                                extra=extra)
         self._loaded: list[_Loaded] = []
         self._incoming: list[pb.Event] = []
         self._announced: OrderedDict[int, None] = OrderedDict()
@@ -129,13 +151,13 @@ class AgentRunner:
                     raise AgentStartError(
                         f"weft agent cannot compile or load {probe.source.name} with BCC ({exc}); "
                         "`weft doctor` says what this kernel allows") from None
-                self._loaded.append(_Loaded(probe, bpf, _hash_maps(probe.source)))
+                loaded = _Loaded(probe, bpf, _hash_maps(probe.source))
+                self._loaded.append(loaded)
                 try:
                     probe.attach(bpf, self.ctx)
                     probe.configure(bpf, self.ctx)
                     for ring in probe.rings:
-                        bpf[ring.map_name.encode()].open_ring_buffer(
-                            self._ring_callback(probe.name, ring))
+                        self._open_ring(loaded, ring)
                 except Exception as exc:
                     raise AgentStartError(
                         f"weft agent cannot attach probe {probe.name} ({exc}); "
@@ -146,6 +168,38 @@ class AgentRunner:
             raise
         shed_compiler_memory()
 
+    def _open_ring(self, loaded: _Loaded, ring: RingSpec) -> None:
+        """Map the ring and read it in batches (see probe_agent.ringbuf); BCC's per-record
+        callback where that is not possible or not wanted."""
+        table = loaded.bpf[ring.map_name.encode()]
+        if self.settings.ring_reader == "mmap" and usable():
+            try:
+                loaded.mapped.append((ring, MappedRing(table.map_fd, int(table.max_entries))))
+                return
+            except (OSError, ValueError) as exc:
+                logger.warning("cannot map ring %s (%s): reading it through BCC", ring.map_name, exc)
+        table.open_ring_buffer(self._ring_callback(loaded.probe.name, ring))
+        loaded.bcc_rings += 1
+
+    def _read_mapped(self, probe: str, ring: RingSpec, mapped: MappedRing, budget: int) -> bool:
+        """Decode one batch of a mapped ring into the incoming list; True if it was emptied."""
+        records, drained = mapped.read(budget)
+        decode, offset_ns, incoming = ring.decode, self.clock.offset_ns, self._incoming
+        for raw in records:
+            try:
+                incoming.extend(decode(raw, offset_ns))
+            except Exception as exc:  # never into the poll loop
+                self._decode_failed(probe, ring, len(raw), exc)
+        return drained
+
+    def _decode_failed(self, probe: str, ring: RingSpec, size: int, exc: Exception) -> None:
+        self.metrics.decode_errors.inc()
+        now = time.monotonic()
+        if now - self._last_decode_log > 10:
+            self._last_decode_log = now
+            logger.warning("probe %s: a %d-byte record from %s did not decode: %s",
+                           probe, size, ring.map_name, exc)
+
     def _ring_callback(self, probe: str, ring: RingSpec) -> Callable[[Any, Any, int], int]:
         decode, incoming, clock = ring.decode, self._incoming, self.clock
 
@@ -153,12 +207,7 @@ class AgentRunner:
             try:
                 incoming.extend(decode(ctypes.string_at(data, size), clock.offset_ns))
             except Exception as exc:  # never into the poll loop
-                self.metrics.decode_errors.inc()
-                now = time.monotonic()
-                if now - self._last_decode_log > 10:
-                    self._last_decode_log = now
-                    logger.warning("probe %s: a %d-byte record from %s did not decode: %s",
-                                   probe, size, ring.map_name, exc)
+                self._decode_failed(probe, ring, size, exc)
             # A negative return makes libbpf stop after this record (which counts as consumed):
             # one round never runs unbounded while the kernel keeps producing.
             self._round_left -= 1
@@ -220,12 +269,17 @@ class AgentRunner:
         self.clock.refresh_if_due(now)
 
     def _consume(self) -> bool:
-        """Read every ring, at most `round_budget` records per probe; True if all were emptied."""
+        """Read every ring, at most `round_budget` records from each; True if all were emptied."""
         drained = True
+        budget = self.settings.round_budget
         for loaded in self._loaded:
-            self._round_left = self.settings.round_budget
-            loaded.bpf.ring_buffer_consume()
-            drained = drained and self._round_left > 0
+            # WEFT-INJECT: the injector has maps and programs, no ring
+            for ring, mapped in loaded.mapped:
+                drained = self._read_mapped(loaded.probe.name, ring, mapped, budget) and drained
+            if loaded.bcc_rings:
+                self._round_left = budget
+                loaded.bpf.ring_buffer_consume()
+                drained = drained and self._round_left > 0
         return drained
 
     def _take_incoming(self) -> list[pb.Event]:
@@ -274,6 +328,7 @@ class AgentRunner:
             self._announced.popitem(last=False)
         info = self.processes.get(pid)
         if info is not None:
+            self._tell_probes(info)
             fresh = pb.ProcessInfo()
             fresh.CopyFrom(info)
             fresh.ts_ns = ts_ns
@@ -286,10 +341,12 @@ class AgentRunner:
         pid = kernel_info.pid
         if pid == self.ctx.self_pid or (self._pid_filter is not None and pid not in self._pid_filter):
             return
+        self._probes_forget(pid)  # a new program image: what was known of the old one is void
         self.processes.forget(pid)
         self._announced[pid] = None
         proc = self.processes.get(pid)
         if proc is not None:
+            self._tell_probes(proc)
             merged = pb.ProcessInfo()
             merged.CopyFrom(proc)
             merged.ts_ns = kernel_info.ts_ns
@@ -302,7 +359,25 @@ class AgentRunner:
             out.append(event)  # gone already: what the kernel told us is all there is
         times.append(kernel_info.ts_ns)
 
+    def _tell_probes(self, info: pb.ProcessInfo) -> None:
+        """Probes that act per process (the goroutine probe: uprobes on Go executables) learn
+        of each process announced, and of each exit."""
+        for loaded in self._loaded:
+            hook = getattr(loaded.probe, "on_process", None)
+            if hook is not None:
+                try:
+                    hook(info)
+                except Exception as exc:  # never into the poll loop
+                    logger.warning("probe %s: process %d: %s", loaded.probe.name, info.pid, exc)
+
+    def _probes_forget(self, pid: int) -> None:
+        for loaded in self._loaded:
+            hook = getattr(loaded.probe, "forget", None)
+            if hook is not None:
+                hook(pid)
+
     def _forget(self, pid: int) -> None:
+        self._probes_forget(pid)
         self.processes.forget(pid)
         self._announced.pop(pid, None)
         if self._pid_filter is not None and pid not in self._first_pids:
@@ -381,6 +456,8 @@ class AgentRunner:
     def _release(self) -> None:
         while self._loaded:
             loaded = self._loaded.pop()
+            for _ring, mapped in loaded.mapped:
+                mapped.close()
             try:
                 loaded.bpf.cleanup()
             except Exception as exc:
@@ -398,6 +475,8 @@ def shed_compiler_memory() -> None:
     that holds no private (copied-on-write) page only unmaps page-cache pages: their content is
     the file's, so a later access faults the same bytes back in. Mappings that hold any private
     page are left alone. Best effort: a failure only costs memory."""
+    release_parsed()  # the BTF offsets are compiled in: the parsed kernel types are garbage now
+    gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.malloc_trim(0)
@@ -452,7 +531,7 @@ def _hash_maps(source: Path) -> tuple[str, ...]:
 def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
               pids: Sequence[int] | None = None, bootstrap: str | None = None,
               capture: str | None = None, metrics_port: int | None = None,
-              config_file: str | None = None) -> int:
+              config_file: str | None = None, inject_headers: bool | None = None) -> int:
     """`weft agent`: settings → checks → probes → loop. Returns the exit status."""
     from probe_agent.enrich import cgroup_id
     from probe_agent.sinks import CaptureSink, KafkaSink
@@ -466,13 +545,13 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
         settings = load_section(AgentSettings, "agent", config_file=config_file, node=node,
                                 cgroups=tuple(cgroups) if cgroups else None,
                                 pids=tuple(pids) if pids else None, capture=capture,
-                                metrics_port=metrics_port)
+                                metrics_port=metrics_port, inject_headers=inject_headers)
         kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
     except ConfigError as exc:
         print(f"weft agent: {exc}", flush=True)
         return 2
     try:
-        kernel_line = preflight()
+        kernel_line = preflight(settings.inject_headers)
         cgroup_ids = frozenset(cgroup_id(p) for p in settings.cgroups)
     except AgentStartError as exc:
         print(str(exc), flush=True)

@@ -19,6 +19,7 @@ class Kind(enum.IntEnum):
     CONN_OPEN = 4
     CONN_CLOSE = 5
     HTTP = 6
+    GO_SPAWN = 7
 
 
 # struct weft_hdr: ts_ns, cgroup_id, pid, tid, kind, version, reserved.

@@ -76,11 +76,16 @@ class Probe(Protocol):
         ...
 
 
-def common_cflags(ctx: ProbeContext) -> list[str]:
-    """Flags every program needs: common.h on the include path, the shared limits, the filters."""
+LOW_VOLUME_RING_SHARE = 4  # lineage and goroutine rings: a quarter of the HTTP ring
+
+
+def common_cflags(ctx: ProbeContext, ring_share: int = 1) -> list[str]:
+    """Flags every program needs: common.h on the include path, the shared limits, the filters.
+    `ring_share` divides `ctx.ring_pages` for a probe whose ring fills slowly: the agent maps
+    every ring (twice over, see probe_agent.ringbuf), so its size shows in the agent's RSS."""
     flags = [
         f"-I{BPF_DIR}",
-        f"-DWEFT_RING_PAGES={ctx.ring_pages}",
+        f"-DWEFT_RING_PAGES={max(1, ctx.ring_pages // ring_share)}",
         f"-DWEFT_MAX_CONNS={ctx.max_connections}",
         f"-DWEFT_MAX_TASKS={ctx.max_tasks}",
         f"-DWEFT_SELF_PID={ctx.self_pid}",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from probe_agent.btf import member_offset
-from probe_agent.probes.abi import HEADER, AbiError, Header, Kind, read_header
+from probe_agent.probes.abi import ABI_VERSION, HEADER, AbiError, Kind
 from probe_agent.probes.base import BPF_DIR, ProbeContext, RingSpec, common_cflags, fill_cgroup_filter
 from schemas import weft_events_pb2 as pb
 
@@ -22,11 +22,15 @@ WINDOW = 128  # bytes per parser run; SCAN_MAX / WINDOW tail calls at most (kern
 # struct tuple: laddr, raddr, lport, rport, family, role, mid_stream, pad
 TUPLE = struct.Struct("<16s16sHHBBBx")
 # struct req (fixed part): start, end, pid, tid, seq, status, has_seq, flags, method_len, path_len,
-# host_len, tp_len, ts_len, done_headers, no_body, pad; then method[8] path[128] host[64] tp[56] ts[64]
-REQ = struct.Struct("<QQIIIHBBBBBBBBBx8s128s64s56s64s")
+# host_len, tp_len, ts_len, done_headers, no_body, pad; then method[8] path[128] host[64] tp[56] ts[64],
+# goid (Go only, else 0)
+REQ = struct.Struct("<QQIIIHBBBBBBBBBx8s128s64s56s64sQ")
 COOKIE = struct.Struct("<Q")
 CONN_COUNTS = struct.Struct("<QQQ")  # cookie, bytes_sent, bytes_recv
-HTTP_SIZE = HEADER.size + COOKIE.size + TUPLE.size + REQ.size  # 440, asserted in the C source
+# WEFT-INJECT: struct weft_tpctx (bpf/inject.h): serial, trace hex, span hex, kind, pad
+TPCTX = struct.Struct("<Q32s16sB7x")
+TP_ASSIGNED, TP_INJECTED = 1, 2
+HTTP_SIZE = HEADER.size + COOKIE.size + TUPLE.size + REQ.size + TPCTX.size  # 512, asserted in C
 CONN_SIZE = HEADER.size + CONN_COUNTS.size + TUPLE.size  # 96
 
 AF_INET = 2
@@ -34,104 +38,99 @@ _ROLES: dict[int, pb.Role.ValueType] = {1: pb.ROLE_SERVER, 2: pb.ROLE_CLIENT}
 _INTERNAL_FLAGS = 0x80
 
 
-def _tuple(raw: bytes, off: int) -> tuple[pb.Tuple, pb.Role.ValueType, bool]:
-    laddr, raddr, lport, rport, family, role, mid_stream = TUPLE.unpack_from(raw, off)
+# The whole HTTP record in one unpack (the per-record cost matters: one per request per side).
+HTTP_RECORD = struct.Struct("<" + "".join(s.format.lstrip("<") for s in (HEADER, COOKIE, TUPLE, REQ, TPCTX)))
+CONN_RECORD = struct.Struct("<" + "".join(s.format.lstrip("<") for s in (HEADER, CONN_COUNTS, TUPLE)))
+_KIND_VERSION = struct.Struct("<HH")  # weft_hdr.kind, weft_hdr.version
+_KIND_OFF = 24
+
+
+def _fill_tuple(t: pb.Tuple, laddr: bytes, raddr: bytes, lport: int, rport: int, family: int) -> None:
     n = 4 if family == AF_INET else 16
-    t = pb.Tuple(local_addr=laddr[:n], local_port=lport, remote_addr=raddr[:n], remote_port=rport)
-    return t, _ROLES.get(role, pb.ROLE_UNSPECIFIED), bool(mid_stream)
+    t.local_addr = laddr[:n]
+    t.local_port = lport
+    t.remote_addr = raddr[:n]
+    t.remote_port = rport
 
 
-def _text(field: bytes, length: int) -> str:
-    return field[: min(length, len(field))].decode("latin-1")
+def _http(raw: bytes, offset_ns: int) -> pb.Event:
+    """Fields are set on the event's own sub-messages (no intermediate messages to copy), and
+    only when not empty: most requests carry no traceparent, tracestate or goroutine id."""
+    (_ts, _cgroup, _hpid, _htid, _kind, _version, _reserved, cookie,
+     laddr, raddr, lport, rport, family, role, _mid,
+     start, end, pid, tid, seq, status, has_seq, flags, m_len, p_len, h_len, tp_len, ts_len, _done, _nb,
+     method, path, host, tp, ts, goid,
+     _serial, tp_trace, tp_span, tp_kind) = HTTP_RECORD.unpack_from(raw)
+    event = pb.Event()
+    req = event.http
+    req.role = _ROLES.get(role, pb.ROLE_UNSPECIFIED)
+    req.start_ns = start + offset_ns
+    if end:
+        req.end_ns = end + offset_ns
+    req.pid = pid
+    req.tid = tid
+    if goid:
+        req.goid = goid
+    req.sock_cookie = cookie
+    _fill_tuple(req.tuple, laddr, raddr, lport, rport, family)
+    req.tcp_seq = seq
+    req.has_seq = bool(has_seq)
+    req.method = method[:m_len].decode("latin-1")
+    req.path = path[:p_len].decode("latin-1")
+    if h_len:
+        req.host = host[:h_len].decode("latin-1")
+    if tp_len:
+        req.traceparent = tp[:tp_len].decode("latin-1")
+    if ts_len:
+        req.tracestate = ts[:ts_len].decode("latin-1")
+    req.status = status
+    if flags & ~_INTERNAL_FLAGS:
+        req.flags = flags & ~_INTERNAL_FLAGS
+    if tp_kind:  # WEFT-INJECT
+        ours = f"00-{tp_trace.decode('latin-1')}-{tp_span.decode('latin-1')}-01"
+        if tp_kind == TP_ASSIGNED:
+            req.assigned_traceparent = ours
+        elif tp_kind == TP_INJECTED:
+            req.injected_traceparent = ours
+    return event
 
 
-def _http(h: Header, raw: bytes, offset_ns: int) -> pb.Event:
-    (cookie,) = COOKIE.unpack_from(raw, HEADER.size)
-    tup, role, _ = _tuple(raw, HEADER.size + COOKIE.size)
-    (
-        start,
-        end,
-        pid,
-        tid,
-        seq,
-        status,
-        has_seq,
-        flags,
-        m_len,
-        p_len,
-        h_len,
-        tp_len,
-        ts_len,
-        _done,
-        _nb,
-        method,
-        path,
-        host,
-        tp,
-        ts,
-    ) = REQ.unpack_from(raw, HEADER.size + COOKIE.size + TUPLE.size)
-    req = pb.HttpRequest(
-        role=role,
-        start_ns=start + offset_ns,
-        end_ns=end + offset_ns if end else 0,
-        pid=pid,
-        tid=tid,
-        sock_cookie=cookie,
-        tuple=tup,
-        tcp_seq=seq,
-        has_seq=bool(has_seq),
-        method=_text(method, m_len),
-        path=_text(path, p_len),
-        host=_text(host, h_len),
-        traceparent=_text(tp, tp_len),
-        tracestate=_text(ts, ts_len),
-        status=status,
-        flags=flags & ~_INTERNAL_FLAGS,
-    )
-    return pb.Event(http=req)
-
-
-def _conn(h: Header, raw: bytes, offset_ns: int) -> pb.Event:
-    cookie, sent, received = CONN_COUNTS.unpack_from(raw, HEADER.size)
-    tup, role, mid_stream = _tuple(raw, HEADER.size + CONN_COUNTS.size)
-    ts = h.ts_ns + offset_ns
-    if h.kind == Kind.CONN_OPEN:
-        return pb.Event(
-            conn_open=pb.ConnectionOpen(
-                ts_ns=ts,
-                pid=h.pid,
-                tid=h.tid,
-                sock_cookie=cookie,
-                role=role,
-                tuple=tup,
-                seen_mid_stream=mid_stream,
-            )
-        )
-    return pb.Event(
-        conn_close=pb.ConnectionClose(
-            ts_ns=ts,
-            pid=h.pid,
-            tid=h.tid,
-            sock_cookie=cookie,
-            role=role,
-            tuple=tup,
-            bytes_sent=sent,
-            bytes_received=received,
-        )
-    )
+def _conn(raw: bytes, offset_ns: int) -> pb.Event:
+    (ts, _cgroup, pid, tid, kind, _version, _reserved, cookie, sent, received,
+     laddr, raddr, lport, rport, family, role, mid_stream) = CONN_RECORD.unpack_from(raw)
+    event = pb.Event()
+    if kind == Kind.CONN_OPEN:
+        opened = event.conn_open
+        opened.ts_ns = ts + offset_ns
+        opened.pid, opened.tid, opened.sock_cookie = pid, tid, cookie
+        opened.role = _ROLES.get(role, pb.ROLE_UNSPECIFIED)
+        _fill_tuple(opened.tuple, laddr, raddr, lport, rport, family)
+        opened.seen_mid_stream = bool(mid_stream)
+        return event
+    closed = event.conn_close
+    closed.ts_ns = ts + offset_ns
+    closed.pid, closed.tid, closed.sock_cookie = pid, tid, cookie
+    closed.role = _ROLES.get(role, pb.ROLE_UNSPECIFIED)
+    _fill_tuple(closed.tuple, laddr, raddr, lport, rport, family)
+    closed.bytes_sent, closed.bytes_received = sent, received
+    return event
 
 
 def decode(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
-    h = read_header(raw)
-    if h.kind == Kind.HTTP:
+    if len(raw) < HEADER.size:
+        raise AbiError(f"record of {len(raw)} bytes is shorter than the {HEADER.size}-byte header")
+    kind, version = _KIND_VERSION.unpack_from(raw, _KIND_OFF)
+    if version != ABI_VERSION:
+        raise AbiError(f"record ABI version {version}, this decoder reads {ABI_VERSION}")
+    if kind == Kind.HTTP:
         if len(raw) < HTTP_SIZE:
             raise AbiError(f"HTTP record of {len(raw)} bytes, expected {HTTP_SIZE}")
-        return [_http(h, raw, ktime_offset_ns)]
-    if h.kind in (Kind.CONN_OPEN, Kind.CONN_CLOSE):
+        return [_http(raw, ktime_offset_ns)]
+    if kind in (Kind.CONN_OPEN, Kind.CONN_CLOSE):
         if len(raw) < CONN_SIZE:
             raise AbiError(f"connection record of {len(raw)} bytes, expected {CONN_SIZE}")
-        return [_conn(h, raw, ktime_offset_ns)]
-    raise AbiError(f"http ring carried a record of kind {h.kind}")
+        return [_conn(raw, ktime_offset_ns)]
+    raise AbiError(f"http ring carried a record of kind {kind}")
 
 
 _OFFSETS = {
@@ -151,6 +150,8 @@ _OFFSETS = {
     "WEFT_FDT_FD_OFF": ("fdtable", "fd"),
     "WEFT_FILE_PRIVATE_OFF": ("file", "private_data"),
     "WEFT_SOCKET_SK_OFF": ("socket", "sk"),
+    "WEFT_PT_REGS_R14_OFF": ("pt_regs", "r14"),  # Go: the current g (goroutine ids)
+    "WEFT_PT_REGS_SP_OFF": ("pt_regs", "sp"),
 }
 
 

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 from probe_agent.btf import member_offset
 from probe_agent.probes.abi import HEADER, AbiError, Kind, cstr, read_header
-from probe_agent.probes.base import BPF_DIR, ProbeContext, RingSpec, common_cflags, fill_cgroup_filter
+from probe_agent.probes.base import (
+    BPF_DIR,
+    LOW_VOLUME_RING_SHARE,
+    ProbeContext,
+    RingSpec,
+    common_cflags,
+    fill_cgroup_filter,
+)
 from schemas import weft_events_pb2 as pb
 
 if TYPE_CHECKING:
@@ -71,7 +78,7 @@ class LineageProbe:
             return member_offset(struct_name, member, ctx.btf_path)
 
         return [
-            *common_cflags(ctx),
+            *common_cflags(ctx, LOW_VOLUME_RING_SHARE),  # a spawn storm still fits ~10k records
             f"-DWEFT_TASK_TGID_OFF={off('task_struct', 'tgid')}",
             f"-DWEFT_TASK_PID_OFF={off('task_struct', 'pid')}",
             f"-DWEFT_TASK_REAL_PARENT_OFF={off('task_struct', 'real_parent')}",

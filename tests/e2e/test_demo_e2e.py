@@ -5,17 +5,18 @@ against the true trees the services logged by hand.
 What must hold, exactly ("no wrong parent, ever"):
   (a) no span has a wrong parent, whatever its hop type (precision 1.0);
   (b) every true edge of the hop types Weft resolves black-box here is present: cross_node and
-      nat (server ← client), spawned_thread, and thread (client ← server in the same process)
-      — except where (c) says the edge is unresolvable by design;
-  (c) the spans whose in-process parent is unresolvable by design are exported (never
-      missing) as roots/orphans with no parent:
-        * every client span of a Go service (the goroutine hop of catalog, and the "thread" hop
-          of stock, which is one goroutine, not one OS thread): goroutines migrate between OS
-          threads and the agent has no goroutine probe yet (issue 6, goid is 0), so the engine
-          never links them by thread — exactly: orphan, weft.no_goroutine;
-        * Node client spans at concurrency > 1: the event loop serves overlapping requests on
-          one thread, so a call there may be ambiguous (counted, not linked); when linked, (a)
-          still holds. At concurrency 1 they are exact, like (b).
+      nat (server ← client), spawned_thread, thread (client ← server in the same process) and
+      goroutine — except where (c) says the edge is unresolvable by design;
+  (c) every client span of a Go service (the goroutine hop of catalog, and the "thread" hop of
+      stock, which is one goroutine, not one OS thread) is linked by goroutine lineage (the
+      agent's goroutine probe, issue 6): exactly its true parent, with weft.link "goroutine"
+      for catalog's calls from `go func(){...}()` and "thread" for stock's calls from the
+      handler's own goroutine; none is an orphan;
+  (d) the spans whose in-process parent is unresolvable by design are exported (never
+      missing) as roots/orphans with no parent: Node client spans at concurrency > 1 (the
+      event loop serves overlapping requests on one thread, so a call there may be ambiguous:
+      counted, not linked); when linked, (a) still holds. At concurrency 1 they are exact,
+      like (b).
 Plus the right service, on its node, on every span.
 """
 
@@ -35,7 +36,7 @@ from weft.demo import DemoPipeline
 pytestmark = [pytest.mark.netns, pytest.mark.bpf, pytest.mark.infra, pytest.mark.slow]
 
 ROOTS = 24
-BLACK_BOX_HOPS = {"thread", "spawned_thread", "cross_node", "nat"}
+BLACK_BOX_HOPS = {"thread", "spawned_thread", "cross_node", "nat", "goroutine"}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,6 @@ def _unresolvable(row: dict[str, str], concurrency: int) -> str:
     if row["role"] != "client" or not row["parent_rid"]:
         return ""
     lang = _lang(row["service"])
-    if lang == "go":
-        return "go"
     if lang == "node" and concurrency > 1:
         return "node"
     return ""
@@ -87,7 +86,7 @@ def test_stitched_trees_have_no_wrong_parent_and_every_black_box_edge(
     # (b) Every true edge of the black-box hop types is present, except those (c) exempts.
     required = [(r, t) for r, t in zip(rows, truth, strict=True)
                 if t["parent"] and t["hop"] in BLACK_BOX_HOPS and not _unresolvable(r, concurrency)]
-    assert {t["hop"] for _, t in required} >= {"spawned_thread", "cross_node", "nat"}
+    assert {t["hop"] for _, t in required} >= {"spawned_thread", "cross_node", "nat", "goroutine"}
     if concurrency == 1:
         assert any(t["hop"] == "thread" for _, t in required)   # Node's call, one request at a time
     absent = [_describe(r, t, stitched) for r, t in required
@@ -96,18 +95,23 @@ def test_stitched_trees_have_no_wrong_parent_and_every_black_box_edge(
                           f"span, true parent, stitched parent, weft.link): {absent[:10]}")
     assert report.hops["cross_node"].recall == 1.0 and report.hops["nat"].recall == 1.0
     assert report.hops["spawned_thread"].recall == 1.0
+    assert report.hops["goroutine"].recall == 1.0
 
-    # (c) Unresolvable by design: exported as roots/orphans, never linked wrongly.
-    go_clients = [(r, t) for r, t in zip(rows, truth, strict=True) if _unresolvable(r, concurrency) == "go"]
+    # (c) Go clients: linked by goroutine lineage, exactly, with the link type of their hop.
+    go_clients = [(r, t) for r, t in zip(rows, truth, strict=True)
+                  if r["role"] == "client" and r["parent_rid"] and _lang(r["service"]) == "go"]
     assert len(go_clients) == 2 * ROOTS           # catalog's goroutine hop and stock's call
-    not_orphans = [_describe(r, t, stitched) for r, t in go_clients
-                   if (stitched[t["span"]].parent_span_id, stitched[t["span"]].attributes.get("weft.link"),
-                       stitched[t["span"]].attributes.get("weft.no_goroutine")) != ("", "orphan", True)]
-    assert not_orphans == [], f"Go client spans not exported as orphans: {not_orphans[:10]}"
+    assert {t["hop"] for _, t in go_clients} == {"goroutine", "thread"}
+    not_linked = [_describe(r, t, stitched) for r, t in go_clients
+                  if (stitched[t["span"]].parent_span_id, stitched[t["span"]].attributes.get("weft.link"))
+                  != (t["parent"], t["hop"]) or "weft.no_goroutine" in stitched[t["span"]].attributes]
+    assert not_linked == [], f"Go client spans not linked by goroutine lineage: {not_linked[:10]}"
+
+    # (d) Unresolvable by design: exported as roots/orphans, never linked wrongly.
     node_unlinked = [stitched[t["span"]] for r, t in zip(rows, truth, strict=True)
                      if _unresolvable(r, concurrency) == "node" and not stitched[t["span"]].parent_span_id]
     assert all(s.attributes.get("weft.link") in ("orphan", "root") for s in node_unlinked)
-    assert report.orphans == len(go_clients) + len(node_unlinked)
+    assert report.orphans == len(node_unlinked)
     assert report.traces_true == ROOTS
 
     # The right process on every span: the service's own OTEL_SERVICE_NAME, on its node.

@@ -159,3 +159,38 @@ def test_budgeted_rounds_lose_nothing_and_hold_the_watermark_until_the_rings_are
     assert len(marks) >= 4
     assert all(ts < t_done for _, ts in marks[:-1])
     assert marks[-1][0] == len(events) - 1 and marks[-1][1] > t_done
+
+
+@pytest.mark.parametrize("reader", ["mmap", "bcc"])
+def test_both_ring_readers_deliver_every_record_through_many_wrap_arounds(
+        tmp_path: Path, reader: str) -> None:
+    # A 16 KiB ring: 200 children (spawn, exec and exit records, ~270 bytes each) wrap it three
+    # times; a round per millisecond keeps it from filling (the whole machine's processes
+    # write to it too).
+    settings = AgentSettings(node="r3", ring_pages=4, poll_interval_ms=1, ring_reader=reader)
+    metrics = AgentMetrics("r3")
+    capture = tmp_path / "r3.wcap"
+    runner = AgentRunner(settings, CaptureSink(capture, "r3", metrics), metrics,
+                         probes=[LineageProbe()])
+    runner.load()
+    assert bool(runner._loaded[0].mapped) == (reader == "mmap")
+    loop = threading.Thread(target=runner.run)
+    loop.start()
+    try:
+        script = "i=0; while [ $i -lt 100 ]; do /bin/true; sleep 0.002; i=$((i + 1)); done"
+        spawner = subprocess.Popen(["sh", "-c", script])
+        spawner.wait()
+    finally:
+        runner.request_stop()
+        loop.join(timeout=30)
+    events = [e for f in read_capture(capture) for e in f.events]
+    kinds = [e.WhichOneof("kind") for e in events]
+    children = [e.thread_spawn.child_pid for e, k in zip(events, kinds, strict=True)
+                if k == "thread_spawn" and e.thread_spawn.parent_pid == spawner.pid]
+    exited = {e.task_exit.pid for e, k in zip(events, kinds, strict=True) if k == "task_exit"}
+    exe = {e.process.pid: e.process.exe for e, k in zip(events, kinds, strict=True) if k == "process"}
+    assert metrics.value("weft_agent_ringbuf_lost_total", probe="lineage") == 0
+    assert metrics.value("weft_agent_decode_errors_total") == 0
+    assert len(children) == 200  # /bin/true and sleep
+    assert set(children) <= exited
+    assert sorted(exe.get(c, "") for c in children) == ["sleep"] * 100 + ["true"] * 100

@@ -325,3 +325,71 @@ def test_sendmsg_recvmsg_writev_readv(probe: LoadedProbe, workdir: Path) -> None
     ]
     assert clients[0].traceparent == TRACEPARENT
     assert_pairs(servers, clients)
+
+
+_PAUSE_S = 0.05  # between body writes: the request must end at the last one, not the headers
+_FRAMED = {
+    "/cl": [b"HTTP/1.1 200 OK\r\nContent-Length: 30000\r\n\r\n", b"a" * 10000, b"b" * 10000, b"c" * 10000],
+    "/ch": [b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n",
+            b"6\r\n world\r\n", b"0\r\n\r\n"],
+    "/after": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+}
+
+
+def _framing_server(listener: socket.socket) -> None:
+    """Answer three requests on one connection, each response in separate writes with pauses."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = b""
+        for _ in _FRAMED:
+            while b"\r\n\r\n" not in pending:
+                pending += conn.recv(4096)
+            head, pending = pending.split(b"\r\n\r\n", 1)
+            path = head.split(b" ")[1].decode()
+            for i, part in enumerate(_FRAMED[path]):
+                if i:
+                    time.sleep(_PAUSE_S)
+                conn.sendall(part)
+
+
+def _framing_client(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in _FRAMED:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+    conn.close()
+
+
+def test_response_bodies_in_several_writes_end_at_their_last_byte(probe: LoadedProbe) -> None:
+    # Content-Length and chunked bodies arrive in several writes/reads after their headers:
+    # the record ends at the call that moved the last body byte (a pause before each), and
+    # the next request on the connection is a record of its own.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    server = ctx.Process(target=_framing_server, args=(listener,))
+    server.start()
+    listener.close()
+    try:
+        in_child(_framing_client, port)
+    finally:
+        server.join(10)
+    assert server.exitcode == 0
+    servers = requests_on(probe, port, pb.ROLE_SERVER, 3)
+    clients = requests_on(probe, port, pb.ROLE_CLIENT, 3)
+    assert [(s.path, s.status, s.flags) for s in servers] == [
+        ("/cl", 200, 0),
+        ("/ch", 201, 0),
+        ("/after", 200, 0),
+    ]
+    pause_ns = int(_PAUSE_S * 1e9)
+    for s, c in zip(servers[:2], clients[:2], strict=True):
+        assert s.end_ns - s.start_ns >= 3 * pause_ns  # three pauses: ended at the last write
+        assert c.end_ns - c.start_ns >= 3 * pause_ns
+    assert servers[2].end_ns - servers[2].start_ns < pause_ns
+    assert servers[0].end_ns <= servers[1].start_ns and servers[1].end_ns <= servers[2].start_ns
+    assert_pairs(servers, clients)

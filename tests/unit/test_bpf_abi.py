@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from probe_agent.probes import http, lineage
+from probe_agent.probes import goroutines, http, lineage
 from probe_agent.probes.abi import ABI_VERSION, HEADER, AbiError, Kind
 from probe_agent.probes.base import BPF_DIR
 from schemas import weft_events_pb2 as pb
@@ -74,8 +74,9 @@ def test_http_record_decodes_exact_fields() -> None:
         b"host",
         b"tp!",
         b"s",
+        4242,
     )
-    raw = hdr(Kind.HTTP) + struct.pack("<Q", 99) + tup + req
+    raw = hdr(Kind.HTTP) + struct.pack("<Q", 99) + tup + req + bytes(http.TPCTX.size)  # no injection ids
     (event,) = http.decode(raw, 5)
     assert event.http == pb.HttpRequest(
         role=pb.ROLE_SERVER,
@@ -83,6 +84,7 @@ def test_http_record_decodes_exact_fields() -> None:
         end_ns=2_005,
         pid=10,
         tid=12,
+        goid=4242,
         sock_cookie=99,
         tuple=pb.Tuple(
             local_addr=socket.inet_aton("10.0.0.1"),
@@ -134,3 +136,15 @@ def test_newer_abi_version_is_refused() -> None:
         http.decode(hdr(Kind.HTTP, version=2) + bytes(http.HTTP_SIZE), 0)
     with pytest.raises(AbiError, match="kind"):
         lineage.decode(hdr(Kind.HTTP), 0)
+
+
+def test_goroutine_spawn_record_layout_and_decode() -> None:
+    assert static_sizes(goroutines.GoroutineProbe.source) == {"go_spawn_rec": goroutines.SPAWN_SIZE}
+    raw = hdr(Kind.GO_SPAWN, ts=2_000, pid=40, tid=41) + struct.pack("<QQ", 7, 2**40 + 3)
+    (event,) = goroutines.decode(raw, 5)
+    assert event.goroutine_spawn == pb.GoroutineSpawn(ts_ns=2_005, pid=40, tid=41, parent_goid=7,
+                                                      child_goid=2**40 + 3)
+    with pytest.raises(AbiError):
+        goroutines.decode(raw[:-1], 0)
+    with pytest.raises(AbiError):
+        goroutines.decode(hdr(Kind.HTTP) + raw[32:], 0)

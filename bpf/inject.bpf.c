@@ -1,0 +1,473 @@
+/* Weft header injection, form (b): W3C traceparent for any language, allowed under lockdown.
+ *
+ * Hooks:
+ *   sock_ops (cgroup v2, attached with BPF_F_ALLOW_MULTI)  BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: a
+ *       socket this host connected (client side) goes into the SOCKHASH `socks`.
+ *   sk_msg verdict on `socks`  every send on those sockets, in the sending thread: a per-socket
+ *       state machine follows HTTP/1.x requests (request line, headers, Content-Length body) and
+ *       inserts "traceparent: 00-<trace>-<span>-01\r\n" with bpf_msg_push_data.
+ * Where the line goes: when the request line and the whole header block are in one send, right
+ *   after the request line; when the header block ends in a later send, just before the blank line
+ *   that ends it (only then is it known that the request carries no traceparent of its own). A
+ *   request that has a traceparent gets nothing; every other byte passes unchanged.
+ * Context: trace = that of the server request the sending thread serves (weft_ctx[tid], set by
+ *   http_tracer.bpf.c), or that its creator served when the thread was cloned (weft_ctx_ref[tid],
+ *   set by lineage.bpf.c, valid while the creator still serves the same request); else a fresh
+ *   random trace (a root). The client span id is always fresh. What was pushed is left in
+ *   weft_inj_out[tid] for the http tracer, which runs later in the same syscall: at
+ *   sock_send_length it takes the pushed length off the call's first sequence number (write_seq
+ *   counts the pushed bytes, the syscall's return value does not), so the client request keeps
+ *   the sequence number of its first byte on the wire and the (tuple, seq) join still holds; its
+ *   parser then copies the ids into the client record (HttpRequest.injected_traceparent).
+ * Structure: weft_sk_msg finds the connection's state (keyed by addresses: sk_msg cannot call
+ *   bpf_get_socket_cookie), pulls up to WEFT_INJ_SCAN bytes linear and tail-calls weft_msg_scan,
+ *   WEFT_INJ_WINDOW bytes per run (one small loop for the verifier); the last run settles the
+ *   bytes past the window (body) and pushes the line.
+ * Gives up on a connection (passes everything, counted) when it loses the framing: chunked request
+ *   bodies, a header block longer than WEFT_INJ_SCAN bytes in one send, pipelined requests in one
+ *   send, bytes that are not HTTP/1.x. Never injects for processes in go_pids (goroutines move
+ *   between threads, so a thread's context is not theirs).
+ * Kernel needs: sock_ops, sk_msg, SOCKHASH, bpf_msg_push_data/pull_data (4.17+), cgroup v2.
+ * -D constants: WEFT_SELF_PID, WEFT_MAX_CONNS, WEFT_MAX_TASKS, WEFT_INJ_SCAN (bytes of a message
+ *   followed, power of two), WEFT_INJ_WINDOW (bytes per tail call; SCAN / WINDOW calls at most).
+ */
+#include "common.h"
+#include "inject.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define INJ_LEN 70 /* "traceparent: 00-" 32 "-" 16 "-01\r\n" */
+
+enum inj_stat {
+    IST_INJECTED = 0,
+    IST_HAD_TRACEPARENT = 1,
+    IST_ROOT = 2,
+    IST_GO = 3,
+    IST_GAVE_UP = 4,
+    IST_PUSH_FAILED = 5,
+    IST_SOCKS_FULL = 6,
+    IST_AMBIGUOUS = 7,
+};
+
+enum msg_st { MS_IDLE = 0, MS_METHOD, MS_TARGET, MS_HNAME, MS_HEND, MS_HVAL, MS_HSKIP, MS_BODY, MS_OFF };
+enum hdr { H_NONE = 0, H_CLEN, H_TE };
+
+/* Per connection (socket cookie): where the byte stream stands. */
+struct msg_state {
+    u64 body_left; /* request body bytes still to pass */
+    u64 last8;     /* last 8 bytes of the request line (big-endian): "HTTP/1.x" */
+    u64 name[2];   /* lower-cased header name prefix */
+    u8 st;         /* enum msg_st */
+    u8 name_len;
+    u8 method_len;
+    u8 has_tp;     /* this request already carries a traceparent */
+    u8 target;     /* enum hdr: the header whose value is being read */
+    u8 chunked;
+    u8 requests;   /* requests started in the current message */
+    u8 pad;
+    /* scratch of the current message, kept here rather than in registers: values the verifier
+     * does not track let it prune the scan loop's states */
+    s32 at;        /* where to insert the header line in this message, or -1 */
+    s32 rline;     /* offset just after a request line that ended in this message, or -1 */
+    u32 seen;      /* bytes of this message scanned */
+    u32 pad2;
+};
+
+/* sk_msg cannot call bpf_get_socket_cookie: connections are named by their addresses. */
+struct conn_key {
+    u32 laddr[4];
+    u32 raddr[4];
+    u32 ports; /* local << 16 | remote, host byte order (= weft_inj_out.ports) */
+    u32 family;
+};
+
+BPF_TABLE_PUBLIC("lru_hash", u32, struct weft_tpctx, weft_ctx, WEFT_MAX_TASKS);
+BPF_TABLE_PUBLIC("lru_hash", u32, struct weft_ctx_ref, weft_ctx_ref, WEFT_MAX_TASKS);
+BPF_TABLE_PUBLIC("lru_hash", u32, struct weft_inj_out, weft_inj_out, WEFT_MAX_TASKS);
+BPF_HASH(go_pids, u32, u8, 16384);                  /* filled by the agent */
+BPF_SOCKHASH(socks, u64, WEFT_MAX_CONNS);           /* socket cookie -> socket */
+BPF_TABLE("lru_hash", struct conn_key, struct msg_state, msg_states, WEFT_MAX_CONNS);
+BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
+
+/* The message being scanned, handed from weft_sk_msg to the weft_msg_scan tail calls (per CPU:
+ * a tail-call chain runs to its end on the CPU that started it). */
+struct scan_ctx {
+    struct conn_key key;
+    u64 pid_tgid;
+    u32 n;    /* bytes pulled into the linear window */
+    u32 pos;  /* next byte to scan */
+    u32 stop; /* the scan is over (end of window, or the framing was lost) */
+    u32 pad;
+};
+BPF_PERCPU_ARRAY(scan_state, struct scan_ctx, 1);
+BPF_PROG_ARRAY(scanners, 1); /* [0] = weft_msg_scan, filled by the loader */
+
+/* remote_port as sock_ops and sk_msg give it (the network-order 16 bits, shifted into the upper
+ * half of the u32 on this kernel, in the lower half on old ones) in host order. */
+static __always_inline u32 swap16(u32 v)
+{
+    if (v > 0xffff)
+        v >>= 16;
+    return ((v & 0xff) << 8) | ((v >> 8) & 0xff);
+}
+
+static __always_inline void weft_stat(u32 idx)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+int weft_sock_ops(struct bpf_sock_ops *skops)
+{
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    u32 family = skops->family;
+    if (family != AF_INET && family != AF_INET6)
+        return 1;
+    /* a new connection may reuse the addresses of an old one: start its stream state afresh */
+    struct conn_key k = {};
+    k.family = family;
+    k.ports = (skops->local_port << 16) | swap16(skops->remote_port);
+    if (family == AF_INET) {
+        k.laddr[0] = skops->local_ip4;
+        k.raddr[0] = skops->remote_ip4;
+    } else {
+        k.laddr[0] = skops->local_ip6[0];
+        k.laddr[1] = skops->local_ip6[1];
+        k.laddr[2] = skops->local_ip6[2];
+        k.laddr[3] = skops->local_ip6[3];
+        k.raddr[0] = skops->remote_ip6[0];
+        k.raddr[1] = skops->remote_ip6[1];
+        k.raddr[2] = skops->remote_ip6[2];
+        k.raddr[3] = skops->remote_ip6[3];
+    }
+    msg_states.delete(&k);
+    u64 cookie = bpf_get_socket_cookie(skops);
+    int err = socks.sock_hash_update(skops, &cookie, BPF_ANY);
+    if (err)
+        weft_stat(IST_SOCKS_FULL);
+    return 1;
+}
+
+static __always_inline char lower(char ch)
+{
+    return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+}
+
+#define HTTP11 0x485454502f312e31ULL /* "HTTP/1.1" */
+#define HTTP10 0x485454502f312e30ULL /* "HTTP/1.0" */
+
+static __always_inline void new_line(volatile struct msg_state *s)
+{
+    s->st = MS_HNAME;
+    s->name_len = 0;
+    s->name[0] = 0;
+    s->name[1] = 0;
+}
+
+/* The context of the server request thread `tid` (or its creator) serves: 1; none: 0; -1 when
+ * that thread serves several requests at once and the send's own one is unknown. */
+static __always_inline int find_ctx(u32 tid, struct weft_tpctx *out)
+{
+    struct weft_tpctx *x = weft_ctx.lookup(&tid);
+    if (x) {
+        if (x->kind == WEFT_CTX_AMBIGUOUS)
+            return -1;
+        __builtin_memcpy(out, x, sizeof(*out));
+        return 1;
+    }
+    struct weft_ctx_ref *ref = weft_ctx_ref.lookup(&tid);
+    if (!ref)
+        return 0;
+    u32 owner = ref->tid;
+    u64 serial = ref->serial;
+    x = weft_ctx.lookup(&owner);
+    if (x && x->kind == WEFT_CTX_AMBIGUOUS)
+        return -1;
+    if (!x || x->serial != serial)
+        return 0; /* the creator moved on to another request, or finished */
+    __builtin_memcpy(out, x, sizeof(*out));
+    return 1;
+}
+
+static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u32 ports)
+{
+    u32 tid = (u32)pid_tgid;
+    struct weft_inj_out o = {};
+    struct weft_tpctx ctx = {};
+    int found = find_ctx(tid, &ctx);
+    if (found < 0) {
+        weft_stat(IST_AMBIGUOUS); /* a wrong trace would be worse than none: seq still links it */
+        return 0;
+    }
+    if (found) {
+        __builtin_memcpy(o.trace, ctx.trace, 32);
+    } else {
+        weft_random_hex(o.trace, 32);
+        weft_stat(IST_ROOT);
+    }
+    weft_random_hex(o.span, 16);
+    char line[72] = "traceparent: 00-";
+    __builtin_memcpy(line + 16, o.trace, 32);
+    line[48] = '-';
+    __builtin_memcpy(line + 49, o.span, 16);
+    line[65] = '-';
+    line[66] = '0';
+    line[67] = '1';
+    line[68] = '\r';
+    line[69] = '\n';
+    if (bpf_msg_push_data(msg, at, INJ_LEN, 0)) {
+        weft_stat(IST_PUSH_FAILED);
+        return 0;
+    }
+    if (bpf_msg_pull_data(msg, at, at + INJ_LEN, 0)) {
+        weft_stat(IST_PUSH_FAILED); /* cannot happen short of memory: the pushed bytes are unset */
+        return 0;
+    }
+    void *data = (void *)(long)msg->data;
+    void *end = (void *)(long)msg->data_end;
+    if (data + INJ_LEN > end) {
+        weft_stat(IST_PUSH_FAILED);
+        return 0;
+    }
+    __builtin_memcpy(data, line, INJ_LEN);
+    /* at most one push per send: a second request in one message stops injection on the
+     * connection, and the later chunks of a large send are body */
+    o.ports = ports;
+    o.pushed = INJ_LEN;
+    weft_inj_out.update(&tid, &o);
+    weft_stat(IST_INJECTED);
+    return 1;
+}
+
+int weft_sk_msg(struct sk_msg_md *msg)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
+    if (pid == WEFT_SELF_PID)
+        return SK_PASS;
+    struct conn_key k = {};
+    u32 family = msg->family;
+    k.family = family;
+    k.ports = (msg->local_port << 16) | swap16(msg->remote_port);
+    if (family == AF_INET) {
+        k.laddr[0] = msg->local_ip4;
+        k.raddr[0] = msg->remote_ip4;
+    } else {
+        k.laddr[0] = msg->local_ip6[0];
+        k.laddr[1] = msg->local_ip6[1];
+        k.laddr[2] = msg->local_ip6[2];
+        k.laddr[3] = msg->local_ip6[3];
+        k.raddr[0] = msg->remote_ip6[0];
+        k.raddr[1] = msg->remote_ip6[1];
+        k.raddr[2] = msg->remote_ip6[2];
+        k.raddr[3] = msg->remote_ip6[3];
+    }
+    /* volatile: the scan loop must load and store the state, not keep it in registers, where the
+     * verifier would track every value and explode the number of states */
+    volatile struct msg_state *s = msg_states.lookup(&k);
+    if (!s) {
+        struct msg_state fresh = {};
+        msg_states.update(&k, &fresh);
+        s = msg_states.lookup(&k);
+        if (!s)
+            return SK_PASS;
+    }
+    if (s->st == MS_OFF)
+        return SK_PASS;
+    if (go_pids.lookup(&pid)) {
+        s->st = MS_OFF;
+        weft_stat(IST_GO);
+        return SK_PASS;
+    }
+    u32 size = msg->size;
+    if (s->st == MS_BODY && s->body_left >= size) {
+        s->body_left -= size;
+        if (!s->body_left)
+            s->st = MS_IDLE;
+        return SK_PASS;
+    }
+    u32 n = size < WEFT_INJ_SCAN ? size : WEFT_INJ_SCAN;
+    if (bpf_msg_pull_data(msg, 0, n, 0)) {
+        s->st = MS_OFF;
+        weft_stat(IST_GAVE_UP);
+        return SK_PASS;
+    }
+    s->at = -1;
+    s->rline = -1;
+    s->requests = 0;
+    s->seen = 0;
+    u32 zero = 0;
+    struct scan_ctx *c = scan_state.lookup(&zero);
+    if (!c)
+        return SK_PASS;
+    __builtin_memcpy(&c->key, &k, sizeof(k));
+    c->pid_tgid = pid_tgid;
+    c->n = n;
+    c->pos = 0;
+    c->stop = 0;
+    scanners.call(msg, 0);
+    s->st = MS_OFF; /* the scanner could not run: stop before the framing is lost */
+    weft_stat(IST_GAVE_UP);
+    return SK_PASS;
+}
+
+/* WEFT_INJ_WINDOW bytes of the message per run, then a tail call to itself while bytes remain;
+ * the last run settles the rest of the message and injects. */
+int weft_msg_scan(struct sk_msg_md *msg)
+{
+    u32 zero = 0;
+    struct scan_ctx *c = scan_state.lookup(&zero);
+    if (!c)
+        return SK_PASS;
+    volatile struct msg_state *s = msg_states.lookup(&c->key);
+    if (!s)
+        return SK_PASS;
+    u32 n = c->n;
+    u32 size = msg->size;
+    void *data = (void *)(long)msg->data;
+    void *end = (void *)(long)msg->data_end;
+    u32 base = c->pos;
+    for (u32 j = 0; j < WEFT_INJ_WINDOW; j++) {
+        u32 i = base + j;
+        if (i >= n || i >= WEFT_INJ_SCAN) {
+            c->stop = 1;
+            break;
+        }
+        u32 off = i;
+        asm volatile("" : "+r"(off)); /* keep the mask: the verifier needs the bound on the offset */
+        char *p = data + (off & (WEFT_INJ_SCAN - 1));
+        if ((void *)(p + 1) > end) {
+            c->stop = 1;
+            break;
+        }
+        s->seen = i + 1;
+        char ch = *p;
+        u8 st = s->st;
+        if (st == MS_IDLE) {
+            if (ch < 'A' || ch > 'Z' || s->requests) {
+                s->st = MS_OFF; /* not a request, or a second one in one send */
+                { c->stop = 1; break; }
+            }
+            s->requests = 1;
+            s->st = MS_METHOD;
+            s->method_len = 1;
+            s->has_tp = 0;
+            s->chunked = 0;
+            s->body_left = 0;
+            s->last8 = 0;
+        } else if (st == MS_METHOD) {
+            if (ch == ' ' && s->method_len > 0) {
+                s->st = MS_TARGET;
+            } else if (ch >= 'A' && ch <= 'Z' && s->method_len < 16) {
+                s->method_len++;
+            } else {
+                s->st = MS_OFF;
+                { c->stop = 1; break; }
+            }
+        } else if (st == MS_TARGET) {
+            if (ch == '\n') {
+                if (s->last8 != HTTP11 && s->last8 != HTTP10) {
+                    s->st = MS_OFF;
+                    { c->stop = 1; break; }
+                }
+                s->rline = i + 1;
+                new_line(s);
+            } else if (ch != '\r') {
+                s->last8 = (s->last8 << 8) | (u8)ch;
+            }
+        } else if (st == MS_HNAME) {
+            if ((ch == '\r' || ch == '\n') && s->name_len == 0) {
+                /* the blank line: the header block ends here */
+                if (s->has_tp)
+                    weft_stat(IST_HAD_TRACEPARENT);
+                else if (s->rline >= 0)
+                    s->at = s->rline;
+                else
+                    s->at = i;
+                s->st = MS_HEND;
+                if (ch == '\r')
+                    continue;
+                st = MS_HEND; /* bare LF: the MS_HEND step below takes it */
+            } else if (ch == '\r') {
+                continue; /* a header line without a colon: its LF starts the next line */
+            } else if (ch == '\n') {
+                new_line(s);
+                continue;
+            } else if (ch == ':') {
+                u64 a = s->name[0], b = s->name[1];
+                u8 len = s->name_len;
+                s->target = H_NONE;
+                if (len == 11 && a == 0x7261706563617274ULL && b == 0x746e65ULL) /* traceparent */
+                    s->has_tp = 1;
+                else if (len == 14 && a == 0x2d746e65746e6f63ULL && b == 0x6874676e656cULL) /* content-length */
+                    s->target = H_CLEN;
+                else if (len == 17 && a == 0x726566736e617274ULL && b == 0x6e69646f636e652dULL) /* transfer-encoding */
+                    s->target = H_TE;
+                s->st = s->target == H_NONE ? MS_HSKIP : MS_HVAL;
+                continue;
+            } else {
+                if (s->name_len < 16)
+                    ((volatile char *)s->name)[s->name_len & 15] = lower(ch);
+                if (s->name_len < 255)
+                    s->name_len++;
+                continue;
+            }
+        }
+        if (st == MS_HEND) {
+            if (ch != '\n') {
+                s->st = MS_OFF;
+                { c->stop = 1; break; }
+            }
+            if (s->chunked) {
+                s->st = MS_OFF; /* chunked request bodies are not followed: stop here */
+                weft_stat(IST_GAVE_UP);
+            } else {
+                s->st = s->body_left ? MS_BODY : MS_IDLE;
+            }
+        } else if (st == MS_HVAL) {
+            if (ch == '\n') {
+                new_line(s);
+            } else if (s->target == H_CLEN && ch >= '0' && ch <= '9') {
+                s->body_left = s->body_left * 10 + (ch - '0');
+            } else if (s->target == H_TE && ch != ' ' && ch != '\r') {
+                s->chunked = 1; /* any transfer coding: the length is not known from headers */
+            }
+        } else if (st == MS_HSKIP) {
+            if (ch == '\n')
+                new_line(s);
+        } else if (st == MS_BODY) {
+            if (s->body_left)
+                s->body_left--;
+            if (!s->body_left)
+                s->st = MS_IDLE;
+        }
+    }
+    if (!c->stop && base + WEFT_INJ_WINDOW < n && s->st != MS_OFF) {
+        c->pos = base + WEFT_INJ_WINDOW;
+        scanners.call(msg, 0);
+        s->st = MS_OFF; /* out of tail calls: the rest of the message is not followed */
+        weft_stat(IST_GAVE_UP);
+        return SK_PASS;
+    }
+    u64 pid_tgid = c->pid_tgid;
+    struct conn_key k;
+    __builtin_memcpy(&k, &c->key, sizeof(k));
+    u32 seen = s->seen;
+    if (seen < size && s->st != MS_OFF) {
+        u32 rest = size - seen;
+        if (s->st == MS_BODY && s->body_left >= rest) {
+            s->body_left -= rest;
+            if (!s->body_left)
+                s->st = MS_IDLE;
+        } else {
+            s->st = MS_OFF; /* lost the framing (header block or requests past the window) */
+            weft_stat(IST_GAVE_UP);
+        }
+    }
+    int at = s->at;
+    if (at >= 0 && at < WEFT_INJ_SCAN)
+        inject(msg, (u32)at, pid_tgid, k.ports);
+    return SK_PASS;
+}

@@ -1,0 +1,92 @@
+/* Weft header injection: the structs shared by inject.bpf.c (which owns the maps, exported with
+ * BPF_TABLE_PUBLIC), http_tracer.bpf.c and lineage.bpf.c (which declare them "extern" when
+ * compiled with -DWEFT_INJECT=1). Maps themselves are declared in each .c file: BCC rewrites map
+ * calls only in the main source. Trace and span ids are kept as lower-case hex text, the form
+ * they take on the wire, so the injector copies them without converting.
+ */
+#ifndef WEFT_INJECT_H
+#define WEFT_INJECT_H
+
+#define WEFT_CTX_NONE 0
+#define WEFT_CTX_ASSIGNED 1 /* server request: the context Weft gave it */
+#define WEFT_CTX_INJECTED 2 /* client request: the traceparent Weft put on the wire */
+/* weft_ctx only: the thread serves more than one request at once (an event loop), so which one a
+ * send belongs to is unknown; nothing is injected until all of them are answered */
+#define WEFT_CTX_AMBIGUOUS 3
+
+/* A trace context. In weft_ctx (tid -> context of the server request that thread serves) and
+ * per request in the http tracer (copied into its record). */
+struct weft_tpctx {
+    u64 serial;     /* bpf_ktime_get_ns() when the request started: tells requests of a tid apart */
+    char trace[32]; /* hex */
+    char span[16];  /* hex */
+    u8 kind;        /* WEFT_CTX_* */
+    u8 open;        /* weft_ctx only: server requests of this thread still unanswered */
+    u8 pad[6];
+}; /* 64 bytes */
+
+/* A thread created while its parent served a request: valid while weft_ctx[tid].serial == serial. */
+struct weft_ctx_ref {
+    u64 serial;
+    u32 tid;
+    u32 pad;
+};
+
+/* What the injector put on the wire during the current send of a thread; the http tracer reads it
+ * inside the same syscall (sock_send_length: seq correction; parser: the client record). */
+struct weft_inj_out {
+    char trace[32];
+    char span[16];
+    u32 ports;      /* local port << 16 | remote port of the connection written to */
+    u32 pushed;     /* bytes inserted */
+    u8 seq_taken;   /* the tracer already corrected this call's sequence number */
+    u8 pad[7];
+};
+
+static __always_inline char weft_hex(u32 nibble)
+{
+    nibble &= 15;
+    return nibble < 10 ? '0' + nibble : 'a' + nibble - 10;
+}
+
+/* n hex characters (a multiple of 8) from bpf_get_prandom_u32. */
+static __always_inline void weft_random_hex(char *out, u32 n)
+{
+#pragma unroll
+    for (u32 i = 0; i < 32; i += 8) {
+        if (i >= n)
+            break;
+        u32 r = bpf_get_prandom_u32();
+#pragma unroll
+        for (u32 k = 0; k < 8; k++)
+            out[i + k] = weft_hex(r >> (4 * k));
+    }
+}
+
+static __always_inline int weft_is_hex(char ch)
+{
+    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+}
+
+/* "00-<32 hex>-<16 hex>-<2 hex>" with a non-zero trace id: copy the trace id, return 1. */
+static __always_inline int weft_trace_of(const char *tp, u32 len, char *trace)
+{
+    if (len != 55 || tp[0] != '0' || tp[1] != '0' || tp[2] != '-' || tp[35] != '-' || tp[52] != '-')
+        return 0;
+    int nonzero = 0;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        char ch = tp[3 + i];
+        if (!weft_is_hex(ch))
+            return 0;
+        nonzero |= ch != '0';
+    }
+    if (!nonzero)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        trace[i] = tp[3 + i];
+    return 1;
+}
+
+#endif /* WEFT_INJECT_H */

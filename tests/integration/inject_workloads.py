@@ -1,0 +1,203 @@
+"""Workloads of tests/integration/test_probe_inject.py: real servers that report what they got.
+
+`python -m tests.integration.inject_workloads echo PORT`: an HTTP/1.1 server on raw sockets that
+answers every request with JSON {sha: sha256 of the request bytes as received, tp: its traceparent
+values, raw: the bytes}. `... nested PORT DOWNSTREAM_PORT`: a ThreadingHTTPServer whose handler
+calls the downstream once from its own thread and once from a thread it spawns, and answers with
+what the downstream saw. `... pooled PORT DOWNSTREAM_PORT`: the same, but every call goes through
+one worker thread created during the first request (a pool). `... client PORT`: sends the test's
+requests (one send, several sends, one with its own traceparent, a POST body, keep-alive) and
+prints one JSON line per request; `once` / `twice` call the nested / pooled server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import queue
+import socket
+import sys
+import threading
+from typing import Any
+
+OWN_TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    clen = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            clen = int(value)
+    while len(rest) < clen:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        rest += data
+    return head + b"\r\n\r\n" + rest[:clen], rest[clen:]
+
+
+def traceparents(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return [line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")[1:]
+            if line.split(b":", 1)[0].strip().lower() == b"traceparent"]
+
+
+def _serve_echo(conn: socket.socket) -> None:
+    buf = b""
+    with conn:
+        while True:
+            got = _read_request(conn, buf)
+            if got is None:
+                return
+            raw, buf = got
+            body = json.dumps({"sha": hashlib.sha256(raw).hexdigest(), "tp": traceparents(raw),
+                               "raw": raw.decode("latin-1")}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def echo(port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_serve_echo, args=(conn,), daemon=True).start()
+
+
+def call(port: int, parts: list[bytes],
+         conn: socket.socket | None = None) -> tuple[socket.socket, dict[str, Any]]:
+    """Send a request in `parts` (one send each), read the JSON answer."""
+    s = conn or socket.create_connection(("127.0.0.1", port))
+    for part in parts:
+        s.sendall(part)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the answer")
+        buf += data
+    head, body = buf.split(b"\r\n\r\n", 1)
+    n = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+             if line.lower().startswith(b"content-length"))
+    while len(body) < n:
+        body += s.recv(65536)
+    answer = json.loads(body)
+    answer["sent_sha"] = hashlib.sha256(b"".join(parts)).hexdigest()
+    return s, answer
+
+
+def client(port: int) -> None:
+    cases = {
+        "single": [b"GET /single HTTP/1.1\r\nHost: t\r\n\r\n"],
+        "split": [b"GET /split HTTP/1.1\r\nHost: t\r\n", b"Accept: */*\r\n", b"\r\n"],
+        "own": [f"GET /own HTTP/1.1\r\nHost: t\r\nTraceparent: {OWN_TP}\r\n\r\n".encode()],
+        "post": [b"POST /post HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"],
+        # a body past the injector's scan window, in the same send as the headers
+        "bigpost": [b"POST /bigpost HTTP/1.1\r\nHost: t\r\nContent-Length: 3000\r\n\r\n" + b"x" * 3000],
+        "again": [b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n"],
+    }
+    conn = None
+    for name, parts in cases.items():
+        conn, answer = call(port, parts, conn)
+        print(json.dumps({"case": name, **answer}), flush=True)
+    assert conn is not None
+    conn.close()
+
+
+class _Nested(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    downstream = 0
+
+    def do_GET(self) -> None:
+        results: dict[str, Any] = {}
+        _, results["same_thread"] = call(self.downstream, [b"GET /from-handler HTTP/1.1\r\nHost: d\r\n\r\n"])
+
+        def spawned() -> None:
+            _, results["spawned"] = call(self.downstream, [b"GET /from-thread HTTP/1.1\r\nHost: d\r\n\r\n"])
+
+        worker = threading.Thread(target=spawned)
+        worker.start()
+        worker.join()
+        body = json.dumps({"incoming": self.headers.get_all("traceparent") or [], **results}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Pooled(http.server.BaseHTTPRequestHandler):
+    """Hands each downstream call to one worker thread, made during the first request."""
+
+    protocol_version = "HTTP/1.1"
+    downstream = 0
+    jobs: queue.Queue[queue.Queue[dict[str, Any]]] = queue.Queue()
+    worker: threading.Thread | None = None
+
+    @classmethod
+    def _work(cls) -> None:
+        while True:
+            reply = cls.jobs.get()
+            reply.put(call(cls.downstream, [b"GET /from-pool HTTP/1.1\r\nHost: d\r\n\r\n"])[1])
+
+    def do_GET(self) -> None:
+        if _Pooled.worker is None:
+            _Pooled.worker = threading.Thread(target=_Pooled._work, daemon=True)
+            _Pooled.worker.start()
+        reply: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.jobs.put(reply)
+        body = json.dumps({"incoming": self.headers.get_all("traceparent") or [],
+                           "pool": reply.get()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def pooled(port: int, downstream: int) -> None:
+    _Pooled.downstream = downstream
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Pooled)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def nested(port: int, downstream: int) -> None:
+    _Nested.downstream = downstream
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Nested)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    if mode == "echo":
+        echo(args[0])
+    elif mode == "nested":
+        nested(args[0], args[1])
+    elif mode == "client":
+        client(args[0])
+    elif mode == "pooled":
+        pooled(args[0], args[1])
+    elif mode == "once":
+        _, answer = call(args[0], [b"GET /nested HTTP/1.1\r\nHost: n\r\n\r\n"])
+        print(json.dumps(answer), flush=True)
+    elif mode == "twice":  # two requests on one keep-alive connection: one server thread
+        conn = None
+        for path in (b"/pool-1", b"/pool-2"):
+            conn, answer = call(args[0], [b"GET " + path + b" HTTP/1.1\r\nHost: p\r\n\r\n"], conn)
+            print(json.dumps(answer), flush=True)

@@ -1,0 +1,360 @@
+"""Header injection, form (b) (sock_ops + sk_msg), on the real kernel with the real agent.
+
+Everything runs in a private cgroup v2 child (the agent's --cgroup), so no other process on the
+machine is injected into. Servers in Python, Go and Node report the traceparent values they
+received; the agent's capture says what it recorded; the join engine, with the (tuple, seq) and
+(tuple, time) links switched off, must link every hop through the header alone and export
+exactly the ids that went on the wire. With injection off the server's bytes hash like the
+client's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.procs import free_port, port_open
+from schemas import weft_events_pb2 as pb
+from schemas.codec import CodecError, read_capture
+from stitcher.engine.config import EngineConfig
+from stitcher.engine.core import Engine
+from stitcher.state_memory import MemoryStateStore
+from tests.integration.inject_workloads import OWN_TP
+
+pytestmark = [pytest.mark.bpf, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = ROOT / "tests" / "workloads"
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cgroup() -> Iterator[Path]:
+    path = CGROUP_ROOT / f"weft-inject-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    path.mkdir()
+    yield path
+    for _ in range(100):  # processes leave the cgroup when they are reaped
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+class Procs:
+    """Processes started inside the test cgroup; all killed at the end."""
+
+    def __init__(self, cgroup: Path) -> None:
+        self.cgroup = cgroup
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, argv: list[str], ready: str | None = "ready") -> subprocess.Popen[str]:
+        wrapped = ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
+        proc = subprocess.Popen(wrapped, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.started.append(proc)
+        if ready is not None:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() == ready, f"{argv} did not start: {line!r}"
+        return proc
+
+    def run(self, argv: list[str]) -> list[dict[str, Any]]:
+        proc = self.start(argv, ready=None)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, f"{argv} failed"
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+class Agent:
+    def __init__(self, tmp: Path, cgroup: Path, inject: bool) -> None:
+        self.capture = tmp / f"agent-{'on' if inject else 'off'}.wcap"
+        self.log = tmp / f"agent-{'on' if inject else 'off'}.log"
+        argv = [sys.executable, "-c", "from weft.cli import main; main()", "agent", "--node", "inj",
+                "--capture", str(self.capture), "--cgroup", str(cgroup)]
+        if inject:
+            argv.append("--inject-headers")
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_until(lambda: "weft agent inj:" in self.log.read_text() or self.proc.poll() is not None,
+                   90, "the agent's start-up line")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def prog_ids(self) -> set[int]:
+        """Ids of the BPF programs the agent holds (from its fds' fdinfo)."""
+        ids: set[int] = set()
+        for entry in Path(f"/proc/{self.proc.pid}/fdinfo").iterdir():
+            try:
+                text = entry.read_text()
+            except OSError:
+                continue
+            ids.update(int(line.split()[1]) for line in text.splitlines() if line.startswith("prog_id:"))
+        return ids
+
+    def stop(self) -> list[pb.HttpRequest]:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        return [ev.http for frame in read_capture(self.capture) for ev in frame.events
+                if ev.WhichOneof("kind") == "http"]
+
+    def frames(self) -> list[pb.Frame]:
+        return list(read_capture(self.capture))
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.integration.inject_workloads", *args]
+
+
+def go_build(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    if shutil.which("go") is None:
+        pytest.fail("go is not installed (Debian golang): the Go workloads cannot be built")
+    out = tmp_path_factory.mktemp("go") / name
+    env = {**os.environ, "GOCACHE": str(out.parent / "cache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+    subprocess.run(["go", "build", "-o", str(out), str(WORKLOADS / f"{name}.go")], check=True, env=env,
+                   cwd=out.parent, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def go_echo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return go_build(tmp_path_factory, "inject_echo")
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return go_build(tmp_path_factory, "inject_go_client")
+
+
+def captured_process(capture: Path, pid: int) -> pb.ProcessInfo | None:
+    """The agent's ProcessInfo for pid, if its capture holds one yet (the file is growing)."""
+    try:
+        for frame in read_capture(capture):
+            for ev in frame.events:
+                if ev.WhichOneof("kind") == "process" and ev.process.pid == pid:
+                    return ev.process
+    except (CodecError, FileNotFoundError):
+        pass  # a record still being written: look again
+    return None
+
+
+def by_path(events: list[pb.HttpRequest], role: int) -> dict[str, list[pb.HttpRequest]]:
+    out: dict[str, list[pb.HttpRequest]] = {}
+    for h in events:
+        if h.role == role:
+            out.setdefault(h.path, []).append(h)
+    return out
+
+
+def test_injection_on(tmp_path: Path, cgroup: Path, go_echo: Path) -> None:
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True)
+    try:
+        startup = agent.log.read_text()
+        assert "form (b), sock_ops + sk_msg with bpf_msg_push_data, is active" in startup
+        assert "form (a), bpf_probe_write_user, is refused by the kernel" in startup
+        progs = agent.prog_ids()
+        prog_types = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+        assert {"sock_ops", "sk_msg"} <= {line.split()[1].rstrip(":") for line in prog_types.splitlines()
+                                          if line.split() and line.split()[0].rstrip(":").isdigit()
+                                          and int(line.split()[0].rstrip(":")) in progs}
+        ports = {name: free_port() for name in ("py", "go", "node", "nested", "down", "pooled")}
+        procs.start(python("echo", str(ports["py"])))
+        procs.start([str(go_echo), str(ports["go"])])
+        procs.start(["node", str(WORKLOADS / "inject_echo.js"), str(ports["node"])])
+        procs.start(python("echo", str(ports["down"])))
+        procs.start(python("nested", str(ports["nested"]), str(ports["down"])))
+        procs.start(python("pooled", str(ports["pooled"]), str(ports["down"])))
+        answers = {name: procs.run(python("client", str(ports[name]))) for name in ("py", "go", "node")}
+        (nested,) = procs.run(python("once", str(ports["nested"])))
+        first, second = procs.run(python("twice", str(ports["pooled"])))
+        wait_until(lambda: port_open("127.0.0.1", ports["py"]), 5, "servers up")
+    finally:
+        procs.close()
+        events = agent.stop()
+    assert agent.proc.returncode == 0, agent.log.read_text()
+
+    clients = [h for h in events if h.role == pb.ROLE_CLIENT]
+    injected = {h.injected_traceparent for h in clients if h.injected_traceparent}
+    for name, rows in answers.items():
+        for row in rows:
+            if row["case"] == "own":
+                assert row["tp"] == [OWN_TP], (name, row)      # never a second traceparent
+                continue
+            assert len(row["tp"]) == 1, (name, row)             # exactly one, also when split
+            assert row["tp"][0] in injected, (name, row)        # = the client event's record
+            if name == "py":
+                raw = row["raw"].encode("latin-1")
+                line = f"traceparent: {row['tp'][0]}\r\n".encode()
+                assert raw.count(line) == 1
+                assert hashlib.sha256(raw.replace(line, b"", 1)).hexdigest() == row["sent_sha"]
+    # the nested server's downstream calls carry the trace of the request it serves
+    (incoming,) = nested["incoming"]
+    outer_trace = incoming.split("-")[1]
+    for key in ("same_thread", "spawned"):
+        (tp,) = nested[key]["tp"]
+        assert tp.split("-")[1] == outer_trace, (key, tp, incoming)
+        assert tp in injected
+
+    # a pool thread made during the first request gives that request's trace to the first call
+    # only: in the second request (same server thread, same worker) the reference is stale
+    first_trace = first["incoming"][0].split("-")[1]
+    second_trace = second["incoming"][0].split("-")[1]
+    assert first["pool"]["tp"][0].split("-")[1] == first_trace
+    assert second["pool"]["tp"][0].split("-")[1] not in (first_trace, second_trace)
+
+    servers = by_path(events, pb.ROLE_SERVER)
+    for path in ("/nested", "/from-handler", "/from-thread"):
+        (server,) = servers[path]
+        assert server.assigned_traceparent.split("-")[1] == outer_trace
+    # every client request and its server have the same TCP sequence number (pushed bytes counted)
+    client_by_path = by_path(events, pb.ROLE_CLIENT)
+    hops = 0
+    for path in ("/single", "/split", "/post", "/bigpost", "/again", "/nested", "/from-handler",
+                 "/from-thread", "/pool-1", "/pool-2", "/from-pool"):
+        for c in client_by_path[path]:
+            (server,) = [s for s in servers[path] if s.traceparent == c.injected_traceparent]
+            assert c.has_seq and server.has_seq, path
+            assert c.tcp_seq == server.tcp_seq, path
+            hops += 1
+    assert hops == 3 * 5 + 3 + 4  # py, go, node x (single, split, post, bigpost, again), nested, pooled
+
+    # the engine links every hop by the header alone and exports exactly the wire's ids
+    engine = Engine(MemoryStateStore(), EngineConfig(link_by_seq=False, link_by_tuple=False))
+    spans = []
+    for frame in agent.frames():
+        spans += engine.process(frame)
+    spans += engine.flush()
+    by_span = {s.span_id.hex(): s for s in spans}
+    linked = 0
+    for c in clients:
+        if not c.injected_traceparent:
+            continue
+        _, trace, span, _ = c.injected_traceparent.split("-")
+        exported = by_span[span]
+        assert exported.trace_id.hex() == trace
+        for s in (s for s in servers.get(c.path, []) if s.traceparent == c.injected_traceparent):
+            _, strace, sspan, _ = s.assigned_traceparent.split("-")
+            child = by_span[sspan]
+            assert child.parent_span_id.hex() == span and child.link == "traceparent"
+            assert child.trace_id.hex() == trace == strace
+            linked += 1
+    assert linked == hops
+    # the nested chain is one trace: client -> /nested server -> both downstream calls -> servers
+    (outer,) = servers["/nested"]
+    outer_span = by_span[outer.assigned_traceparent.split("-")[2]]
+    for path in ("/from-handler", "/from-thread"):
+        (call_event,) = client_by_path[path]
+        call_span = by_span[call_event.injected_traceparent.split("-")[2]]
+        assert call_span.parent_span_id == outer_span.span_id
+        assert call_span.trace_id == outer_span.trace_id
+    assert engine.stats.trace_mismatch == 0
+    # nothing of ours stays in the kernel: not on the cgroup, no program, no pinned map
+    shown = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True)
+    assert "sock_ops" not in shown.stdout, shown.stdout
+    for prog in progs:
+        gone = subprocess.run(["bpftool", "prog", "show", "id", str(prog)], capture_output=True, text=True)
+        assert gone.returncode != 0, gone.stdout
+
+
+def test_injection_off_bytes_unchanged(tmp_path: Path, cgroup: Path) -> None:
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=False)
+    try:
+        port = free_port()
+        procs.start(python("echo", str(port)))
+        rows = procs.run(python("client", str(port)))
+    finally:
+        procs.close()
+        events = agent.stop()
+    assert len(rows) == 6
+    for row in rows:
+        assert row["sha"] == row["sent_sha"], row
+        assert row["tp"] == ([OWN_TP] if row["case"] == "own" else [])
+    assert not any(h.injected_traceparent or h.assigned_traceparent for h in events)
+
+
+def test_doctor_reports_both_forms() -> None:
+    out = subprocess.run([sys.executable, "-c", "from weft.cli import main; main()", "doctor"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "header injection: form (b), sock_ops + sk_msg with bpf_msg_push_data, is active" in out.stdout
+    assert "header injection: form (a), bpf_probe_write_user, is refused by the kernel" in out.stdout
+
+
+def test_go_client_never_injected(tmp_path: Path, cgroup: Path, go_client: Path) -> None:
+    """A Go process (known to the agent) sends its requests unchanged: a thread's context is not
+    a goroutine's."""
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True)
+    try:
+        port = free_port()
+        procs.start(python("echo", str(port)))
+        client = procs.start([str(go_client), f"http://127.0.0.1:{port}/go-client"])
+        wait_until(lambda: getattr(captured_process(agent.capture, client.pid), "runtime", "") == "go",
+                   20, "the agent to learn the client is Go")
+        out, _ = client.communicate("go\n", timeout=30)
+    finally:
+        procs.close()
+        events = agent.stop()
+    answer = json.loads(out.splitlines()[-1])
+    assert answer["tp"] == []
+    assert "traceparent" not in answer["raw"].lower()
+    go_calls = [h for h in events if h.role == pb.ROLE_CLIENT and h.path == "/go-client"]
+    assert len(go_calls) == 1 and not go_calls[0].injected_traceparent
+
+
+def _get(port: int, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as answer:
+        result: dict[str, Any] = json.loads(answer.read())
+        return result
+
+
+def test_event_loop_overlap_gets_no_wrong_context(tmp_path: Path, cgroup: Path) -> None:
+    """One thread reads two requests before answering either (Node's event loop): a send from it
+    may belong to either, so nothing is injected (the seq link still joins the hop). The same
+    server with one request open at a time injects the trace of the request it serves."""
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True)
+    try:
+        down, overlap, single = free_port(), free_port(), free_port()
+        procs.start(python("echo", str(down)))
+        procs.start(["node", str(WORKLOADS / "inject_overlap.js"), str(overlap), str(down), "2"])
+        procs.start(["node", str(WORKLOADS / "inject_overlap.js"), str(single), str(down), "1"])
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda p: _get(overlap, p), ["/overlap-1", "/overlap-2"]))
+        alone = _get(single, "/alone")
+    finally:
+        procs.close()
+        events = agent.stop()
+    assert [answer["down"]["tp"] for answer in both] == [[], []]
+    servers = by_path(events, pb.ROLE_SERVER)
+    (alone_server,) = servers["/alone"]
+    (tp,) = alone["down"]["tp"]
+    assert tp.split("-")[1] == alone_server.assigned_traceparent.split("-")[1]
+    # the two overlapping requests did get their own ids, for export
+    assert all(servers[p][0].assigned_traceparent for p in ("/overlap-1", "/overlap-2"))
