@@ -24,6 +24,7 @@ from schemas.codec import CaptureReader, CodecError, decode_frame
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.otlp_convert import spans_to_json_line
 from stitcher.state_memory import MemoryStateStore
+from weft.config import ConfigError, load_section
 
 SPANS_PER_LINE = 512
 # Frames handed to the engine at once: the per-call work (low watermark over every node, the
@@ -120,16 +121,24 @@ def _count_frames(paths: Sequence[str | Path]) -> int:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="OTLP JSON lines file (default: stdout)")
 @click.option("--otlp", is_flag=True, help="export over OTLP (OTEL_EXPORTER_OTLP_* settings)")
-def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool) -> None:
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file whose `engine:` section sets the join rules (else WEFT_CONFIG, WEFT_ENGINE_*)")
+def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool,
+                    config_file: str | None) -> None:
     """Stitch capture files offline into traces."""
     if otlp and out_path is not None:
         raise click.UsageError("give --out FILE or --otlp, not both")
+    try:
+        config = load_section(EngineConfig, "engine", config_file=config_file).validate()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         total = _count_frames(captures)
         with Progress(TextColumn("rebuild"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       transient=True, console=None) as progress:
             task = progress.add_task("frames", total=total)
-            result = rebuild(captures, on_frame=lambda n: progress.update(task, completed=n))
+            result = rebuild(captures, config,
+                             on_frame=lambda n: progress.update(task, completed=n))
     except CodecError as exc:
         raise click.ClickException(f"cannot read capture: {exc}") from None
     if otlp:

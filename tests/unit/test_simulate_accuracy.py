@@ -57,6 +57,28 @@ def test_rebuild_is_byte_identical_and_the_cli_agrees(tmp_path: Path) -> None:
     assert f"trace {trace_id}" in done.output
 
 
+def test_rebuild_takes_the_join_rules_from_the_engine_config(tmp_path: Path) -> None:
+    runner = CliRunner()
+    sim_dir = tmp_path / "cap"
+    done = runner.invoke(cli, ["simulate", "--nodes", "3", "--rps", "10", "--seconds", "1", "--seed", "2",
+                               "--capture-dir", str(sim_dir)])
+    assert done.exit_code == 0, done.output
+    captures = sorted(str(p) for p in sim_dir.glob("*.wcap"))
+    links: dict[str, set[str]] = {}
+    for name, yaml_text in (("default", "engine: {}\n"),
+                            ("header_only", "engine:\n  link_by_seq: false\n  link_by_tuple: false\n")):
+        config, out = tmp_path / f"{name}.yaml", tmp_path / f"{name}.jsonl"
+        config.write_text(yaml_text)
+        done = runner.invoke(cli, ["rebuild", *captures, "--out", str(out), "--config", str(config)])
+        assert done.exit_code == 0, done.output
+        links[name] = {a["value"]["stringValue"] for line in out.read_text().splitlines()
+                       for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+                       for span in ss["spans"] for a in span["attributes"] if a["key"] == "weft.link"}
+    assert {"cross_node", "traceparent"} <= links["default"]
+    assert "traceparent" in links["header_only"]
+    assert not {"cross_node", "nat", "tuple"} & links["header_only"]
+
+
 def test_verify_catches_a_wrong_parent(tmp_path: Path) -> None:
     truth = tmp_path / "truth.jsonl"
     truth.write_text('{"span": "aa", "parent": "", "hop": "root"}\n'
