@@ -45,6 +45,7 @@ from schemas.codec import CodecError, decode_frame
 from stitcher.consumer_lag import ConsumerLag
 from stitcher.deadletter import DeadLetterProducer
 from stitcher.engine import Engine, EngineConfig, Span
+from stitcher.engine.core import invalid_http
 from stitcher.otlp_convert import spans_to_json_line
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
@@ -167,10 +168,14 @@ class FrameStitcher:
     def decode(self, value: bytes | None, where: Where) -> pb.Frame | None:
         """The frame in `value`, or None after dead-lettering it (raises if that fails)."""
         try:
-            return decode_frame(value or b"", str(where))
+            frame = decode_frame(value or b"", str(where))
         except CodecError as exc:
             self.dead_letter(f"undecodable frame: {exc.reason}", value or b"", where)
             return None
+        for event in frame.events:  # the engine skips these; the dead-letter topic keeps them
+            if event.WhichOneof("kind") == "http" and (reason := invalid_http(event.http)):
+                self.dead_letter(reason, event.SerializeToString(), where, node=frame.node)
+        return frame
 
     def dead_letter(self, reason: str, payload: bytes, where: Where, node: str = "") -> None:
         self.counters.dead_letters += 1

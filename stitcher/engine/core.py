@@ -288,7 +288,7 @@ class Engine:
             stats.duplicates += 1
             return
         role = h.role
-        if role not in (ROLE_SERVER, ROLE_CLIENT) or h.end_ns < h.start_ns:
+        if invalid_http(h):
             stats.invalid += 1
             return
         stats.http += 1
@@ -793,6 +793,16 @@ class Engine:
             txn = open_txn(self.store)
             txn.srem(OUTBOX, done)
             txn.commit()
+
+
+def invalid_http(h: pb.HttpRequest) -> str:
+    """Why this HTTP event cannot become a span ("" when it can). The engine skips (and counts)
+    such events; `weft stitch` also sends each to the dead-letter topic with this reason."""
+    if h.role not in (ROLE_SERVER, ROLE_CLIENT):
+        return "invalid event: HTTP request without a role (neither accepted nor connected socket)"
+    if h.end_ns < h.start_ns:
+        return f"invalid event: HTTP request ends before it starts ({h.end_ns} < {h.start_ns})"
+    return ""
 
 
 def _safe(text: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from schemas import weft_events_pb2 as pb
+from schemas.codec import encode_frame, make_frame, wrap
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from tests.integration.stitch_harness import (
     StitchRun,
@@ -25,6 +26,8 @@ from tests.otlp_receiver import OtlpReceiver
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 GARBAGE = b"\x08\x96\x01 this is not a Weft frame \xff\xfe"
+# A well-formed frame holding one event the engine cannot use: an HTTP request without a role.
+ROLELESS = wrap(pb.HttpRequest(start_ns=1, end_ns=2, pid=7, tid=7, method="GET", path="/roleless"))
 
 
 @dataclass
@@ -49,9 +52,12 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             for i in range(2):
                 run.start_worker(logs / f"worker{i}.log", rx.endpoint)
             run.wait_assigned(4)  # both in the group before any frame arrives
-            sent = run.produce(interleaved_frames(sim), extra=[(b"node-garbage", GARBAGE)])
+            node = sim.node_names[0]
+            bad = encode_frame(make_frame(node, [ROLELESS], agent_instance=0xBAD))
+            sent = run.produce(interleaved_frames(sim),
+                               extra=[(b"node-garbage", GARBAGE), (node.encode(), bad)])
             rx.wait_for(len(expected), timeout=90)
-            run.wait_consumed(4, sent + 1)  # + the garbage record; spans can be out before the tail
+            run.wait_consumed(4, sent + 2)  # + the two bad records; spans can be out before the tail
         finally:
             codes = [w.stop() for w in run.workers]  # SIGTERM: flush, then exit
         yield StreamResult(run, expected, received_bytes(rx.requests), codes,
@@ -69,19 +75,25 @@ def test_both_workers_did_work_and_exited_cleanly(two_workers: StreamResult) -> 
     r = two_workers
     assert r.exit_codes == [0, 0], [w.tail() for w in r.run.workers]
     assert all(n > 0 for n in r.frames_done), r.frames_done
-    assert sum(r.frames_done) == r.frames_sent  # every frame stitched once; the garbage was not
+    assert sum(r.frames_done) == r.frames_sent + 1  # every frame once (+ the roleless one); not the garbage
 
 
 def test_garbage_goes_to_the_dead_letter_topic(two_workers: StreamResult) -> None:
     run = two_workers.run
-    records = read_topic(run.bootstrap, run.dead_topic, 1)
-    assert len(records) == 1
-    letter = pb.DeadLetter()
-    letter.ParseFromString(records[0][1])
-    assert letter.payload == GARBAGE
-    assert letter.reason.startswith("undecodable frame: not a Weft frame")
-    assert letter.source_topic == run.raw_topic
-    assert letter.partition >= 0 and letter.offset >= 0
+    records = read_topic(run.bootstrap, run.dead_topic, 2)
+    assert len(records) == 2
+    letters = []
+    for _, value in records:
+        letter = pb.DeadLetter()
+        letter.ParseFromString(value)
+        assert letter.source_topic == run.raw_topic
+        assert letter.partition >= 0 and letter.offset >= 0
+        letters.append(letter)
+    garbage, roleless = sorted(letters, key=lambda x: x.reason.startswith("invalid"))
+    assert garbage.payload == GARBAGE
+    assert garbage.reason.startswith("undecodable frame: not a Weft frame")
+    assert roleless.reason.startswith("invalid event: HTTP request without a role")
+    assert pb.Event.FromString(roleless.payload) == ROLELESS and roleless.node == two_workers.run.nodes[0]
 
 
 
