@@ -20,6 +20,8 @@ from stitcher.otlp_convert import JsonSpan, read_json_spans
 from weft.config import run_dir
 
 BAR_WIDTH = 32
+DUR_WIDTH = 10   # "123456.7 ms"-ish: never cut
+LINK_WIDTH = 14
 
 
 def default_file() -> Path:
@@ -61,31 +63,39 @@ def tree_rows(spans: list[JsonSpan]) -> list[tuple[int, JsonSpan]]:
     return rows
 
 
-def _bar(span: JsonSpan, t0: int, total: int) -> Text:
-    begin = int((span.start_ns - t0) / total * BAR_WIDTH) if total else 0
-    length = max(1, int((span.end_ns - span.start_ns) / total * BAR_WIDTH)) if total else BAR_WIDTH
-    begin = min(begin, BAR_WIDTH - 1)
-    length = min(length, BAR_WIDTH - begin)
+def _bar(span: JsonSpan, t0: int, total: int, bar_width: int) -> Text:
+    begin = int((span.start_ns - t0) / total * bar_width) if total else 0
+    length = max(1, int((span.end_ns - span.start_ns) / total * bar_width)) if total else bar_width
+    begin = min(begin, bar_width - 1)
+    length = min(length, bar_width - begin)
     style = "red" if span.attributes.get("http.response.status_code", 0) >= 500 else (
         "cyan" if span.kind == "SERVER" else "magenta")
-    return Text(" " * begin) + Text("█" * length, style=style) + Text(" " * (BAR_WIDTH - begin - length))
+    return Text(" " * begin) + Text("█" * length, style=style) + Text(" " * (bar_width - begin - length))
 
 
-def render_trace(trace_id: str, spans: list[JsonSpan]) -> Table:
+def render_trace(trace_id: str, spans: list[JsonSpan], width: int = 120) -> Table:
+    """The trace as a table that fits `width` columns: durations and links keep their width,
+    the bar narrows, and span names and services are cut with an ellipsis."""
+    # 5 columns, 4 separators of 3 characters; the duration and link columns are fixed
+    free = max(width - 4 * 3 - DUR_WIDTH - LINK_WIDTH, 24)
+    bar_width = max(8, min(BAR_WIDTH, free // 4))
+    names = free - bar_width
+    span_width = names * 3 // 5
     t0 = min(s.start_ns for s in spans)
     total = max(s.end_ns for s in spans) - t0
     table = Table(title=f"trace {trace_id} · {len(spans)} spans · {total / 1e6:.1f} ms",
                   title_justify="left", show_edge=False, pad_edge=False)
-    table.add_column("span", no_wrap=True, overflow="ellipsis")
-    table.add_column("service@node", style="green", no_wrap=True, overflow="ellipsis")
-    table.add_column("dur", justify="right", no_wrap=True)
-    table.add_column("link", style="dim", no_wrap=True)
+    table.add_column("span", no_wrap=True, overflow="ellipsis", max_width=span_width)
+    table.add_column("service@node", style="green", no_wrap=True, overflow="ellipsis",
+                     max_width=names - span_width)
+    table.add_column("dur", justify="right", no_wrap=True, min_width=DUR_WIDTH)
+    table.add_column("link", style="dim", no_wrap=True, overflow="ellipsis", max_width=LINK_WIDTH)
     table.add_column("timeline", no_wrap=True)
     for depth, span in tree_rows(spans):
         kind = "→" if span.kind == "CLIENT" else "⇢" if span.kind == "SERVER" else "·"
         duration = f"{(span.end_ns - span.start_ns) / 1e6:.1f} ms"
         table.add_row(f"{'  ' * depth}{kind} {span.name}", f"{span.service}@{span.node}", duration,
-                      str(span.attributes.get("weft.link", "")), _bar(span, t0, total))
+                      str(span.attributes.get("weft.link", "")), _bar(span, t0, total, bar_width))
     return table
 
 
@@ -117,5 +127,5 @@ def show_command(trace_id: str | None, last: int | None, path: Path | None) -> N
         raise click.ClickException(f"no trace {trace_id!r} in {path}" if trace_id else f"no traces in {path}")
     console = Console()
     for t in chosen:
-        console.print(render_trace(t, traces[t]))
+        console.print(render_trace(t, traces[t], console.width))
         console.print()
