@@ -104,6 +104,27 @@ BPF_PROG_ARRAY(scanners, 1); /* [0] = weft_msg_scan, filled by the loader */
 
 /* remote_port as sock_ops and sk_msg give it (the network-order 16 bits, shifted into the upper
  * half of the u32 on this kernel, in the lower half on old ones) in host order. */
+/* The connection key from a sock_ops or an sk_msg context: both name the fields alike (a macro,
+ * because the verifier rewrites context loads per program type and a helper cannot take both). */
+#define CONN_KEY_FROM(k, fam, ctx)                                                              \
+    do {                                                                                        \
+        (k).family = (fam);                                                                     \
+        (k).ports = ((ctx)->local_port << 16) | swap16((ctx)->remote_port);                     \
+        if ((fam) == AF_INET) {                                                                 \
+            (k).laddr[0] = (ctx)->local_ip4;                                                    \
+            (k).raddr[0] = (ctx)->remote_ip4;                                                   \
+        } else {                                                                                \
+            (k).laddr[0] = (ctx)->local_ip6[0];                                                 \
+            (k).laddr[1] = (ctx)->local_ip6[1];                                                 \
+            (k).laddr[2] = (ctx)->local_ip6[2];                                                 \
+            (k).laddr[3] = (ctx)->local_ip6[3];                                                 \
+            (k).raddr[0] = (ctx)->remote_ip6[0];                                                \
+            (k).raddr[1] = (ctx)->remote_ip6[1];                                                \
+            (k).raddr[2] = (ctx)->remote_ip6[2];                                                \
+            (k).raddr[3] = (ctx)->remote_ip6[3];                                                \
+        }                                                                                       \
+    } while (0)
+
 static __always_inline u32 swap16(u32 v)
 {
     if (v > 0xffff)
@@ -127,21 +148,7 @@ int weft_sock_ops(struct bpf_sock_ops *skops)
         return 1;
     /* a new connection may reuse the addresses of an old one: start its stream state afresh */
     struct conn_key k = {};
-    k.family = family;
-    k.ports = (skops->local_port << 16) | swap16(skops->remote_port);
-    if (family == AF_INET) {
-        k.laddr[0] = skops->local_ip4;
-        k.raddr[0] = skops->remote_ip4;
-    } else {
-        k.laddr[0] = skops->local_ip6[0];
-        k.laddr[1] = skops->local_ip6[1];
-        k.laddr[2] = skops->local_ip6[2];
-        k.laddr[3] = skops->local_ip6[3];
-        k.raddr[0] = skops->remote_ip6[0];
-        k.raddr[1] = skops->remote_ip6[1];
-        k.raddr[2] = skops->remote_ip6[2];
-        k.raddr[3] = skops->remote_ip6[3];
-    }
+    CONN_KEY_FROM(k, family, skops);
     msg_states.delete(&k);
     u64 cookie = bpf_get_socket_cookie(skops);
     int err = socks.sock_hash_update(skops, &cookie, BPF_ANY);
@@ -249,21 +256,7 @@ int weft_sk_msg(struct sk_msg_md *msg)
         return SK_PASS;
     struct conn_key k = {};
     u32 family = msg->family;
-    k.family = family;
-    k.ports = (msg->local_port << 16) | swap16(msg->remote_port);
-    if (family == AF_INET) {
-        k.laddr[0] = msg->local_ip4;
-        k.raddr[0] = msg->remote_ip4;
-    } else {
-        k.laddr[0] = msg->local_ip6[0];
-        k.laddr[1] = msg->local_ip6[1];
-        k.laddr[2] = msg->local_ip6[2];
-        k.laddr[3] = msg->local_ip6[3];
-        k.raddr[0] = msg->remote_ip6[0];
-        k.raddr[1] = msg->remote_ip6[1];
-        k.raddr[2] = msg->remote_ip6[2];
-        k.raddr[3] = msg->remote_ip6[3];
-    }
+    CONN_KEY_FROM(k, family, msg);
     /* volatile: the scan loop must load and store the state, not keep it in registers, where the
      * verifier would track every value and explode the number of states */
     volatile struct msg_state *s = msg_states.lookup(&k);

@@ -119,10 +119,14 @@ class AgentPipeline:
                                       self.node(name).address, "--directory", str(docroot)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.children.append(proc)
+        self._wait_serving(name, port)
+        return proc
+
+    def _wait_serving(self, name: str, port: int) -> None:
+        """Until the server in node `name` answers on `port` (curl retries a refused connect)."""
         self.node(name).run(["curl", "-s", "-o", "/dev/null", "--retry", "30", "--retry-connrefused",
                              "--retry-delay", "0", "--retry-max-time", "20", self.url(name, port)],
                             check=True)
-        return proc
 
     def serve_nginx(self, name: str, port: int) -> subprocess.Popen[bytes]:
         """nginx in node `name` answering 200 on every path (epoll, a large accept backlog:
@@ -152,9 +156,7 @@ http {{
         proc = self.node(name).popen(["nginx", "-c", str(conf), "-p", str(prefix)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.children.append(proc)
-        self.node(name).run(["curl", "-s", "-o", "/dev/null", "--retry", "30", "--retry-connrefused",
-                             "--retry-delay", "0", "--retry-max-time", "20", self.url(name, port)],
-                            check=True)
+        self._wait_serving(name, port)
         return proc
 
     def load(self, name: str, url: str, rps: float, *extra: str) -> subprocess.Popen[bytes]:

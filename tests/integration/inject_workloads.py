@@ -114,8 +114,21 @@ def client(port: int) -> None:
     conn.close()
 
 
-class _Nested(http.server.BaseHTTPRequestHandler):
+class _JsonHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def reply_json(self, answer: dict[str, Any]) -> None:
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Nested(_JsonHandler):
     downstream = 0
 
     def do_GET(self) -> None:
@@ -128,20 +141,12 @@ class _Nested(http.server.BaseHTTPRequestHandler):
         worker = threading.Thread(target=spawned)
         worker.start()
         worker.join()
-        body = json.dumps({"incoming": self.headers.get_all("traceparent") or [], **results}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply_json({"incoming": self.headers.get_all("traceparent") or [], **results})
 
 
-class _Pooled(http.server.BaseHTTPRequestHandler):
+class _Pooled(_JsonHandler):
     """Hands each downstream call to one worker thread, made during the first request."""
 
-    protocol_version = "HTTP/1.1"
     downstream = 0
     jobs: queue.Queue[queue.Queue[dict[str, Any]]] = queue.Queue()
     worker: threading.Thread | None = None
@@ -158,15 +163,7 @@ class _Pooled(http.server.BaseHTTPRequestHandler):
             _Pooled.worker.start()
         reply: queue.Queue[dict[str, Any]] = queue.Queue()
         self.jobs.put(reply)
-        body = json.dumps({"incoming": self.headers.get_all("traceparent") or [],
-                           "pool": reply.get()}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply_json({"incoming": self.headers.get_all("traceparent") or [], "pool": reply.get()})
 
 
 def pooled(port: int, downstream: int) -> None:

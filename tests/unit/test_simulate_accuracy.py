@@ -33,13 +33,18 @@ def test_simulated_mesh_is_stitched_exactly(tmp_path: Path) -> None:
     assert result.stats["duplicates"] > 0 and result.stats["late"] == 0
 
 
-def test_rebuild_is_byte_identical_and_the_cli_agrees(tmp_path: Path) -> None:
-    runner = CliRunner()
-    sim_dir = tmp_path / "cap"
+def _simulate(runner: CliRunner, sim_dir: Path) -> list[str]:
+    """`weft simulate` of a small mesh into capture files; their paths, sorted."""
     done = runner.invoke(cli, ["simulate", "--nodes", "3", "--rps", "10", "--seconds", "1", "--seed", "2",
                                "--capture-dir", str(sim_dir)])
     assert done.exit_code == 0, done.output
-    captures = sorted(str(p) for p in sim_dir.glob("*.wcap"))
+    return sorted(str(p) for p in sim_dir.glob("*.wcap"))
+
+
+def test_rebuild_is_byte_identical_and_the_cli_agrees(tmp_path: Path) -> None:
+    runner = CliRunner()
+    sim_dir = tmp_path / "cap"
+    captures = _simulate(runner, sim_dir)
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for out, order in ((first, captures), (second, captures[::-1])):
         done = runner.invoke(cli, ["rebuild", *order, "--out", str(out)])
@@ -60,10 +65,7 @@ def test_rebuild_is_byte_identical_and_the_cli_agrees(tmp_path: Path) -> None:
 def test_rebuild_takes_the_join_rules_from_the_engine_config(tmp_path: Path) -> None:
     runner = CliRunner()
     sim_dir = tmp_path / "cap"
-    done = runner.invoke(cli, ["simulate", "--nodes", "3", "--rps", "10", "--seconds", "1", "--seed", "2",
-                               "--capture-dir", str(sim_dir)])
-    assert done.exit_code == 0, done.output
-    captures = sorted(str(p) for p in sim_dir.glob("*.wcap"))
+    captures = _simulate(runner, sim_dir)
     links: dict[str, set[str]] = {}
     for name, yaml_text in (("default", "engine: {}\n"),
                             ("header_only", "engine:\n  link_by_seq: false\n  link_by_tuple: false\n")):
