@@ -48,7 +48,7 @@ from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.engine.core import invalid_http
 from stitcher.otlp_convert import spans_to_json_line
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
-from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
+from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section, run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +364,9 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     """The Faust app: one agent on the raw topic, concurrency 1, values as raw bytes."""
     from stitcher.faust_fetch import app_class  # Faust loads here: `weft` starts fast otherwise
 
+    # Faust makes "<id>-data/" in the working directory unless told: keep it with our state.
+    datadir = run_dir() / "faust" / settings.group_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = app_class(settings.fetch_max_wait_ms)(
         settings.group_id,
         broker=[f"kafka://{host}" for host in kafka.bootstrap.split(",")],
@@ -371,6 +374,7 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
         web_enabled=False,
         autodiscover=False,
         store="memory://",
+        datadir=str(datadir),
         topic_disable_leader=True,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
