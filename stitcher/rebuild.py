@@ -97,11 +97,18 @@ def rebuild(paths: Sequence[str | Path], config: EngineConfig | None = None,
         if on_frame is not None:
             on_frame(frames)
         spans.extend(engine.flush())
+        stats, events = engine.stats.as_dict(), engine.stats.events
+        del engine                      # the join state goes now, by reference counting
+        spans.sort(key=_CANONICAL_ORDER)
     finally:
         if collecting:
+            # Everything allocated while the collector was off sits in its youngest
+            # generation; the first collection would walk all of it (the spans: millions of
+            # objects, none cyclic). Promote it to the oldest generation instead, unscanned.
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
-    spans.sort(key=_CANONICAL_ORDER)
-    return RebuildResult(spans, frames, engine.stats.events, engine.stats.as_dict())
+    return RebuildResult(spans, frames, events, stats)
 
 
 def write_json_lines(spans: Sequence[Span], out: TextIO) -> int:

@@ -88,7 +88,7 @@ from stitcher.engine.records import (
     span_key,
     tuple_key,
 )
-from stitcher.engine.store import HSetNX, StateStore
+from stitcher.engine.store import FLOOR_LIMIT, HSetNX, StateStore
 from stitcher.engine.txn import Txn, open_txn
 
 FOREVER_NS = (1 << 63) - 1
@@ -120,10 +120,8 @@ class EngineStats:
         return flat
 
 
-def _own_ids(h: pb.HttpRequest) -> tuple[str, str] | None:
-    """(trace, span) hex of the traceparent Weft gave this request (server) or sent (client)."""
-    own = h.assigned_traceparent if h.role == ROLE_SERVER else h.injected_traceparent
-    return parse_traceparent(own) if own else None
+# one HTTP event of a frame: (span id, record, message)
+_FrameHttp = tuple[str, Http, pb.HttpRequest]
 
 
 @lru_cache(maxsize=65536)
@@ -152,6 +150,7 @@ class Engine:
         # Decoded request records by span id. They never change once written (HSetNX of a
         # deterministic value), so the cache stays valid across frames and workers.
         self._ev_cache: dict[str, Http] = {}
+        self._lane_entries: dict[str, tuple[int, int, str]] = {}   # same: members never change
         self._expected_heard = 0
         self._resources: dict[tuple[str, int, tuple[str, str]], Resource] = {}
         # `weft stitch` sets this: emitted span ids go to OUTBOX in the same commit that marks
@@ -175,19 +174,21 @@ class Engine:
         a consumer may hand over whatever it has buffered; a batch is also committed as one
         unit (a failed `apply` wrote none of it)."""
         txn = open_txn(self.store)
-        frame_sids = [self._frame_sids(frame) for frame in frames]
+        frame_https = [self._frame_https(frame) for frame in frames]
         if txn.batched:
-            txn.load(hashes=[WM, META, EXPECT, *(span_key(s) for sids in frame_sids for s in sids if s)])
+            txn.load(hashes=[WM, META, EXPECT, *(span_key(x[0]) for xs in frame_https for x in xs if x)])
         swept = int(txn.hash(META).get("swept", "0"))
         late: list[str] = []
-        due_buckets: set[str] = set()
+        due: dict[int, list[str]] = {}     # this batch's scheduled questions, by due bucket
         marks: dict[str, int] = {}
-        for frame, sids in zip(frames, frame_sids, strict=True):
+        for frame, https in zip(frames, frame_https, strict=True):
             node = frame.node
             marks[node] = max(marks.get(node, 0),
-                              self._ingest_frame(txn, node, frame.events, sids, swept, late, due_buckets))
-        if due_buckets:
-            txn.sadd(DUE_INDEX, tuple(sorted(due_buckets)))
+                              self._ingest_frame(txn, node, frame.events, https, swept, late, due))
+        if due:
+            for bucket, questions in due.items():
+                txn.sadd(due_key(bucket), tuple(questions))
+            txn.sadd(DUE_INDEX, tuple(sorted(str(b) for b in due)))
         for node, watermark in marks.items():
             txn.hmax(WM, node, n20(watermark))  # also registers a node with no watermark yet
         low = self._low_watermark(txn.hash(WM), txn.hash(EXPECT))
@@ -196,37 +197,52 @@ class Engine:
         txn.commit()
         if len(self._ev_cache) > _EV_CACHE_MAX:
             self._ev_cache.clear()
+            self._lane_entries.clear()
             self._resources.clear()
         return out
 
     def span_ids(self, frame: pb.Frame) -> list[str | None]:
         """The span id (hex) the engine gives each event of `frame`; None for non-requests."""
-        return self._frame_sids(frame)
+        return [x[0] if x else None for x in self._frame_https(frame)]
 
-    def _frame_sids(self, frame: pb.Frame) -> list[str | None]:
-        """The span id of each event of the frame that is an HTTP request (else None)."""
+    @staticmethod
+    def _frame_https(frame: pb.Frame) -> list[_FrameHttp | None]:
+        """Per event of the frame: (span id, record, message) of an HTTP request, else None.
+        Each request's fields are read from protobuf once, here (a batched store needs the
+        span ids before ingesting, to load their records in one round trip)."""
         node = frame.node
-        events = frame.events
-        sids: list[str | None] = []
-        for ev in events:
-            if ev.WhichOneof("kind") == "http":
-                h = ev.http
-                own = _own_ids(h)  # WEFT-INJECT: the ids Weft put on the wire are the span's
-                sids.append(own[1] if own else span_id(node, h.pid, h.sock_cookie, h.role, h.start_ns).hex())
+        out: list[_FrameHttp | None] = []
+        for ev in frame.events:
+            if ev.WhichOneof("kind") != "http":
+                out.append(None)
+                continue
+            h = ev.http
+            rec = Http.from_pb(node, h)
+            # WEFT-INJECT: the ids Weft put on the wire are the span's (a server keeps the
+            # context it was assigned like a client keeps the one it sent)
+            if rec.role == ROLE_SERVER:
+                assigned = h.assigned_traceparent
+                if assigned:
+                    rec = rec._replace(injected=assigned)
+                own = parse_traceparent(assigned) if assigned else None
             else:
-                sids.append(None)
-        return sids
+                sent = h.injected_traceparent
+                own = parse_traceparent(sent) if sent else None
+            out.append((own[1] if own else span_id(node, rec.pid, rec.cookie, rec.role, rec.start).hex(),
+                        rec, h))
+        return out
 
-    def _ingest_frame(self, txn: Txn, node: str, events: Sequence[pb.Event], sids: list[str | None],
-                      swept: int, late: list[str], due_buckets: set[str]) -> int:
+    def _ingest_frame(self, txn: Txn, node: str, events: Sequence[pb.Event],
+                      https: list[_FrameHttp | None], swept: int, late: list[str],
+                      due: dict[int, list[str]]) -> int:
         """Record one frame's events; returns the frame's newest watermark (0: none)."""
         stats = self.stats
         stats.frames += 1
         stats.events += len(events)
         watermark = 0
-        for ev, sid in zip(events, sids, strict=True):
-            if sid is not None:
-                self._ingest_http(txn, node, ev.http, sid, swept, late, due_buckets)
+        for ev, http in zip(events, https, strict=True):
+            if http is not None:
+                self._ingest_http(txn, node, *http, swept, late, due)
                 continue
             kind = ev.WhichOneof("kind")
             if kind == "watermark":
@@ -259,6 +275,7 @@ class Engine:
         txn.commit()
         if len(self._ev_cache) > _EV_CACHE_MAX:
             self._ev_cache.clear()
+            self._lane_entries.clear()
         return out
 
     def _break_cycles(self, txn: Txn) -> list[Span]:
@@ -280,21 +297,18 @@ class Engine:
         self.stats.unresolved += len(roots)
         return self._emit(txn, roots)
 
-    def _ingest_http(self, txn: Txn, node: str, h: pb.HttpRequest, sid: str, swept: int,
-                     late: list[str], due_buckets: set[str]) -> None:
+    def _ingest_http(self, txn: Txn, node: str, sid: str, rec: Http, h: pb.HttpRequest, swept: int,
+                     late: list[str], due: dict[int, list[str]]) -> None:
         stats = self.stats
         rec_key = span_key(sid)
         if "ev" in txn.hash(rec_key):
             stats.duplicates += 1
             return
-        role = h.role
+        role = rec.role
         if invalid_http(h):
             stats.invalid += 1
             return
         stats.http += 1
-        rec = Http.from_pb(node, h)
-        if role == ROLE_SERVER and h.assigned_traceparent:
-            rec = rec._replace(injected=h.assigned_traceparent)  # WEFT-INJECT: kept like a client's
         txn.hsetnx(rec_key, "ev", rec.encode())
         self._ev_cache[sid] = rec
         start, end = rec.start, rec.end
@@ -319,18 +333,25 @@ class Engine:
             threshold = max(start + self._max_req, end)
             early = end + self._early
             if early < threshold:
-                self._schedule(txn, early, sid, due_buckets, early=True)
+                question = f"{early:020d}|{sid}|e"      # the early in-process question
+                bucket = early // self._due_w
+                if bucket in due:
+                    due[bucket].append(question)
+                else:
+                    due[bucket] = [question]
                 return
-        self._schedule(txn, threshold, sid, due_buckets)
-
-    def _schedule(self, txn: Txn, threshold: int, sid: str, due_buckets: set[str] | None,
-                  early: bool = False) -> None:
         bucket = threshold // self._due_w
-        txn.sadd(due_key(bucket), (f"{n20(threshold)}|{sid}{'|e' if early else ''}",))
-        if due_buckets is None:
-            txn.sadd(DUE_INDEX, (str(bucket),))
+        if bucket in due:
+            due[bucket].append(f"{threshold:020d}|{sid}")
         else:
-            due_buckets.add(str(bucket))
+            due[bucket] = [f"{threshold:020d}|{sid}"]
+
+    def _schedule(self, txn: Txn, threshold: int, sid: str) -> None:
+        """Ask `sid`'s parent question (again) at `threshold` (the batch's new requests are
+        scheduled together instead: see `process_frames`)."""
+        bucket = threshold // self._due_w
+        txn.sadd(due_key(bucket), (f"{n20(threshold)}|{sid}",))
+        txn.sadd(DUE_INDEX, (str(bucket),))
 
     def expect_nodes(self, nodes: Iterable[str]) -> None:
         """Wait for these nodes from the start, even before their first watermark arrives (a
@@ -392,13 +413,20 @@ class Engine:
             todo = [(thr, sid, False) for thr, sid in deferred if thr <= upto]
             for thr, sid in deferred:
                 if thr > upto:
-                    self._schedule(txn, thr, sid, None)
+                    self._schedule(txn, thr, sid)
         for b in buckets:
             txn.delete(due_key(b))
         if buckets:
             txn.srem(DUE_INDEX, tuple(str(b) for b in buckets))
         txn.hmax(META, "swept", n20(min(upto, FOREVER_NS)))
         return decided
+
+    def _lane_entry(self, member: str) -> tuple[int, int, str]:
+        """(start, end, span id) of a lane member "<start>|<end>|<sid>", parsed once: floor
+        queries return the same members again and again."""
+        s_s, e_s, ssid = member.split("|")
+        entry = self._lane_entries[member] = (int(s_s), int(e_s), ssid)
+        return entry
 
     def _event(self, txn: Txn, sid: str) -> Http | None:
         rec = self._ev_cache.get(sid)
@@ -540,12 +568,17 @@ class Engine:
         prefix = proc_prefix(rec.node, rec.pid)
         tag = "g" if rec.goid else "t"
         served = False
+        entries = self._lane_entries
         for hop in hops:
             lane = f"{prefix}:{tag}{hop.ident}"
             seen: dict[str, tuple[int, int]] = {}
-            for _, member in (*txn.floor(lane, x // 1000), *txn.floor(lane, t1 // 1000)):
-                s_s, e_s, ssid = member.split("|")
-                s, e = int(s_s), int(e_s)
+            latest = txn.floor(lane, t1 // 1000)
+            # the floor at t1 holds every entry up to t1 unless it is full: only then can the
+            # floor at x add any
+            if len(latest) >= FLOOR_LIMIT and x // 1000 != t1 // 1000:
+                latest = [*txn.floor(lane, x // 1000), *latest]
+            for _, member in latest:
+                s, e, ssid = entries.get(member) or self._lane_entry(member)
                 if e <= t1:          # later ones may or may not have arrived: never look at them
                     served = True
                     if s >= hop.since_ns:
@@ -599,11 +632,11 @@ class Engine:
         x = rec.start
         prefix = proc_prefix(rec.node, rec.pid)
         tag = "g" if rec.goid else "t"
+        entries = self._lane_entries
         for hop in hops:
             found: list[str] = []
             for _, member in txn.floor(f"{prefix}:{tag}{hop.ident}", x // 1000):
-                s_s, e_s, ssid = member.split("|")
-                s, e = int(s_s), int(e_s)
+                s, e, ssid = entries.get(member) or self._lane_entry(member)
                 if s <= x <= e and e <= thr and s >= hop.since_ns and (
                         hop.level == 0 or s <= hop.spawned_at_ns):
                     found.append(ssid)
@@ -692,7 +725,7 @@ class Engine:
                     txn.sadd(WAITING, (sid,))
                     continue
                 tr = self._trace_below(sid, rec, parent_tr)
-            if parent:
+            if parent and rec.injected:
                 self._check_own_trace(rec, tr)
             txn.hsetnx(span_key(sid), "tr", tr)
             traced.append(sid)
@@ -720,7 +753,8 @@ class Engine:
                     continue
                 parent_tr = txn.hash(span_key(p))["tr"]
                 kid_tr = self._trace_below(kid, ev, parent_tr)
-                self._check_own_trace(ev, kid_tr)
+                if ev.injected:
+                    self._check_own_trace(ev, kid_tr)
                 txn.hsetnx(span_key(kid), "tr", kid_tr)
                 following.append(kid)
             if following:
@@ -737,31 +771,33 @@ class Engine:
             self.stats.trace_mismatch += 1
 
     def _emit(self, txn: Txn, sids: Iterable[str]) -> list[Span]:
-        ready: list[tuple[str, Http, Mapping[str, str]]] = []
+        ready: list[tuple[str, str, Http, Mapping[str, str]]] = []
         for sid in sids:
-            rec_fields = txn.hash(span_key(sid))
+            key = span_key(sid)
+            rec_fields = txn.hash(key)
             if "out" in rec_fields:
                 continue
             ev = self._event(txn, sid)
             if ev is not None:
-                ready.append((sid, ev, rec_fields))
+                ready.append((sid, key, ev, rec_fields))
         if txn.batched:
-            txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, ev, _ in ready])
+            txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, _, ev, _ in ready])
         spans: list[Span] = []
         resources = self._resources
-        for sid, ev, rec_fields in ready:
-            txn.hsetnx(span_key(sid), "out", "1")
-            proc = txn.hash(proc_prefix(ev.node, ev.pid) + ":proc")
+        for sid, key, ev, rec_fields in ready:
+            txn.hsetnx(key, "out", "1")
+            node, pid = ev.node, ev.pid
+            proc = txn.hash(f"w:{{p:{node}|{pid}}}:proc")      # proc_prefix(node, pid) + ":proc"
             if len(proc) == 1:   # the usual case: one ProcessInfo, one Resource object
                 (only,) = proc.items()
-                resource = resources.get((ev.node, ev.pid, only))
+                resource = resources.get((node, pid, only))
                 if resource is None:
-                    resource = resources[(ev.node, ev.pid, only)] = _resource(ev, proc)
+                    resource = resources[(node, pid, only)] = _resource(ev, proc)
             else:
                 resource = _resource(ev, proc)
             spans.append(_span(sid, ev, rec_fields["dec"], rec_fields["tr"], resource))
         if self.outbox and ready:
-            txn.sadd(OUTBOX, tuple(sid for sid, _, _ in ready))
+            txn.sadd(OUTBOX, tuple(sid for sid, _, _, _ in ready))
         self.stats.emitted += len(spans)
         return spans
 
@@ -845,31 +881,38 @@ def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
 
 
 def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
+    # runs once per span: fields are unpacked once, the attributes built as one tuple
+    (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, path, host, _, _,
+     status) = ev
     parent, link, _ext, flag = dec.split("|")
     trace, _, _, split = tr.split("|")
-    server = ev.role == ROLE_SERVER
-    local_ip, remote_ip = _ip(ev.laddr), _ip(ev.raddr)
-    host = ev.host.rsplit(":", 1)[0] if ev.host and not ev.host.startswith("[") else ev.host
-    attrs: list[tuple[str, AttrValue]] = [("http.request.method", ev.method or "_OTHER"),
-                                          ("url.path", ev.path)]
-    if ev.status:
-        attrs.append(("http.response.status_code", ev.status))
-    if server:
-        attrs += [("server.address", host or local_ip), ("server.port", ev.lport),
-                  ("client.address", remote_ip)]
+    remote_ip = _ip(raddr)
+    if host and host[0] != "[":
+        host = host.rsplit(":", 1)[0]
+    head: tuple[tuple[str, AttrValue], ...] = (
+        (("http.request.method", method or "_OTHER"), ("url.path", path),
+         ("http.response.status_code", status))
+        if status else (("http.request.method", method or "_OTHER"), ("url.path", path)))
+    if role == ROLE_SERVER:
+        attrs = (*head, ("server.address", host or _ip(laddr)), ("server.port", lport),
+                 ("client.address", remote_ip), ("network.peer.address", remote_ip),
+                 ("network.peer.port", rport), ("weft.link", link))
     else:
-        attrs += [("server.address", host or remote_ip), ("server.port", ev.rport)]
-    attrs += [("network.peer.address", remote_ip), ("network.peer.port", ev.rport), ("weft.link", link)]
+        attrs = (*head, ("server.address", host or remote_ip), ("server.port", rport),
+                 ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
     if flag:
-        attrs.append((f"weft.{flag}", True))
+        attrs += ((f"weft.{flag}", True),)
     if split == "split":
-        attrs.append(("weft.split_from", parent))
+        attrs += (("weft.split_from", parent),)
         parent = ""
     elif split == "cut":
-        attrs.append(("weft.unresolved", True))
+        attrs += (("weft.unresolved", True),)
         parent = ""
-    name = f"{ev.method} {ev.path}" if ev.method else "HTTP"
-    return Span(trace_id=bytes.fromhex(trace), span_id=bytes.fromhex(sid),
-                parent_span_id=bytes.fromhex(parent) if parent else b"",
-                kind="SERVER" if server else "CLIENT", name=name, start_ns=ev.start, end_ns=ev.end,
-                attributes=tuple(attrs), resource=resource, error=ev.status >= 500)
+    return _new_tuple(Span, (bytes.fromhex(trace), bytes.fromhex(sid),
+                             bytes.fromhex(parent) if parent else b"",
+                             "SERVER" if role == ROLE_SERVER else "CLIENT",
+                             f"{method} {path}" if method else "HTTP", start, end, attrs, resource,
+                             status >= 500))
+
+
+_new_tuple = tuple.__new__   # a NamedTuple from its values, without the keyword-handling __new__

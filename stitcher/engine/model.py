@@ -1,14 +1,14 @@
 """What the join engine produces: spans with deterministic IDs, and the process they came from.
 
-These are plain frozen values; the OTLP conversion lives in `stitcher.otlp_convert` and the
-engine never imports OpenTelemetry. Attribute names follow the OpenTelemetry HTTP semantic
+These are plain immutable values (named tuples: built and hashed in C, as a rebuild makes one
+per request and groups them by resource); the OTLP conversion lives in `stitcher.otlp_convert`
+and the engine never imports OpenTelemetry. Attribute names follow the OpenTelemetry HTTP semantic
 conventions; `weft.link` says which hop type gave the span its parent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 SpanKind = Literal["SERVER", "CLIENT"]
 AttrValue = str | int | bool
@@ -26,8 +26,7 @@ LINK_TYPES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Resource:
+class Resource(NamedTuple):
     """One traced process on one node (OTel resource: service.name, host.name, process.*)."""
 
     service_name: str
@@ -40,8 +39,7 @@ class Resource:
                 ("process.pid", self.pid), ("process.executable.name", self.exe))
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """One HTTP request seen from one side. IDs are raw bytes; hex them only at the edges."""
 
     trace_id: bytes          # 16 bytes

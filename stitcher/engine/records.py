@@ -71,8 +71,7 @@ def inj_key(span_hex: str) -> str:
     return f"w:{{i:{span_hex}}}"
 
 
-def _clean(text: str) -> str:
-    return text.replace(SEP, "?") if SEP in text else text
+_new_tuple = tuple.__new__   # builds a NamedTuple from its values without the keyword-handling __new__
 
 
 class Http(NamedTuple):
@@ -101,18 +100,29 @@ class Http(NamedTuple):
 
     @classmethod
     def from_pb(cls, node: str, h: pb.HttpRequest) -> Http:
+        # every protobuf field is read once; text fields lose the separator (rarely present)
         t = h.tuple
-        return cls(node, h.role, h.pid, h.tid, h.goid, h.start_ns, h.end_ns, h.sock_cookie,
-                   t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port,
-                   h.has_seq, h.tcp_seq, _clean(h.method), _clean(h.path), _clean(h.host),
-                   _clean(h.traceparent), _clean(h.injected_traceparent), h.status)
+        method, path, host, tp, inj = h.method, h.path, h.host, h.traceparent, h.injected_traceparent
+        if SEP in method:
+            method = method.replace(SEP, "?")
+        if SEP in path:
+            path = path.replace(SEP, "?")
+        if SEP in host:
+            host = host.replace(SEP, "?")
+        if SEP in tp:
+            tp = tp.replace(SEP, "?")
+        if SEP in inj:
+            inj = inj.replace(SEP, "?")
+        return _new_tuple(cls, (node, h.role, h.pid, h.tid, h.goid, h.start_ns, h.end_ns, h.sock_cookie,
+                                t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port,
+                                h.has_seq, h.tcp_seq, method, path, host, tp, inj, h.status))
 
     def encode(self) -> str:
-        return SEP.join((self.node, str(self.role), str(self.pid), str(self.tid), str(self.goid),
-                         str(self.start), str(self.end), str(self.cookie), self.laddr,
-                         str(self.lport), self.raddr, str(self.rport), "1" if self.has_seq else "0",
-                         str(self.seq), self.method, self.path, self.host, self.traceparent,
-                         self.injected, str(self.status)))
+        (node, role, pid, tid, goid, start, end, cookie, laddr, lport, raddr, rport, has_seq, seq,
+         method, path, host, tp, inj, status) = self
+        return (f"{node}\x1f{role}\x1f{pid}\x1f{tid}\x1f{goid}\x1f{start}\x1f{end}\x1f{cookie}\x1f{laddr}"
+                f"\x1f{lport}\x1f{raddr}\x1f{rport}\x1f{'1' if has_seq else '0'}\x1f{seq}\x1f{method}"
+                f"\x1f{path}\x1f{host}\x1f{tp}\x1f{inj}\x1f{status}")
 
     @classmethod
     def decode(cls, text: str) -> Http:

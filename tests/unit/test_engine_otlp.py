@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stitcher.engine.model import Resource, Span
-from stitcher.otlp_convert import read_json_spans, request_from_json, spans_to_json_line, spans_to_request
+from stitcher.otlp_convert import (
+    read_json_spans,
+    request_from_json,
+    request_to_json,
+    spans_to_json_line,
+    spans_to_request,
+)
 from tests.otlp_receiver import OtlpReceiver
 from weft.cli import cli
 
@@ -37,8 +45,27 @@ def test_json_line_uses_hex_ids_and_round_trips() -> None:
                                "weft.late": True}
 
 
+_text = st.text(max_size=12)   # any unicode, incl. quotes, controls, non-ASCII
+_attr_value = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), _text)
+_resources = st.builds(Resource, _text, _text, st.integers(0, 2**31), _text)
+_spans = st.builds(
+    Span, trace_id=st.binary(min_size=16, max_size=16), span_id=st.binary(min_size=8, max_size=8),
+    parent_span_id=st.one_of(st.just(b""), st.binary(min_size=8, max_size=8)),
+    kind=st.sampled_from(["SERVER", "CLIENT"]), name=_text, start_ns=st.integers(0, 2**64 - 1),
+    end_ns=st.integers(0, 2**64 - 1),
+    attributes=st.lists(st.tuples(_text, _attr_value), max_size=6).map(tuple),
+    resource=st.one_of(st.just(RES), _resources), error=st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_spans, max_size=6))
+def test_direct_json_line_is_byte_identical_to_the_protobuf_json_mapping(spans: list[Span]) -> None:
+    # rebuild writes lines directly; the protobuf mapping is the reference it must equal
+    assert spans_to_json_line(spans) == request_to_json(spans_to_request(spans))
+
+
 def test_resource_groups_spans_once() -> None:
-    other = Span(**{**{f: getattr(SPAN, f) for f in SPAN.__slots__}, "span_id": b"\x01" * 8})
+    other = SPAN._replace(span_id=b"\x01" * 8)
     request = spans_to_request([SPAN, other])
     assert len(request.resource_spans) == 1
     attrs = {kv.key: kv.value for kv in request.resource_spans[0].resource.attributes}
