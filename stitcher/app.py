@@ -353,7 +353,8 @@ def _credentials(kafka: KafkaSettings) -> Any:
     if kafka.security_protocol.endswith("SSL"):
         context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
         if kafka.ssl_certificate_location:
-            context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location or None)
+            context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location or None,
+                                    kafka.ssl_key_password or None)
     if kafka.security_protocol.startswith("SASL"):
         return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
                                      mechanism=kafka.sasl_mechanism, ssl_context=context)

@@ -33,6 +33,7 @@ class KafkaSettings:
     ssl_ca_location: str = ""
     ssl_certificate_location: str = ""
     ssl_key_location: str = ""
+    ssl_key_password: str = field(default="", repr=False)   # when the client key is encrypted
 
     _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     _MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -62,6 +63,7 @@ class KafkaSettings:
             "ssl.ca.location": self.ssl_ca_location,
             "ssl.certificate.location": self.ssl_certificate_location,
             "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password,
         }
         conf.update({k: v for k, v in optional.items() if v})
         return conf
@@ -73,6 +75,9 @@ class RedisSettings:
     password: str = field(default="", repr=False)
     username: str = ""
     ssl_ca_certs: str = ""
+    ssl_certfile: str = ""      # client certificate, for servers that require one (mutual TLS)
+    ssl_keyfile: str = ""
+    ssl_password: str = field(default="", repr=False)   # when the client key is encrypted
     key_ttl_s: int = 3600
 
     def validate(self) -> RedisSettings:
@@ -80,6 +85,8 @@ class RedisSettings:
             raise ConfigError(f"redis.url={self.url!r}: must start with redis://, rediss:// or unix://")
         if self.key_ttl_s < 1:
             raise ConfigError(f"redis.key_ttl_s={self.key_ttl_s}: must be >= 1")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("redis.ssl_certfile and redis.ssl_keyfile go together: set both or neither")
         return self
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -88,8 +95,9 @@ class RedisSettings:
             kwargs["password"] = self.password
         if self.username:
             kwargs["username"] = self.username
-        if self.ssl_ca_certs:
-            kwargs["ssl_ca_certs"] = self.ssl_ca_certs
+        tls = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
+               "ssl_keyfile": self.ssl_keyfile, "ssl_password": self.ssl_password}
+        kwargs.update({k: v for k, v in tls.items() if v})
         return kwargs
 
 

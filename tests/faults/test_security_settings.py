@@ -2,7 +2,8 @@
 
 * Redis: a real redis-server with TLS (a CA of this test's own) and a password; `weft replay
   --store redis` configured only through WEFT_REDIS_* variables stitches a topic through it.
-  Without the password, or without the CA, the store refuses to start.
+  Without the password, or without the CA, the store refuses to start. A second server requires
+  a client certificate (mutual TLS): refused without one, accepted with WEFT_REDIS_SSL_CERTFILE/KEYFILE.
 * Kafka: settings from WEFT_KAFKA_* reach the agent's producer config, librdkafka accepts them
   (dead-letter producer built), and Faust gets matching SASL / SSL credentials.
 (confluent() and client_kwargs() contents: tests/unit/test_config.py; a password-protected Redis
@@ -30,7 +31,7 @@ from stitcher.deadletter import DeadLetterProducer
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.state_redis import RedisStateStore
 from tests.integration.stitch_harness import WEFT, StitchRun
-from weft.config import KafkaSettings, RedisSettings, load_section
+from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
 
 PASSWORD = "tls-and-auth-5e1f"
 
@@ -39,30 +40,38 @@ PASSWORD = "tls-and-auth-5e1f"
 class TlsRedis:
     url: str
     ca: Path
+    client_cert: Path       # signed by `ca`; the server asks for it only in mutual-TLS mode
+    client_key: Path
 
 
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
-    """redis-server speaking only TLS (certificate for 127.0.0.1 signed by a CA made here)
-    and requiring a password."""
-    ca_key, ca, key, csr, cert, ext = (tmp_path / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr",
-                                                              "srv.crt", "ext.cnf"))
+def _signed_pair(tmp_path: Path, name: str, ca: Path, ca_key: Path, subject: str,
+                 ext: str) -> tuple[Path, Path]:
+    key, csr, cert, ext_file = (tmp_path / f"{name}.{n}" for n in ("key", "csr", "crt", "cnf"))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", subject)
+    ext_file.write_text(ext)
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+             "-out", str(cert), "-days", "1", "-extfile", str(ext_file))
+    return cert, key
+
+
+def _tls_redis(tmp_path: Path, auth_clients: str) -> Iterator[TlsRedis]:
+    """redis-server speaking only TLS (certificate for 127.0.0.1 signed by a CA made here),
+    requiring a password, and a client certificate when auth_clients is "yes"."""
+    ca_key, ca = tmp_path / "ca.key", tmp_path / "ca.crt"
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
              "-days", "1", "-subj", "/CN=weft-test-ca")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-             "-subj", "/CN=127.0.0.1")
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-             "-out", str(cert), "-days", "1", "-extfile", str(ext))
+    cert, key = _signed_pair(tmp_path, "srv", ca, ca_key, "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n")
+    client_cert, client_key = _signed_pair(tmp_path, "client", ca, ca_key, "/CN=weft-stitch",
+                                           "extendedKeyUsage=clientAuth\n")
     port = free_port()
     log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
                              "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+                             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", auth_clients,
                              "--requirepass", PASSWORD, "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -71,11 +80,21 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
                 break
             assert proc.poll() is None, (tmp_path / "redis.log").read_text()
             time.sleep(0.05)
-        yield TlsRedis(f"rediss://127.0.0.1:{port}/0", ca)
+        yield TlsRedis(f"rediss://127.0.0.1:{port}/0", ca, client_cert, client_key)
     finally:
         stop_pid(proc.pid)
         proc.wait(5)
         log.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    yield from _tls_redis(tmp_path, auth_clients="no")
+
+
+@pytest.fixture
+def mtls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    yield from _tls_redis(tmp_path, auth_clients="yes")
 
 
 @pytest.mark.infra
@@ -105,6 +124,18 @@ def test_replay_through_redis_with_tls_and_password_from_env(infra: Any, tls_red
     assert any(k.startswith(b"replay-") for k in client.scan_iter(count=1000)), "state went elsewhere"
 
 
+def test_redis_mutual_tls_takes_the_client_certificate_from_env(mtls_redis: TlsRedis) -> None:
+    env = {"WEFT_REDIS_URL": mtls_redis.url, "WEFT_REDIS_PASSWORD": PASSWORD,
+           "WEFT_REDIS_SSL_CA_CERTS": str(mtls_redis.ca)}
+    with pytest.raises(redis.ConnectionError):                       # no client certificate: refused
+        RedisStateStore(load_section(RedisSettings, "redis", env=env), namespace="probe:")
+    env |= {"WEFT_REDIS_SSL_CERTFILE": str(mtls_redis.client_cert),
+            "WEFT_REDIS_SSL_KEYFILE": str(mtls_redis.client_key)}
+    RedisStateStore(load_section(RedisSettings, "redis", env=env), namespace="probe:").close()
+    with pytest.raises(ConfigError, match=r"ssl_certfile and redis\.ssl_keyfile go together"):
+        load_section(RedisSettings, "redis", env={**env, "WEFT_REDIS_SSL_KEYFILE": ""})
+
+
 def test_kafka_security_settings_reach_every_client(tmp_path: Path) -> None:
     ca = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
     env = {"WEFT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "WEFT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
@@ -112,6 +143,8 @@ def test_kafka_security_settings_reach_every_client(tmp_path: Path) -> None:
            "WEFT_KAFKA_SASL_PASSWORD": "s3cret", "WEFT_KAFKA_SSL_CA_LOCATION": str(ca)}
     kafka = load_section(KafkaSettings, "kafka", env=env)
     agent = producer_config(kafka)
+    keyed = load_section(KafkaSettings, "kafka", env={**env, "WEFT_KAFKA_SSL_KEY_PASSWORD": "k3y"})
+    assert producer_config(keyed)["ssl.key.password"] == "k3y" and "k3y" not in repr(keyed)
     assert {k: agent[k] for k in ("security.protocol", "sasl.mechanism", "sasl.username", "sasl.password",
                                   "ssl.ca.location")} == {
         "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "weft",
