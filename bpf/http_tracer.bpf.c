@@ -521,7 +521,9 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                 response_done(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
             }
             struct req *r = &c->q[c->tail & (NQ - 1)];
-            __builtin_memset(r, 0, 48);
+            /* all of it: records leave the node as they are (schema v2), so no byte of an
+             * earlier request on this connection may linger past the new one's lengths */
+            __builtin_memset(r, 0, sizeof(struct req));
             r->start_ns = now;
             r->pid = pid_tgid >> 32;
             r->tid = (u32)pid_tgid;

@@ -26,6 +26,9 @@ class AgentSettings:
     round_budget: int = 8192               # records read per probe per poll round (~0.1 s)
     ring_reader: str = "mmap"              # "mmap": read rings in batches from their mapping
                                            # (x86; else BCC); "bcc": BCC's per-record callback
+    record_envelope: bool = True           # HTTP, connection and goroutine records leave as the
+                                           # kernel wrote them (schema v2 frames); false: decoded
+                                           # here into schema events (v1 frames, ~10x the CPU)
     ring_pages: int = 1024                 # pages per ring buffer (power of two): 4 MiB, ~9k
                                            # HTTP records, ~90 ms of a 100k records/s burst
     spool_dir: str = ""                    # default: run_dir()/spool/<node>

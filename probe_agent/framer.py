@@ -9,6 +9,10 @@ buffer, so "watermark T" says every record the kernel emitted before T is in thi
 earlier one. (An HTTP request is emitted when it completes, so its start may be earlier than T.)
 Watermarks never go backwards, even when the clock offset is re-sampled.
 
+Size is counted in records: a RawRecords event (kernel records passed through, schema v2)
+weighs as many records as it holds, and makes its frame a v2 frame. The runner keeps each
+one below `max_events` records.
+
 Time is passed in explicitly (`now_ns`, monotonic) so tests drive it; nothing here reads a clock.
 """
 
@@ -18,7 +22,7 @@ import random
 from collections.abc import Sequence
 
 from schemas import weft_events_pb2 as pb
-from schemas.codec import SCHEMA_VERSION, event_time_ns
+from schemas.codec import RAW_SCHEMA_VERSION, SCHEMA_VERSION, event_time_ns
 
 
 class Framer:
@@ -33,7 +37,11 @@ class Framer:
         self._max_delay_ns = max_delay_ms * 1_000_000
         self._wm_interval_ns = watermark_interval_ms * 1_000_000
         self._pending: list[pb.Event] = []
-        self._times: list[int] = []            # event time of each pending event
+        self._times: list[int] = []            # (earliest) event time of each pending event
+        self._t_max: list[int] = []            # latest event time of each pending event
+        self._weights: list[int] = []          # records in each pending event
+        self._weight = 0                       # their sum
+        self._raw_pending = 0                  # pending RawRecords events
         self._oldest_at: int | None = None     # now_ns when the oldest pending event arrived
         self._last_wm_at: int | None = None    # now_ns of the previous watermark
         self._last_wm_ts = 0
@@ -48,10 +56,12 @@ class Framer:
     def pending(self) -> int:
         return len(self._pending)
 
-    def add(self, events: Sequence[pb.Event], now_ns: int,
-            times: Sequence[int] | None = None) -> list[pb.Frame]:
+    def add(self, events: Sequence[pb.Event], now_ns: int, times: Sequence[int] | None = None,
+            *, t_max: Sequence[int] | None = None, weights: Sequence[int] | None = None
+            ) -> list[pb.Frame]:
         """Queue events (with their event times when the caller already knows them; see
-        schemas.codec.event_time_ns); returns the frames that filled up."""
+        schemas.codec.event_time_ns); returns the frames that filled up. A RawRecords event
+        comes with the time range of its records (`times`, `t_max`) and their count (`weights`)."""
         if not events:
             return []
         if times is None:
@@ -60,12 +70,29 @@ class Framer:
             self._oldest_at = now_ns
         self._pending.extend(events)
         self._times.extend(times)
+        self._t_max.extend(times if t_max is None else t_max)
+        if weights is None:
+            self._weights.extend([1] * len(events))
+            self._weight += len(events)
+        else:
+            self._weights.extend(weights)
+            self._weight += sum(weights)
+            self._raw_pending += sum(1 for e in events if e.HasField("raw"))
         out: list[pb.Frame] = []
-        while len(self._pending) >= self._max_events:
-            out.append(self._close(self._max_events))
+        while self._weight >= self._max_events:
+            out.append(self._close(self._full_prefix()))
             if self._pending:
                 self._oldest_at = now_ns
         return out
+
+    def _full_prefix(self) -> int:
+        """How many pending events make a full frame (at least one)."""
+        total = 0
+        for i, w in enumerate(self._weights):
+            total += w
+            if total > self._max_events:
+                return max(1, i)
+        return len(self._weights)
 
     def tick(self, now_ns: int, watermark_ts_ns: int) -> list[pb.Frame]:
         """Close frames that waited long enough; add a watermark when one is due."""
@@ -83,11 +110,14 @@ class Framer:
 
     def _with_watermark(self, now_ns: int, watermark_ts_ns: int) -> list[pb.Frame]:
         out: list[pb.Frame] = []
-        if len(self._pending) >= self._max_events:
-            out.append(self._close(self._max_events))
+        if self._weight >= self._max_events:
+            out.append(self._close(self._full_prefix()))
         self._last_wm_ts = max(self._last_wm_ts, watermark_ts_ns)
         self._pending.append(pb.Event(watermark=pb.Watermark(ts_ns=self._last_wm_ts)))
         self._times.append(self._last_wm_ts)
+        self._t_max.append(self._last_wm_ts)
+        self._weights.append(1)
+        self._weight += 1
         self._last_wm_at = now_ns
         out.append(self._close())
         return out
@@ -95,14 +125,18 @@ class Framer:
     def _close(self, count: int | None = None) -> pb.Frame:
         """A frame of the first `count` pending events (all by default)."""
         n = len(self._pending) if count is None else count
-        events, times = self._pending[:n], self._times[:n]
-        del self._pending[:n], self._times[:n]
-        frame = pb.Frame(schema_version=SCHEMA_VERSION, node=self.node,
-                         agent_instance=self.agent_instance, seq=self._seq)
+        events, times, t_max = self._pending[:n], self._times[:n], self._t_max[:n]
+        weight = sum(self._weights[:n])
+        raw = sum(1 for e in events if e.HasField("raw")) if self._raw_pending else 0
+        del self._pending[:n], self._times[:n], self._t_max[:n], self._weights[:n]
+        self._weight -= weight
+        self._raw_pending -= raw
+        frame = pb.Frame(schema_version=RAW_SCHEMA_VERSION if raw else SCHEMA_VERSION,
+                         node=self.node, agent_instance=self.agent_instance, seq=self._seq)
         frame.events.extend(events)
         if times:
-            frame.t_min_ns, frame.t_max_ns = min(times), max(times)
-        self.events_framed += n
+            frame.t_min_ns, frame.t_max_ns = min(times), max(t_max)
+        self.events_framed += weight
         self._seq += 1
         if not self._pending:
             self._oldest_at = None

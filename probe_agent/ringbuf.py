@@ -83,6 +83,34 @@ class MappedRing:
         _U64.pack_into(consumer, 0, pos)
         return out, pos >= end
 
+    def read_span(self, budget: int) -> tuple[bytes, int, bool]:
+        """Up to `budget` records as one copy of the ring's bytes, framing included (each
+        record: u32 length | u32 page offset | data | pad to 8; see schemas/records.py), the
+        number of records in it (discarded ones included), and True when the ring is now empty.
+        The headers are read first, one by one; the span is copied only after: every record in
+        it was submitted before the copy began."""
+        consumer, data, page, mask, data_end = (self._consumer, self._data, self._page, self._mask,
+                                                self._end)
+        (pos,) = _U64.unpack_from(consumer, 0)
+        (end,) = _U64.unpack_from(data, 0)
+        first, n = pos, 0
+        unpack = _U32.unpack_from
+        while pos < end and n < budget:
+            (length,) = unpack(data, page + (pos & mask))
+            if length & _BUSY:
+                break  # reserved, not yet submitted: later records wait behind it
+            pos += ((length & ~(_BUSY | _DISCARD)) + _HEADER + 7) & ~7
+            n += 1
+        if n == 0:
+            return b"", 0, pos >= end
+        start, stop = page + (first & mask), page + (first & mask) + (pos - first)
+        if stop <= data_end:
+            span = data[start:stop]
+        else:  # wraps: the rest is at the start of the data area
+            span = data[start:data_end] + data[page:page + stop - data_end]
+        _U64.pack_into(consumer, 0, pos)
+        return span, n, pos >= end
+
     def close(self) -> None:
         self._data.close()
         self._consumer.close()

@@ -7,6 +7,10 @@ Loop (every `poll_interval_ms`): sample the kernel clock, drain every ring buffe
 records (a bad record is counted, never raised into the loop), put a ProcessInfo in front of the
 first event of each process, hand events to the framer and frames to the sink; now and then read
 the probes' kernel counters (ring-buffer losses, full maps), map fill, and re-sample the clock.
+Records of passthrough rings (HTTP, connections, goroutine spawns: one or more per traced
+request) are not decoded: a span of the ring is copied as it is into a RawRecords event (schema
+v2, expanded by schemas.codec), and only each record's header is read here (kind for the
+counters, pid for the process announcements and filters, times for the frame's range).
 Stop (SIGTERM/SIGINT): detach every program, drain the rings once more, close the last frame with
 a final watermark, flush the sink, release every BPF object.
 """
@@ -20,6 +24,7 @@ import logging
 import os
 import re
 import signal
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +43,7 @@ from probe_agent.metrics import AgentMetrics
 from probe_agent.probes.base import Probe, ProbeContext, RingSpec, read_stats
 from probe_agent.ringbuf import MappedRing, usable
 from probe_agent.sinks import FrameSink
+from schemas import records
 from schemas import weft_events_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,43 @@ PROBE_CLASSES = (("probe_agent.probes.lineage", "LineageProbe"),
 
 _HASH_MAP = re.compile(r'BPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH)\(\s*(\w+)'
                        r'|BPF_F?_?TABLE\(\s*"(?:lru_)?(?:percpu_)?hash"\s*,[^,]+,[^,]+,\s*(\w+)')
+
+
+# What the runner reads of a passthrough record: (its ring framing) length, then header ts_ns
+# (its event time: an HTTP record's is the request's start), pid, kind, version; see
+# schemas/records.py.
+_RAW_HEAD = struct.Struct("<I4xQ8xI4xHH")
+_RAW_SIZE_MASK = records.DISCARDED - 1
+_RAW_BAD = 1 << 62  # sentinel "record size" of kinds a ring does not carry
+# Raw spans are large (up to a whole ring after a burst) and are copied a few times on their
+# way out; glibc keeps such freed blocks in its heap. Hand them back after this many bytes.
+_TRIM_AFTER_BYTES = 8 << 20
+
+
+@dataclass
+class _RawSpan:
+    """Records copied from a passthrough ring, with the clock offset at the time."""
+
+    blob: bytes
+    offset_ns: int
+    probe: str
+    sizes: dict[int, int]  # kind -> minimum record size, for the kinds this ring carries
+
+
+@dataclass
+class _Batch:
+    """Events ready for the framer: each with its time range and how many records it holds."""
+
+    events: list[pb.Event] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    t_max: list[int] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+
+    def add(self, event: pb.Event, ts: int) -> None:
+        self.events.append(event)
+        self.times.append(ts)
+        self.t_max.append(ts)
+        self.weights.append(1)
 
 
 class AgentStartError(RuntimeError):
@@ -126,7 +169,7 @@ class AgentRunner:
                                 ktime_offset_ns=self.clock.offset_ns, ring_pages=settings.ring_pages,
                                 extra=extra)
         self._loaded: list[_Loaded] = []
-        self._incoming: list[pb.Event] = []
+        self._incoming: list[pb.Event | _RawSpan] = []
         self._announced: OrderedDict[int, None] = OrderedDict()
         self._pid_filter: set[int] | None = set(settings.pids) if settings.pids else None
         self._first_pids = frozenset(settings.pids)
@@ -134,6 +177,9 @@ class AgentRunner:
         self._round_left = settings.round_budget
         self._drained_at = ktime_now_ns()
         self._last_decode_log = 0.0
+        self._raw_limit = max(1, settings.frame_max_events - 1)  # records per RawRecords event
+        self._raw_bytes = 0  # passthrough bytes read since the heap was last trimmed
+        self._libc: Any = None
         self.lost_records = 0
 
     # -- start -----------------------------------------------------------------------------
@@ -182,23 +228,31 @@ class AgentRunner:
         loaded.bcc_rings += 1
 
     def _read_mapped(self, probe: str, ring: RingSpec, mapped: MappedRing, budget: int) -> bool:
-        """Decode one batch of a mapped ring into the incoming list; True if it was emptied."""
-        records, drained = mapped.read(budget)
+        """Decode one batch of a mapped ring into the incoming list (or, for a passthrough
+        ring, copy it there as it is); True if it was emptied."""
+        if ring.passthrough and self.settings.record_envelope:
+            span, _n, drained = mapped.read_span(budget)
+            if span:
+                self._raw_bytes += len(span)
+                sizes = {k: records.RECORD_SIZES[k] for k in ring.passthrough}
+                self._incoming.append(_RawSpan(span, self.clock.offset_ns, probe, sizes))
+            return drained
+        batch, drained = mapped.read(budget)
         decode, offset_ns, incoming = ring.decode, self.clock.offset_ns, self._incoming
-        for raw in records:
+        for raw in batch:
             try:
                 incoming.extend(decode(raw, offset_ns))
             except Exception as exc:  # never into the poll loop
-                self._decode_failed(probe, ring, len(raw), exc)
+                self._decode_failed(probe, ring.map_name, len(raw), exc)
         return drained
 
-    def _decode_failed(self, probe: str, ring: RingSpec, size: int, exc: Exception) -> None:
+    def _decode_failed(self, probe: str, ring: str, size: int, exc: Exception) -> None:
         self.metrics.decode_errors.inc()
         now = time.monotonic()
         if now - self._last_decode_log > 10:
             self._last_decode_log = now
             logger.warning("probe %s: a %d-byte record from %s did not decode: %s",
-                           probe, size, ring.map_name, exc)
+                           probe, size, ring or "its ring", exc)
 
     def _ring_callback(self, probe: str, ring: RingSpec) -> Callable[[Any, Any, int], int]:
         decode, incoming, clock = ring.decode, self._incoming, self.clock
@@ -207,7 +261,7 @@ class AgentRunner:
             try:
                 incoming.extend(decode(ctypes.string_at(data, size), clock.offset_ns))
             except Exception as exc:  # never into the poll loop
-                self._decode_failed(probe, ring, size, exc)
+                self._decode_failed(probe, ring.map_name, size, exc)
             # A negative return makes libbpf stop after this record (which counts as consumed):
             # one round never runs unbounded while the kernel keeps producing.
             self._round_left -= 1
@@ -260,13 +314,24 @@ class AgentRunner:
             self._drained_at = now
         frames: list[pb.Frame] = []
         if self._incoming:
-            events, times = self._prepare(self._take_incoming())
-            frames += self.framer.add(events, now, times)
+            frames += self._frame(self._prepare(self._take_incoming()), now)
         frames += self.framer.tick(now, self.clock.to_unix_ns(self._drained_at))
         for frame in frames:
             self.sink.send(frame)
         self.sink.poll()
         self.clock.refresh_if_due(now)
+        if self._raw_bytes >= _TRIM_AFTER_BYTES:
+            self._trim_heap()
+
+    def _trim_heap(self) -> None:
+        """Return the heap that raw spans and their frames left free (RSS stays flat)."""
+        self._raw_bytes = 0
+        try:
+            if self._libc is None:
+                self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.malloc_trim(0)
+        except (OSError, AttributeError) as exc:
+            logger.debug("malloc_trim: %s", exc)
 
     def _consume(self) -> bool:
         """Read every ring, at most `round_budget` records from each; True if all were emptied."""
@@ -282,26 +347,32 @@ class AgentRunner:
                 drained = drained and self._round_left > 0
         return drained
 
-    def _take_incoming(self) -> list[pb.Event]:
+    def _take_incoming(self) -> list[pb.Event | _RawSpan]:
         events = list(self._incoming)
         self._incoming.clear()  # the callbacks hold this list object: keep it
         return events
 
-    def _prepare(self, events: list[pb.Event]) -> tuple[list[pb.Event], list[int]]:
-        """Count, filter, and put ProcessInfo before the first event of each process.
-        Returns the events to frame and their event times."""
-        out: list[pb.Event] = []
-        times: list[int] = []
+    def _frame(self, batch: _Batch, now: int) -> list[pb.Frame]:
+        return self.framer.add(batch.events, now, batch.times, t_max=batch.t_max,
+                               weights=batch.weights)
+
+    def _prepare(self, items: Sequence[pb.Event | _RawSpan]) -> _Batch:
+        """Count, filter, and put ProcessInfo before the first event of each process."""
+        batch = _Batch()
         counts: dict[str, int] = {}
+        raw_counts: dict[int, int] = {}
         self_pid, pid_filter, announced = self.ctx.self_pid, self._pid_filter, self._announced
-        for event in events:
+        for event in items:
+            if isinstance(event, _RawSpan):
+                self._prepare_raw(event, batch, raw_counts)
+                continue
             kind = event.WhichOneof("kind")
             if kind is None:
                 continue
             counts[kind] = counts.get(kind, 0) + 1
             body = getattr(event, kind)
             if kind == "process":
-                self._on_exec(event, out, times)
+                self._on_exec(event, batch)
                 continue
             ts = body.start_ns if kind == "http" else body.ts_ns
             pid = body.parent_pid if kind == "thread_spawn" else body.pid
@@ -313,16 +384,78 @@ class AgentRunner:
                 if kind == "thread_spawn" and body.new_process:
                     pid_filter.add(body.child_pid)  # children of a traced process are traced
             if pid not in announced:
-                self._announce(pid, ts, out, times)
-            out.append(event)
-            times.append(ts)
+                self._announce(pid, ts, batch)
+            batch.add(event, ts)
             if kind == "task_exit" and body.tid == body.pid:
                 self._forget(pid)
         for name, n in counts.items():
             self.metrics.count_event(name, n)
-        return out, times
+        for record_kind, n in raw_counts.items():
+            self.metrics.count_event(records.EVENT_KIND_OF.get(record_kind, ""), n)
+        return batch
 
-    def _announce(self, pid: int, ts_ns: int, out: list[pb.Event], times: list[int]) -> None:
+    def _prepare_raw(self, span: _RawSpan, batch: _Batch, counts: dict[int, int]) -> None:
+        """Cut a span of passthrough records into RawRecords events, reading each record's
+        header only: records of the agent itself, of processes not traced (`--pids`) or that
+        cannot be valid are left out, and a ProcessInfo goes before the first record of each
+        process, exactly as on the decoding path."""
+        blob, offset_ns, sizes = span.blob, span.offset_ns, span.sizes
+        self_pid, pid_filter, announced = self.ctx.self_pid, self._pid_filter, self._announced
+        limit, end = self._raw_limit, len(blob)
+        unpack, abi = _RAW_HEAD.unpack_from, records.ABI_VERSION
+        pos = seg = n = 0
+        lo, hi = 1 << 64, 0
+
+        def cut(upto: int) -> None:
+            if n:
+                event = pb.Event()
+                raw = event.raw
+                raw.abi_version, raw.ktime_offset_ns, raw.count = abi, offset_ns, n
+                raw.records = blob[seg:upto]
+                batch.events.append(event)
+                batch.times.append(lo + offset_ns)
+                batch.t_max.append(hi + offset_ns)
+                batch.weights.append(n)
+
+        while pos < end:
+            if pos + _RAW_HEAD.size > end:  # a record shorter than a header ends the span
+                self._decode_failed(span.probe, "", end - pos, ValueError("truncated record"))
+                end = pos
+                break
+            length, ts, pid, kind, version = unpack(blob, pos)
+            size = length & _RAW_SIZE_MASK
+            nxt = pos + ((size + 15) & ~7)
+            if (length & records.DISCARDED or version != abi or size < sizes.get(kind, _RAW_BAD)
+                    or nxt > end):
+                if not length & records.DISCARDED:
+                    self._decode_failed(span.probe, "", size, ValueError(
+                        f"record of kind {kind}, ABI version {version}, {size} bytes"))
+                cut(pos)
+                pos = seg = nxt
+                n, lo, hi = 0, 1 << 64, 0
+                continue
+            counts[kind] = counts.get(kind, 0) + 1
+            if pid == self_pid or (pid_filter is not None and pid not in pid_filter):
+                cut(pos)
+                pos = seg = nxt
+                n, lo, hi = 0, 1 << 64, 0
+                continue
+            if pid not in announced:
+                cut(pos)
+                seg, n, lo, hi = pos, 0, 1 << 64, 0
+                self._announce(pid, ts + offset_ns, batch)
+            n += 1
+            if ts < lo:
+                lo = ts
+            if ts > hi:
+                hi = ts
+            pos = nxt
+            if n >= limit:
+                cut(pos)
+                seg, n, lo, hi = pos, 0, 1 << 64, 0
+        cut(pos)
+
+    def _announce(self, pid: int, ts_ns: int, batch: _Batch) -> None:
         self._announced[pid] = None
         if len(self._announced) > self.settings.process_cache_size:
             self._announced.popitem(last=False)
@@ -332,10 +465,9 @@ class AgentRunner:
             fresh = pb.ProcessInfo()
             fresh.CopyFrom(info)
             fresh.ts_ns = ts_ns
-            out.append(pb.Event(process=fresh))
-            times.append(ts_ns)
+            batch.add(pb.Event(process=fresh), ts_ns)
 
-    def _on_exec(self, event: pb.Event, out: list[pb.Event], times: list[int]) -> None:
+    def _on_exec(self, event: pb.Event, batch: _Batch) -> None:
         """The kernel saw an exec: re-read the process and announce it again, merged."""
         kernel_info = event.process
         pid = kernel_info.pid
@@ -354,10 +486,9 @@ class AgentRunner:
                 merged.start_ns = kernel_info.start_ns
             if kernel_info.cgroup_id:
                 merged.cgroup_id = kernel_info.cgroup_id
-            out.append(pb.Event(process=merged))
+            batch.add(pb.Event(process=merged), kernel_info.ts_ns)
         else:
-            out.append(event)  # gone already: what the kernel told us is all there is
-        times.append(kernel_info.ts_ns)
+            batch.add(event, kernel_info.ts_ns)  # gone already: the kernel's is all there is
 
     def _tell_probes(self, info: pb.ProcessInfo) -> None:
         """Probes that act per process (the goroutine probe: uprobes on Go executables) learn
@@ -430,8 +561,7 @@ class AgentRunner:
         deadline = time.monotonic() + 5.0
         while True:
             drained = self._consume()
-            events, times = self._prepare(self._take_incoming())
-            frames += self.framer.add(events, now, times)
+            frames += self._frame(self._prepare(self._take_incoming()), now)
             if drained:
                 self._drained_at = now
                 break

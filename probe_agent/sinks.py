@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError, Producer
 from probe_agent.metrics import AgentMetrics
 from probe_agent.spool import Spool, SpoolPos
 from schemas import weft_events_pb2 as pb
-from schemas.codec import CaptureWriter, encode_frame
+from schemas.codec import RAW_SCHEMA_VERSION, CaptureWriter, encode_frame
 from weft.config import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class FrameSink(Protocol):
 
 class CaptureSink:
     def __init__(self, path: str | Path, node: str, metrics: AgentMetrics) -> None:
-        self._writer = CaptureWriter(path, node=node, producer="weft-agent 0.1.0")
+        self._writer = CaptureWriter(path, node=node, producer="weft-agent 0.1.0",
+                                     schema_version=RAW_SCHEMA_VERSION)
         self._metrics = metrics
 
     def send(self, frame: pb.Frame) -> None:

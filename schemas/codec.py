@@ -2,6 +2,11 @@
 
 Wire: one Kafka message value is one serialized `Frame` (see weft_events.proto).
 
+Schema versions: v1 frames carry schema events only. v2 frames may also carry `RawRecords`
+events, kernel records as the kernel wrote them (schemas/records.py); `decode_frame` expands
+each, in place, into the schema events its records decode to, so readers see v1-shaped frames
+either way. Frames without raw records are still written as v1.
+
 Capture file (format "weft-capture", version 1), all integers little-endian:
 
     magic     8 bytes  b"WEFTCAP\\n"
@@ -28,14 +33,18 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError as _PbDecodeError
 
 from schemas import weft_events_pb2 as pb
+from schemas.records import AbiError, expand
 
 SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+RAW_SCHEMA_VERSION = 2  # frames that may hold RawRecords events
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 CAPTURE_MAGIC = b"WEFTCAP\n"
 CAPTURE_FORMAT = "weft-capture"
 CAPTURE_FORMAT_VERSION = 1
 MAX_RECORD_BYTES = 64 << 20
-EVENT_KINDS: tuple[str, ...] = tuple(f.name for f in pb.Event.DESCRIPTOR.oneofs_by_name["kind"].fields)
+RAW_KIND = "raw"  # the envelope: never in a decoded frame
+EVENT_KINDS: tuple[str, ...] = tuple(f.name for f in pb.Event.DESCRIPTOR.oneofs_by_name["kind"].fields
+                                     if f.name != RAW_KIND)
 
 _RECORD_HEAD = struct.Struct("<II")
 
@@ -64,7 +73,7 @@ def wrap(message: object) -> pb.Event:
 _FIELD_BY_TYPE: dict[type, str] = {
     getattr(pb, f.message_type.name): f.name
     for f in pb.Event.DESCRIPTOR.oneofs_by_name["kind"].fields
-    if f.message_type is not None
+    if f.message_type is not None and f.name != RAW_KIND
 }
 
 
@@ -103,19 +112,46 @@ def validate_frame(frame: pb.Frame, source: str = "") -> None:
         raise CodecError(f"frame time range is inverted ({frame.t_min_ns} > {frame.t_max_ns})",
                          0, source)
     for i, event in enumerate(frame.events):
-        if event.WhichOneof("kind") is None:
+        kind = event.WhichOneof("kind")
+        if kind is None:
             raise CodecError(f"event {i} has no kind this build knows", 0, source)
+        if kind == RAW_KIND and frame.schema_version < RAW_SCHEMA_VERSION:
+            raise CodecError(f"event {i} holds raw records in a schema v{frame.schema_version} frame",
+                             0, source)
 
 
 def decode_frame(data: bytes, source: str = "") -> pb.Frame:
-    """Parse and validate one frame; any failure is a CodecError."""
+    """Parse and validate one frame, its raw records expanded; any failure is a CodecError."""
     frame = pb.Frame()
     try:
         frame.ParseFromString(data)
     except (_PbDecodeError, RecursionError, ValueError) as exc:
         raise CodecError(f"not a Weft frame ({exc})", 0, source) from None
     validate_frame(frame, source)
+    if frame.schema_version >= RAW_SCHEMA_VERSION:
+        frame = expand_raw(frame, source)
     return frame
+
+
+def expand_raw(frame: pb.Frame, source: str = "") -> pb.Frame:
+    """The frame with each RawRecords event replaced, in place, by the events its records decode
+    to (the frame itself when it holds none)."""
+    events = frame.events
+    if not any(e.HasField("raw") for e in events):
+        return frame
+    out = pb.Frame(schema_version=frame.schema_version, node=frame.node,
+                   agent_instance=frame.agent_instance, seq=frame.seq,
+                   t_min_ns=frame.t_min_ns, t_max_ns=frame.t_max_ns)
+    out_events = out.events
+    for i, event in enumerate(events):
+        if not event.HasField("raw"):
+            out_events.append(event)
+            continue
+        try:
+            expand(event.raw, add=out_events.add)
+        except AbiError as exc:
+            raise CodecError(f"event {i}: {exc}", 0, source) from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,11 +165,14 @@ def _record(payload: bytes) -> bytes:
 class CaptureWriter:
     """Append frames to a capture file; usable as a context manager."""
 
-    def __init__(self, path: str | Path, *, node: str = "", producer: str = "weft") -> None:
+    def __init__(self, path: str | Path, *, node: str = "", producer: str = "weft",
+                 schema_version: int = SCHEMA_VERSION) -> None:
+        """`schema_version`: the newest frame schema the file may hold (RAW_SCHEMA_VERSION
+        when frames may carry raw records)."""
         self.path = Path(path)
         self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         header = pb.CaptureHeader(format=CAPTURE_FORMAT, format_version=CAPTURE_FORMAT_VERSION,
-                                  schema_version=SCHEMA_VERSION, node=node,
+                                  schema_version=schema_version, node=node,
                                   created_ns=time.time_ns(), producer=producer)
         self._fh.write(CAPTURE_MAGIC + _record(header.SerializeToString(deterministic=True)))
         self.frames = 0
@@ -142,7 +181,9 @@ class CaptureWriter:
         self.write_encoded(encode_frame(frame))
 
     def write_encoded(self, payload: bytes) -> None:
-        self._fh.write(_record(payload))
+        # head and payload apart: a frame of raw records is large, a joined copy costs
+        self._fh.write(_RECORD_HEAD.pack(len(payload), zlib.crc32(payload)))
+        self._fh.write(payload)
         self.frames += 1
 
     def flush(self) -> None:

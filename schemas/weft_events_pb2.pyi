@@ -447,6 +447,44 @@ class Watermark(_message.Message):
 Global___Watermark: _TypeAlias = Watermark  # noqa: Y015
 
 @_typing.final
+class RawRecords(_message.Message):
+    """Schema v2: kernel ring-buffer records passed through as the kernel wrote them (the agent
+    does not re-encode them field by field). Layouts per ABI version: schemas/records.py (pinned
+    by golden vectors). Readers never see this kind: schemas.codec.decode_frame expands it, in
+    place, into the events above. Only in frames of schema_version >= 2.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ABI_VERSION_FIELD_NUMBER: _builtins.int
+    KTIME_OFFSET_NS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    abi_version: _builtins.int
+    """WEFT_ABI_VERSION (bpf/common.h) of every record below"""
+    ktime_offset_ns: _builtins.int
+    """Unix ns = bpf_ktime_get_ns() time + this"""
+    records: _builtins.bytes
+    """repeated: u32 length | u32 reserved | record | pad to 8 bytes"""
+    count: _builtins.int
+    """number of records in `records`"""
+    def __init__(
+        self,
+        *,
+        abi_version: _builtins.int = ...,
+        ktime_offset_ns: _builtins.int = ...,
+        records: _builtins.bytes = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi_version", b"abi_version", "count", b"count", "ktime_offset_ns", b"ktime_offset_ns", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RawRecords: _TypeAlias = RawRecords  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -458,6 +496,7 @@ class Event(_message.Message):
     CONN_CLOSE_FIELD_NUMBER: _builtins.int
     HTTP_FIELD_NUMBER: _builtins.int
     WATERMARK_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def process(self) -> Global___ProcessInfo: ...
     @_builtins.property
@@ -474,6 +513,10 @@ class Event(_message.Message):
     def http(self) -> Global___HttpRequest: ...
     @_builtins.property
     def watermark(self) -> Global___Watermark: ...
+    @_builtins.property
+    def raw(self) -> Global___RawRecords:
+        """schema v2; expanded by the codec, never seen by readers"""
+
     def __init__(
         self,
         *,
@@ -485,12 +528,13 @@ class Event(_message.Message):
         conn_close: Global___ConnectionClose | None = ...,
         http: Global___HttpRequest | None = ...,
         watermark: Global___Watermark | None = ...,
+        raw: Global___RawRecords | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark", "raw"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -36,6 +36,10 @@ Decoder = Callable[[bytes, int], list[pb.Event]]
 class RingSpec:
     map_name: str
     decode: Decoder
+    # Record kinds (schemas.records.Kind) that may leave the agent as the kernel wrote them
+    # (schema v2 RawRecords, expanded by schemas.codec); the runner then reads only their
+    # header. `decode` still serves the per-record paths (BCC's reader, `record_envelope` off).
+    passthrough: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,37 +39,26 @@ from probe_agent.gobinary import (
     GoBinaryCache,
     GoBinaryError,
 )
-from probe_agent.probes.abi import ABI_VERSION, HEADER, AbiError, Kind, read_header
 from probe_agent.probes.base import BPF_DIR, LOW_VOLUME_RING_SHARE, ProbeContext, RingSpec, common_cflags
+from schemas import records
 from schemas import weft_events_pb2 as pb
+from schemas.records import Kind
 
 if TYPE_CHECKING:
     from bcc import BPF
 
 logger = logging.getLogger(__name__)
 
-SPAWN = struct.Struct("<QQ")  # parent_goid, child_goid
-SPAWN_SIZE = HEADER.size + SPAWN.size  # 48, asserted in the C source
-SPAWN_RECORD = struct.Struct("<" + HEADER.format.lstrip("<") + SPAWN.format.lstrip("<"))
+SPAWN = records.GO_SPAWN_BODY  # parent_goid, child_goid
+SPAWN_SIZE = records.GO_SPAWN_SIZE  # 48, asserted in the C source
+SPAWN_RECORD = records.GO_SPAWN_RECORD
 _UNSUPPORTED_STAT = 4  # index of go_binary_unsupported in stat_names (written from user space)
+RING_KINDS = frozenset({Kind.GO_SPAWN})
 
 
 def decode(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
-    if len(raw) < SPAWN_SIZE:
-        read_header(raw)  # a short header or another ABI version says so first
-        raise AbiError(f"goroutine spawn record of {len(raw)} bytes, expected {SPAWN_SIZE}")
-    ts, _cgroup, pid, tid, kind, version, _reserved, parent, child = SPAWN_RECORD.unpack_from(raw)
-    if version != ABI_VERSION:
-        read_header(raw)  # raises: another ABI version
-    if kind != Kind.GO_SPAWN:
-        raise AbiError(f"go ring carried a record of kind {kind}")
-    # One spawn per request on a Go server (net/http's background read): keep it cheap, set
-    # fields on the event's own sub-message instead of copying a built one in.
-    event = pb.Event()
-    spawn = event.goroutine_spawn
-    spawn.ts_ns = ts + ktime_offset_ns
-    spawn.pid, spawn.tid, spawn.parent_goid, spawn.child_goid = pid, tid, parent, child
-    return [event]
+    """One record of the go ring (see schemas/records.py)."""
+    return records.decode(raw, ktime_offset_ns, RING_KINDS)
 
 
 # (symbol, BPF function): uprobes at function entry, where the binary has the function.
@@ -89,7 +77,7 @@ class GoroutineProbe:
 
     name = "goroutines"
     source: Path = BPF_DIR / "go_runtime.bpf.c"
-    rings: Sequence[RingSpec] = (RingSpec("go_events", decode),)
+    rings: Sequence[RingSpec] = (RingSpec("go_events", decode, passthrough=RING_KINDS),)
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "no_parent", "caller_found", "caller_missed",
                                  "go_binary_unsupported")

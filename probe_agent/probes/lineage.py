@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from probe_agent.btf import member_offset
-from probe_agent.probes.abi import HEADER, AbiError, Kind, cstr, read_header
 from probe_agent.probes.base import (
     BPF_DIR,
     LOW_VOLUME_RING_SHARE,
@@ -18,50 +15,25 @@ from probe_agent.probes.base import (
     common_cflags,
     fill_cgroup_filter,
 )
+from schemas import records
 from schemas import weft_events_pb2 as pb
+from schemas.records import EXEC_FIXED, EXEC_SIZE, EXIT_SIZE, FILENAME_MAX, Kind
 
 if TYPE_CHECKING:
     from bcc import BPF
 
-SPAWN = struct.Struct("<II")  # child_pid, child_tid
-EXEC_FIXED = struct.Struct("<QII")  # start_ns, ppid, filename_len
-FILENAME_MAX = 128
-SPAWN_SIZE = HEADER.size + SPAWN.size
-EXIT_SIZE = HEADER.size
-EXEC_SIZE = HEADER.size + EXEC_FIXED.size + FILENAME_MAX
+__all__ = ["EXEC_FIXED", "EXEC_SIZE", "EXIT_SIZE", "FILENAME_MAX", "SPAWN", "SPAWN_SIZE",
+           "LineageProbe", "decode"]
+
+SPAWN = records.THREAD_SPAWN_BODY  # child_pid, child_tid
+SPAWN_SIZE = records.THREAD_SPAWN_SIZE
+RING_KINDS = frozenset({Kind.THREAD_SPAWN, Kind.TASK_EXIT, Kind.EXEC})
 
 
 def decode(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
-    h = read_header(raw)
-    ts = h.ts_ns + ktime_offset_ns
-    if h.kind == Kind.THREAD_SPAWN:
-        child_pid, child_tid = SPAWN.unpack_from(raw, HEADER.size)
-        spawn = pb.ThreadSpawn(
-            ts_ns=ts,
-            parent_pid=h.pid,
-            parent_tid=h.tid,
-            child_pid=child_pid,
-            child_tid=child_tid,
-            new_process=child_pid != h.pid,
-        )
-        return [pb.Event(thread_spawn=spawn)]
-    if h.kind == Kind.TASK_EXIT:
-        return [pb.Event(task_exit=pb.TaskExit(ts_ns=ts, pid=h.pid, tid=h.tid))]
-    if h.kind == Kind.EXEC:
-        start_ns, ppid, name_len = EXEC_FIXED.unpack_from(raw, HEADER.size)
-        off = HEADER.size + EXEC_FIXED.size
-        exe = os.path.basename(cstr(raw[off : off + FILENAME_MAX], name_len))
-        info = pb.ProcessInfo(
-            ts_ns=ts,
-            pid=h.pid,
-            ppid=ppid,
-            exe=exe,
-            service_name=exe,
-            cgroup_id=h.cgroup_id,
-            start_ns=start_ns + ktime_offset_ns if start_ns else 0,
-        )
-        return [pb.Event(process=info)]
-    raise AbiError(f"lineage ring carried a record of kind {h.kind}")
+    """One record of the lineage ring (see schemas/records.py). Decoded by the agent, not
+    passed through: it acts on execs and exits, and the ring is quiet."""
+    return records.decode(raw, ktime_offset_ns, RING_KINDS)
 
 
 class LineageProbe:

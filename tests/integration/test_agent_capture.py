@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from infra.procs import free_port, port_open
+from schemas import records
 from schemas import weft_events_pb2 as pb
-from schemas.codec import read_capture
+from schemas.codec import CaptureReader, read_capture
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -73,6 +74,26 @@ def wait_until(cond: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def assert_text_fields_end_in_zeros(capture: Path) -> None:
+    """Every raw HTTP record in the file holds nothing past the lengths of its text fields (the
+    kernel clears a request slot before reusing it)."""
+    seen = 0
+    for rec in CaptureReader(capture).records():
+        for event in pb.Frame.FromString(rec.payload).events:
+            if not event.HasField("raw"):
+                continue
+            blob = event.raw.records
+            for off, size in records.iter_envelope(blob):
+                fields = records.HTTP_RECORD.unpack_from(blob, off) if size == records.HTTP_SIZE else None
+                if fields is None or fields[4] != records.Kind.HTTP:
+                    continue
+                lengths, texts = fields[23:28], fields[30:35]  # method..tracestate
+                for length, text in zip(lengths, texts, strict=True):
+                    assert text[length:] == bytes(len(text) - length), (length, text)
+                seen += 1
+    assert seen >= 4
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[RunningAgent]:
     capture = tmp_path / "agent.wcap"
@@ -106,7 +127,11 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
     www.mkdir()
     (www / "hello.txt").write_text("hello\n")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+    reuse = [f"reuse-{'x' * (100 - 20 * i)}" for i in range(5)]
+    for name in reuse:
+        (www / name).write_text("r\n")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--protocol", "HTTP/1.1"],  # keep-alive
                               cwd=www, env={**os.environ, "OTEL_SERVICE_NAME": service},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -118,9 +143,22 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
                                   check=True, capture_output=True, text=True)
             curls.append(curl.stdout)
         assert curls == ["200", "404"]
+        # Five requests on one keep-alive connection: the fifth reuses the first one's slot in
+        # the kernel, and a long path is followed by a short one (see the zero-tail check).
+        subprocess.run(["curl", "-s", "-o", "/dev/null", *(f"http://127.0.0.1:{port}/{n}" for n in reuse)],
+                       check=True)
         with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as r:
             metrics_text = r.read().decode()
         assert re.search(r'weft_agent_events_total\{kind="process",node="e2e"\} [1-9]', metrics_text)
+
+        def http_counted() -> bool:  # counted from the records' headers, not decoded
+            url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+            found = re.search(r'weft_agent_events_total\{kind="http",node="e2e"\} ([\d.e+]+)', text)
+            return found is not None and float(found[1]) >= 4  # (other traffic counts too)
+
+        wait_until(http_counted, 10, "the agent to count both sides of both requests")
         assert re.search(r'weft_agent_bpf_map_fill_ratio\{map="\w+",node="e2e",probe="http"\}',
                          metrics_text)
         assert 'weft_agent_ringbuf_lost' in metrics_text
@@ -137,7 +175,12 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
     wait_until(lambda: not agent.prog_ids & loaded_prog_ids(), 5,  # freed asynchronously (RCU)
                f"programs {agent.prog_ids} to leave the kernel")
 
+    # HTTP records leave as the kernel wrote them (schema v2 raw records): the kernel already
+    # cut the query string, so it is nowhere in the file, not even in unused record bytes.
+    assert b"token=secret" not in agent.capture.read_bytes()
+    assert_text_fields_end_in_zeros(agent.capture)
     frames = list(read_capture(agent.capture))
+    assert 2 in {f.schema_version for f in frames}
     assert [f.seq for f in frames] == list(range(len(frames)))
     assert {f.node for f in frames} == {"e2e"}
     events = [e for f in frames for e in f.events]
@@ -152,14 +195,20 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
     http = [e.http for e in events if e.WhichOneof("kind") == "http"]
     assert not [h for h in http if h.role == pb.ROLE_SERVER and h.tuple.local_port == agent.metrics_port]
 
-    served = [h for h in http if h.role == pb.ROLE_SERVER and h.tuple.local_port == port]
+    served = [h for h in http if h.role == pb.ROLE_SERVER and h.tuple.local_port == port
+              and not h.path.startswith("/reuse-")]
+    reused = [h.path for h in http if h.role == pb.ROLE_SERVER and h.path.startswith("/reuse-")]
+    assert reused == [f"/{n}" for n in reuse]
+    assert len({h.tuple.remote_port for h in http if h.role == pb.ROLE_SERVER
+                and h.path.startswith("/reuse-")}) == 1  # one connection
     assert [(h.method, h.path, h.status, h.pid) for h in served] == [
         ("GET", "/hello.txt", 200, server.pid), ("GET", "/missing", 404, server.pid)]
     for h in served:
         assert h.host == f"127.0.0.1:{port}"
         assert h.end_ns >= h.start_ns > 0
         assert "secret" not in h.path
-    clients = [h for h in http if h.role == pb.ROLE_CLIENT and h.tuple.remote_port == port]
+    clients = [h for h in http if h.role == pb.ROLE_CLIENT and h.tuple.remote_port == port
+               and not h.path.startswith("/reuse-")]
     assert [(h.method, h.path, h.status) for h in clients] == [
         ("GET", "/hello.txt", 200), ("GET", "/missing", 404)]
     for c, s in zip(clients, served, strict=True):

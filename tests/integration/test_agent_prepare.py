@@ -40,9 +40,9 @@ def http(pid: int, ts: int) -> pb.Event:
 
 
 def prepared(runner: AgentRunner, events: list[pb.Event]) -> list[pb.Event]:
-    out, times = runner._prepare(events)
-    assert len(times) == len(out)
-    return out
+    batch = runner._prepare(events)
+    assert len(batch.times) == len(batch.events) == len(batch.weights)
+    return batch.events
 
 
 def described(events: list[pb.Event]) -> list[tuple[str, int]]:

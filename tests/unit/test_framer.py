@@ -94,3 +94,27 @@ def test_sequence_numbers_are_consecutive_per_instance_and_frames_round_trip() -
     assert [f.seq for f in frames] == list(range(len(frames)))
     for frame in frames:
         assert decode_frame(encode_frame(frame)) == frame
+
+
+def raw(count: int) -> pb.Event:
+    e = pb.Event()
+    e.raw.abi_version, e.raw.count = 1, count
+    return e
+
+
+def test_raw_records_weigh_their_count_make_a_v2_frame_and_give_their_time_range() -> None:
+    framer = Framer("n1", max_events=10, max_delay_ms=1000)
+    assert framer.add([http(UNIX0 + 50), raw(6)], T0, [UNIX0 + 50, UNIX0 + 10],
+                      t_max=[UNIX0 + 50, UNIX0 + 90], weights=[1, 6]) == []
+    frames = framer.add([raw(5)], T0, [UNIX0 + 100], t_max=[UNIX0 + 120], weights=[5])
+    # 1 + 6 + 5 > 10: the full frame is the first two events; the last waits
+    assert [kinds(f) for f in frames] == [["http", "raw"]]
+    assert frames[0].schema_version == 2
+    assert (frames[0].t_min_ns, frames[0].t_max_ns) == (UNIX0 + 10, UNIX0 + 90)
+    assert framer.pending == 1
+    (last,) = framer.flush(T0 + 5 * MS, UNIX0 + 200)
+    assert kinds(last) == ["raw", "watermark"] and last.schema_version == 2
+    assert (last.t_min_ns, last.t_max_ns) == (UNIX0 + 100, UNIX0 + 200)
+    assert framer.events_framed == 13  # records, not envelope events
+    (plain,) = framer.add([http(UNIX0 + i) for i in range(10)], T0)
+    assert plain.schema_version == 1  # no raw records: still a v1 frame

@@ -82,3 +82,35 @@ def test_budget_and_wrap_around(fake: FakeRing) -> None:
 def test_size_must_be_a_power_of_two(fake: FakeRing) -> None:
     with pytest.raises(ValueError, match="power of two"):
         MappedRing(fake.fd, 3 * PAGE)
+
+
+def test_read_span_copies_whole_records_with_their_framing_and_joins_a_wrap(fake: FakeRing) -> None:
+    ring = MappedRing(fake.fd, SIZE)
+    payloads = [bytes([i % 251]) * (40 + i % 23) for i in range(300)]  # wraps the page 3 times
+    framed = [struct.pack("<II", len(p), 0) + p + bytes(-len(p) % 8) for p in payloads]
+    spans: list[bytes] = []
+    for chunk in range(0, len(payloads), 10):
+        for p in payloads[chunk:chunk + 10]:
+            fake.put(p)
+        first, n, drained = ring.read_span(4)
+        assert n == 4 and not drained
+        rest, n, drained = ring.read_span(100)
+        assert n == 6 and drained
+        spans += [first, rest]
+    assert b"".join(spans) == b"".join(framed)
+    assert fake.consumer() == fake.producer
+    ring.close()
+
+
+def test_read_span_keeps_discarded_records_and_stops_at_a_busy_one(fake: FakeRing) -> None:
+    ring = MappedRing(fake.fd, SIZE)
+    fake.put(b"one")
+    fake.put(b"dropped", DISCARD)
+    fake.put(b"busy", BUSY)
+    fake.put(b"after")
+    span, n, drained = ring.read_span(100)
+    assert n == 2 and not drained
+    assert span == struct.pack("<II", 3, 0) + b"one" + bytes(5) + \
+        struct.pack("<II", 7 | DISCARD, 0) + b"dropped" + bytes(1)
+    assert ring.read_span(100) == (b"", 0, False)  # the busy record holds back the ones behind it
+    ring.close()
