@@ -1,7 +1,9 @@
-"""KafkaSink against the real broker: order per node, keys, and a broker outage (SIGSTOP)."""
+"""KafkaSink against the real broker: order per node, keys, a broker outage (SIGSTOP), and
+compressed batches that Faust's client reads."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as AioPartition
 from confluent_kafka import Consumer, TopicPartition
 
 from infra.broker import create_topics, start_broker
@@ -194,3 +198,35 @@ def test_frames_unsent_at_exit_are_kept_and_sent_first_by_the_next_start(
     messages = consume_all(bootstrap, topic, len(frames) + len(later))
     first_seen = list(dict.fromkeys(decode_frame(m.value()).seq for m in messages))
     assert first_seen == list(range(len(frames) + len(later)))
+
+
+def test_compressed_frames_are_read_by_fausts_client(infra: Any, tmp_path: Path) -> None:
+    """The agent sends lz4 batches; aiokafka (what `weft stitch` reads with) must decode them —
+    it needs cramjam for that, and without it fails with UnsupportedCodecError."""
+    topic = f"agent-lz4-{uuid.uuid4().hex[:8]}"
+    infra.create_topic(topic, 1)
+    settings = dataclasses.replace(infra.kafka_settings(), raw_topic=topic)
+    sink = make_sink(settings, "node-z", tmp_path / "spool")
+    assert sink._conf["compression.type"] == "lz4"
+    frames = frames_of(Framer("node-z", max_events=50), 500, 0)
+    for frame in frames:
+        sink.send(frame)
+    sink.close(timeout_s=20)
+
+    async def read() -> list[int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=infra.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            part = AioPartition(topic, 0)
+            consumer.assign([part])
+            await consumer.seek_to_beginning(part)
+            seqs: list[int] = []
+            while len(seqs) < len(frames):
+                batch = await consumer.getmany(part, timeout_ms=5000)
+                assert batch, "aiokafka read nothing"
+                seqs += [decode_frame(rec.value).seq for rec in batch[part]]
+            return seqs
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(read()) == [f.seq for f in frames]
