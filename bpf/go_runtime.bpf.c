@@ -1,21 +1,27 @@
 /* Weft Go runtime: goroutine lineage, and which goroutine a net/http client request is for.
  *
  * Hooks (uprobes only, attached per Go executable by probe_agent/probes/goroutines.py; never
- * uretprobes: they rewrite return addresses on the stack, and Go moves and grows its stacks):
- *   runtime.newproc1 each RET     newproc1(fn, callergp *g, callerpc) *g runs on the M's g0
- *                                 (newproc calls it through systemstack), so R14 is g0 and
- *                                 g0.m.curg is still the goroutine running the `go` statement
- *                                 (= callergp): the parent. AX = the new g, whose goid newproc1
- *                                 has just assigned: one GoroutineSpawn record. One probe hit
- *                                 per `go` (a uprobe hit costs ~22 us on this machine, measured:
- *                                 an entry probe for the parent would double that).
+ * uretprobes: they rewrite return addresses on the stack, and Go moves and grows its stacks).
+ * Each sits on an instruction the kernel emulates (CALL, Jcc): ~1 us per hit here, where an
+ * instruction single-stepped out of line (RET, MOV, CMP) costs ~20 us (probe_agent/gobinary.py).
+ *   runtime.newproc.func1 at CALL runqput   newproc's closure, on the M's g0 (systemstack):
+ *                                 `newg := newproc1(fn, callergp, callerpc); runqput(pp, newg)`.
+ *                                 R14 is g0 and g0.m.curg is still the goroutine running the `go`
+ *                                 statement: the parent. BX = the new g, whose goid newproc1 has
+ *                                 just assigned: one GoroutineSpawn record, one hit per `go`.
+ *   runtime.newproc1 each RET     the same with the new g in AX, for binaries where gobinary.py
+ *                                 does not find that CALL (a RET is single-stepped: slow).
+ *   Not reported: goroutines started by net/http.(*connReader).startBackgroundRead (one per
+ *   server request on a keep-alive connection; it only reads the next request's first byte,
+ *   whose request the http tracer gives to the response writer's goroutine anyway), told by
+ *   g.gopc in [skip_lo, skip_hi): a record per request less through the ring and the agent.
  *   No probe on goroutine exit: goids are never reused, so an entry of a goroutine that ended
  *   is never looked up again; the LRU maps drop it (a goexit1 probe would cost one hit per
  *   goroutine for nothing else).
- *   net/http.(*persistConn).roundTrip entry   runs on the caller's goroutine (R14); BX is the
+ *   net/http.(*persistConn).roundTrip entry (at its prologue's JBE)   runs on the caller's goroutine (R14); BX is the
  *                                 *transportRequest whose first word is the *Request: request
  *                                 pointer -> caller goid.
- *   net/http.(*Request).write entry          runs on the connection's writeLoop goroutine (R14),
+ *   net/http.(*Request).write entry (at its prologue's JBE)   runs on the connection's writeLoop goroutine (R14),
  *                                 AX = the *Request: writer goid -> caller goid in weft_go_caller,
  *                                 which the http tracer reads when that goroutine's write starts a
  *                                 client request. Without it the request would carry the
@@ -32,7 +38,8 @@
 #include <uapi/linux/ptrace.h>
 #include "common.h"
 
-enum go_stat { GST_RING_FULL = 0, GST_NO_PARENT = 1, GST_CALLER_FOUND = 2, GST_CALLER_MISSED = 3, GST_N };
+enum go_stat { GST_RING_FULL = 0, GST_NO_PARENT = 1, GST_CALLER_FOUND = 2, GST_CALLER_MISSED = 3,
+               GST_SPAWN_SKIPPED = 4, GST_N };
 
 struct go_spawn_rec {
     struct weft_hdr hdr; /* the thread running newproc1 */
@@ -46,6 +53,9 @@ struct weft_go_proc {
     u64 stack_off; /* offsetof(runtime.g, stack) (used by the http tracer) */
     u64 m_off;     /* offsetof(runtime.g, m) */
     u64 curg_off;  /* offsetof(runtime.m, curg) */
+    u64 gopc_off;  /* offsetof(runtime.g, gopc): pc of the `go` statement that made the g */
+    u64 skip_lo;   /* [skip_lo, skip_hi): code whose `go` statements are not reported */
+    u64 skip_hi;
 };
 struct weft_go_key {
     u64 id; /* a goid, or a *Request */
@@ -74,7 +84,7 @@ static __always_inline u64 goid_of(u64 g, struct weft_go_proc *proc)
     return goid;
 }
 
-int go_newproc1_ret(struct pt_regs *ctx)
+static __always_inline int go_spawned(struct pt_regs *ctx, u64 child_g)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
@@ -85,9 +95,16 @@ int go_newproc1_ret(struct pt_regs *ctx)
     bpf_probe_read_user(&m, sizeof(m), (void *)(ctx->r14 + proc->m_off));
     if (m)
         bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + proc->curg_off));
+    u64 gopc = 0;
+    if (child_g)
+        bpf_probe_read_user(&gopc, sizeof(gopc), (void *)(child_g + proc->gopc_off));
+    if (gopc >= proc->skip_lo && gopc < proc->skip_hi) {
+        weft_stat(GST_SPAWN_SKIPPED);
+        return 0;
+    }
     struct go_spawn_rec r = {};
     r.parent_goid = goid_of(curg, proc);
-    r.child_goid = goid_of(ctx->ax, proc);
+    r.child_goid = goid_of(child_g, proc);
     if (!r.child_goid || !r.parent_goid) {
         weft_stat(GST_NO_PARENT);
         return 0;
@@ -97,6 +114,9 @@ int go_newproc1_ret(struct pt_regs *ctx)
         weft_stat(GST_RING_FULL);
     return 0;
 }
+
+int go_newproc_runqput(struct pt_regs *ctx) { return go_spawned(ctx, ctx->bx); }
+int go_newproc1_ret(struct pt_regs *ctx) { return go_spawned(ctx, ctx->ax); }
 
 int go_pconn_roundtrip(struct pt_regs *ctx)
 {

@@ -240,6 +240,9 @@ struct weft_go_proc {
     u64 stack_off; /* offsetof(runtime.g, stack): {lo, hi} */
     u64 m_off;     /* offsetof(runtime.g, m), used by go_runtime.bpf.c */
     u64 curg_off;  /* offsetof(runtime.m, curg), used by go_runtime.bpf.c */
+    u64 gopc_off;  /* offsetof(runtime.g, gopc), used by go_runtime.bpf.c */
+    u64 skip_lo;   /* [skip_lo, skip_hi): go statements go_runtime.bpf.c does not report */
+    u64 skip_hi;
 };
 struct weft_go_key {
     u64 id;

@@ -3,9 +3,18 @@
 * `runtime.g` / `runtime.m` field offsets (g.goid, g.stack, g.m, m.curg) from the binary's DWARF
   (`.debug_info`, compressed or not), so no Go version's layout is hard-coded;
 * the addresses of the functions it hooks, from `.symtab`;
-* the offsets of every RET instruction of `runtime.newproc1`, found by disassembling it with
-  capstone: the new goroutine is newproc1's return value, read at its RETs by plain uprobes —
-  uretprobes rewrite the return address on the stack, which Go's movable stacks do not survive.
+* where to put each uprobe, found by disassembling with capstone. The instruction under a
+  uprobe decides its cost: x86 emulates jumps, calls and NOPs after the breakpoint trap, but
+  single-steps anything else out of line, a second trap; measured here: ~1 µs per hit on a
+  CALL or NOP, ~20 µs on a RET or MOV. So:
+  - a `go` statement is seen at the `CALL runtime.runqput` of `runtime.newproc.func1`, just
+    after `newproc1` returned the new g and the code moved it to BX (`spawn_site`); binaries
+    where that pattern is not found fall back to every RET of `runtime.newproc1` (new g in AX).
+    Never uretprobes: they rewrite the return address on the stack, which Go's movable stacks
+    do not survive;
+  - an entry probe sits on the conditional jump of the function's stack-check prologue
+    (`CMPQ 0x10(R14), SP; JBE morestack`, or LEAQ/CMPQ/JBE for big frames): the arguments
+    and R14 are untouched there (`entry_offsets`; 0 when the prologue has another shape).
 
 A binary built with `-ldflags=-s -w` has neither symbols nor DWARF: `inspect` raises
 GoBinaryError saying so, and the agent then traces that binary without goroutine ids.
@@ -30,12 +39,18 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 NEWPROC1 = "runtime.newproc1"
+# newproc runs `newg := newproc1(...); runqput(pp, newg, true)` in this closure on g0
+NEWPROC_FUNC1 = "runtime.newproc.func1"
+RUNQPUT = "runtime.runqput"
+# Its `go cr.backgroundRead()` runs once per server request on a keep-alive connection; that
+# goroutine only reads the next request's first byte: its spawn is not reported.
+BACKGROUND_READ = "net/http.(*connReader).startBackgroundRead"
 # net/http client: the caller's goroutine enters persistConn.roundTrip; the writeLoop goroutine
 # then writes the request with Request.write (see bpf/go_runtime.bpf.c).
 PC_ROUNDTRIP = "net/http.(*persistConn).roundTrip"
 REQUEST_WRITE = "net/http.(*Request).write"
 REQUIRED = (NEWPROC1,)
-OPTIONAL = (PC_ROUNDTRIP, REQUEST_WRITE)
+OPTIONAL = (PC_ROUNDTRIP, REQUEST_WRITE, NEWPROC_FUNC1, RUNQPUT, BACKGROUND_READ)
 _EM_X86_64 = "EM_X86_64"
 # Go 1.17 brought the register ABI (g in R14, arguments in AX, BX, ...) the probes rely on;
 # 1.18 the inline version string in .go.buildinfo that tells the version without relocation.
@@ -55,11 +70,21 @@ class GoBinary:
     stack_offset: int                      # offsetof(runtime.g, stack): {lo, hi uintptr}
     m_offset: int                          # offsetof(runtime.g, m)
     curg_offset: int                       # offsetof(runtime.m, curg)
+    gopc_offset: int                       # offsetof(runtime.g, gopc)
     functions: dict[str, tuple[int, int]]  # symbol -> (address, size) for REQUIRED + found OPTIONAL
     newproc1_rets: tuple[int, ...]         # offsets of RET instructions from newproc1's start
+    spawn_site: int | None                 # offset in NEWPROC_FUNC1 of CALL runqput (BX = new g)
+    entry_offsets: dict[str, int]          # hooked function -> offset of its entry probe
 
     def has(self, symbol: str) -> bool:
         return symbol in self.functions
+
+    @property
+    def unreported_spawns(self) -> tuple[int, int]:
+        """[lo, hi): code addresses whose `go` statements are not reported ((0, 0): none).
+        Link-time addresses: in a PIE binary they match nothing, and every spawn is reported."""
+        addr, size = self.functions.get(BACKGROUND_READ, (0, 0))
+        return addr, addr + size
 
 
 _ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
@@ -141,6 +166,60 @@ def ret_offsets(code: bytes, addr: int) -> tuple[int, ...]:
     return tuple(rets)
 
 
+def _disasm(code: bytes, addr: int) -> list[Any]:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    return list(md.disasm(code, addr))
+
+
+_ALIASES = {"rax": {"rax", "eax", "ax", "al", "ah"}, "rbx": {"rbx", "ebx", "bx", "bl", "bh"}}
+
+
+def _writes(insn: Any, reg: str) -> bool:
+    """Whether the instruction writes `reg` ("rax" or "rbx") or any part of it."""
+    return not _ALIASES[reg].isdisjoint(insn.reg_name(r) for r in insn.regs_access()[1])
+
+
+def spawn_site(code: bytes, addr: int, newproc1: int, runqput: int) -> int | None:
+    """Offset (from `addr`) of the `CALL runqput` that follows `CALL newproc1` in
+    runtime.newproc.func1, provided newproc1's result (AX) was moved to BX in between and BX
+    was not written again; None when the code has another shape."""
+    after_newproc1 = False
+    new_g_in_bx = False
+    for insn in _disasm(code, addr):
+        if insn.mnemonic == "call":
+            target = insn.operands[0].imm if insn.operands[0].type == capstone.x86.X86_OP_IMM else None
+            if target == newproc1:
+                after_newproc1, new_g_in_bx = True, False
+                continue
+            if target == runqput and after_newproc1 and new_g_in_bx:
+                return int(insn.address - addr)
+            if after_newproc1:
+                return None  # another call between the two clobbers the registers
+        if not after_newproc1:
+            continue
+        if insn.mnemonic == "mov" and insn.op_str == "rbx, rax":
+            new_g_in_bx = True
+        elif _writes(insn, "rbx") or (not new_g_in_bx and _writes(insn, "rax")):
+            new_g_in_bx = False
+    return None
+
+
+def entry_offset(code: bytes, addr: int) -> int:
+    """Offset of the conditional jump of a Go stack-check prologue (`[LEAQ -n(SP), R12;]
+    CMPQ 0x10(R14), SP|R12; JBE`): registers still hold the arguments there and the jump is
+    emulated. 0 (the entry itself) for any other prologue."""
+    for i, insn in enumerate(_disasm(code[:32], addr)):
+        if i >= 3:
+            break
+        if capstone.CS_GRP_JUMP in insn.groups and insn.mnemonic.startswith("j") and insn.mnemonic != "jmp":
+            return int(insn.address - addr) if i else 0
+        stack_check = insn.mnemonic == "cmp" and "[r14 + 0x10]" in insn.op_str
+        if not stack_check and not (insn.mnemonic == "lea" and insn.op_str.startswith("r12, [rsp")):
+            break
+    return 0
+
+
 def _member_offset(die: Any, member: str) -> int | None:
     for child in die.iter_children():
         if child.tag == "DW_TAG_member" and child.attributes.get("DW_AT_name") is not None \
@@ -203,17 +282,24 @@ def inspect(path: str | Path) -> GoBinary:
             if (PC_ROUNDTRIP in functions) != (REQUEST_WRITE in functions):
                 # the pooled-connection writer's goroutine would be taken for the caller's
                 raise GoBinaryError(f"it has only one of {PC_ROUNDTRIP} and {REQUEST_WRITE}")
-            offsets = struct_member_offsets(elf, "runtime", {"runtime.g": ("goid", "stack", "m"),
+            offsets = struct_member_offsets(elf, "runtime", {"runtime.g": ("goid", "stack", "m", "gopc"),
                                                              "runtime.m": ("curg",)})
             g_offsets, m_offsets = offsets["runtime.g"], offsets["runtime.m"]
             addr, size = functions[NEWPROC1]
             rets = ret_offsets(_function_bytes(elf, fh, addr, size), addr)
             if not rets:
                 raise GoBinaryError(f"no RET instruction found in {NEWPROC1}")
+            site = None
+            if NEWPROC_FUNC1 in functions and RUNQPUT in functions:
+                closure, closure_size = functions[NEWPROC_FUNC1]
+                site = spawn_site(_function_bytes(elf, fh, closure, closure_size), closure, addr,
+                                  functions[RUNQPUT][0])
+            entries = {name: entry_offset(_function_bytes(elf, fh, *functions[name]), functions[name][0])
+                       for name in (PC_ROUNDTRIP, REQUEST_WRITE) if name in functions}
     except (OSError, ELFError) as exc:
         raise GoBinaryError(f"it cannot be read as ELF ({exc})") from None
     return GoBinary(str(path), version, g_offsets["goid"], g_offsets["stack"], g_offsets["m"],
-                    m_offsets["curg"], functions, rets)
+                    m_offsets["curg"], g_offsets["gopc"], functions, rets, site, entries)
 
 
 FileKey = tuple[int, int, int, int]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from probe_agent.enrich import ProcessInfoCache, cgroup2_mount, cgroup_id
 from probe_agent.gobinary import (
     NEWPROC1,
+    NEWPROC_FUNC1,
     PC_ROUNDTRIP,
     REQUEST_WRITE,
     FileKey,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 SPAWN = records.GO_SPAWN_BODY  # parent_goid, child_goid
 SPAWN_SIZE = records.GO_SPAWN_SIZE  # 48, asserted in the C source
 SPAWN_RECORD = records.GO_SPAWN_RECORD
-_UNSUPPORTED_STAT = 4  # index of go_binary_unsupported in stat_names (written from user space)
+_UNSUPPORTED_STAT = 5  # index of go_binary_unsupported in stat_names (written from user space)
 RING_KINDS = frozenset({Kind.GO_SPAWN})
 
 
@@ -69,7 +70,8 @@ class WeftGoProc(ctypes.Structure):
     """struct weft_go_proc of the two C sources."""
 
     _fields_ = (("goid_off", ctypes.c_uint64), ("stack_off", ctypes.c_uint64),
-                ("m_off", ctypes.c_uint64), ("curg_off", ctypes.c_uint64))
+                ("m_off", ctypes.c_uint64), ("curg_off", ctypes.c_uint64),
+                ("gopc_off", ctypes.c_uint64), ("skip_lo", ctypes.c_uint64), ("skip_hi", ctypes.c_uint64))
 
 
 class GoroutineProbe:
@@ -80,7 +82,7 @@ class GoroutineProbe:
     rings: Sequence[RingSpec] = (RingSpec("go_events", decode, passthrough=RING_KINDS),)
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "no_parent", "caller_found", "caller_missed",
-                                 "go_binary_unsupported")
+                                 "spawn_skipped", "go_binary_unsupported")
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
         self._proc = proc
@@ -105,7 +107,7 @@ class GoroutineProbe:
         worker thread, which then only makes attach syscalls)."""
         from bcc import BPF as _BPF
 
-        for fn_name in ("go_newproc1_ret", *(fn for _, fn in _ENTRY_PROBES)):
+        for fn_name in ("go_newproc_runqput", "go_newproc1_ret", *(fn for _, fn in _ENTRY_PROBES)):
             bpf.load_func(fn_name.encode(), _BPF.KPROBE)
 
     def configure(self, bpf: BPF, ctx: ProbeContext) -> None:
@@ -189,7 +191,9 @@ class GoroutineProbe:
                 logger.warning("cannot attach goroutine uprobes to %s (pid %d): %s", _exe_name(exe), pid, exc)
                 return False
             self._attached.add(key)
-        offsets = WeftGoProc(found.goid_offset, found.stack_offset, found.m_offset, found.curg_offset)
+        skip_lo, skip_hi = found.unreported_spawns
+        offsets = WeftGoProc(found.goid_offset, found.stack_offset, found.m_offset, found.curg_offset,
+                             found.gopc_offset, skip_lo, skip_hi)
         self._bpf[b"weft_go_procs"][ctypes.c_uint32(pid)] = offsets
         self._registered.add(pid)
         logger.info("goroutine ids for pid %d (%s)", pid, _exe_name(exe))
@@ -213,12 +217,19 @@ class GoroutineProbe:
         path = os.fsencode(os.path.realpath(exe))
         for symbol, fn_name in _ENTRY_PROBES:
             if binary.has(symbol):
-                self._bpf.attach_uprobe(name=path, sym=symbol.encode(), fn_name=fn_name.encode())
-        for offset in binary.newproc1_rets:
-            self._bpf.attach_uprobe(name=path, sym=NEWPROC1.encode(), sym_off=offset,
-                                    fn_name=b"go_newproc1_ret")
-        logger.info("goroutine uprobes on %s (goid at +%d, %d RETs in %s)", path.decode(errors="replace"),
-                    binary.goid_offset, len(binary.newproc1_rets), NEWPROC1)
+                self._bpf.attach_uprobe(name=path, sym=symbol.encode(), fn_name=fn_name.encode(),
+                                        sym_off=binary.entry_offsets.get(symbol, 0))
+        if binary.spawn_site is not None:
+            self._bpf.attach_uprobe(name=path, sym=NEWPROC_FUNC1.encode(), sym_off=binary.spawn_site,
+                                    fn_name=b"go_newproc_runqput")
+            spawn = f"CALL runqput in {NEWPROC_FUNC1}+{binary.spawn_site}"
+        else:
+            for offset in binary.newproc1_rets:
+                self._bpf.attach_uprobe(name=path, sym=NEWPROC1.encode(), sym_off=offset,
+                                        fn_name=b"go_newproc1_ret")
+            spawn = f"{len(binary.newproc1_rets)} RETs in {NEWPROC1} (slow: single-stepped)"
+        logger.info("goroutine uprobes on %s (goid at +%d, spawns at %s, entries at %s)",
+                    path.decode(errors="replace"), binary.goid_offset, spawn, binary.entry_offsets)
 
     def _publish_unsupported(self) -> None:
         """Kept in the stats map so that it reaches the metrics like the kernel counters."""

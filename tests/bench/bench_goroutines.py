@@ -3,8 +3,9 @@
 The http and goroutine probes are loaded once (tests/integration/probe_harness.py). Two copies
 of tests/workloads/go_fanout.go (two files, so uprobes sit on one only) serve GET /fan/<id>,
 which starts two goroutines that each call a leaf server (no sleep). The "on" copy is
-registered with the goroutine probe (uprobes on the RETs of newproc1, on persistConn
-.roundTrip, Request.write, and goroutine ids read at each socket syscall); the "off" copy is
+registered with the goroutine probe (uprobes in newproc's closure at its CALL runqput, in the
+prologues of persistConn.roundTrip and Request.write, and goroutine ids read at each socket
+syscall; see probe_agent/gobinary.py for why those instructions); the "off" copy is
 traced by the http probe only. wrk drives each in turn (off, on, off, on).
 
   goroutines.ratio_fanout       throughput on ÷ off (each request: 2 `go`, 2 client calls)

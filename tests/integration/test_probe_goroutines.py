@@ -203,6 +203,7 @@ def test_goroutine_fanout_links_each_call_to_its_handler(
 def test_shared_keepalive_connection_gives_no_wrong_parent(
         probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
     http, go = probes
+    skipped = go.stats()["spawn_skipped"]
     with fan_and_leaf(workdir, go, max_conns=1) as (fan_pid, fan_port, leaf_pid):
         ids = ["p", "q", "r", "s"]
         concurrently(fan_port, ids)
@@ -223,6 +224,8 @@ def test_shared_keepalive_connection_gives_no_wrong_parent(
         leaf = [r for (role, _), r in http_of(events, leaf_pid).items() if role == pb.ROLE_SERVER]
         assert len(leaf) == 2 * len(ids) and len({r.sock_cookie for r in leaf}) == 1
         assert len({r.goid for r in leaf}) == 1 and leaf[0].goid != 0
+        # those background readers' spawns were not reported (one per leaf request at least)
+        assert go.stats()["spawn_skipped"] - skipped >= len(leaf)
 
 
 def wait_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:

@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 
 from probe_agent.gobinary import (
+    BACKGROUND_READ,
     NEWPROC1,
+    NEWPROC_FUNC1,
     PC_ROUNDTRIP,
     REQUEST_WRITE,
     GoBinaryCache,
     GoBinaryError,
     buildinfo_version,
+    entry_offset,
     inspect,
     ret_offsets,
+    spawn_site,
 )
 from tests.workloads.servers import HERE
 
@@ -71,16 +75,39 @@ def test_offsets_symbols_and_rets_agree_with_binutils_and_go_tools(built: tuple[
     assert info.stack_offset == readelf_member_offset(binary, "runtime.g", "stack")
     assert info.m_offset == readelf_member_offset(binary, "runtime.g", "m")
     assert info.curg_offset == readelf_member_offset(binary, "runtime.m", "curg")
+    assert info.gopc_offset == readelf_member_offset(binary, "runtime.g", "gopc")
 
     rows = (line.split(maxsplit=2) for line in go_tool("nm", str(binary)).splitlines())
     nm = {parts[2]: int(parts[0], 16) for parts in rows if len(parts) == 3 and parts[1] == "T"}
-    for symbol in (NEWPROC1, PC_ROUNDTRIP, REQUEST_WRITE):
+    for symbol in (NEWPROC1, PC_ROUNDTRIP, REQUEST_WRITE, NEWPROC_FUNC1, BACKGROUND_READ):
         assert info.functions[symbol][0] == nm[symbol], symbol
+    background = nm[BACKGROUND_READ]
+    assert info.unreported_spawns == (background, background + info.functions[BACKGROUND_READ][1])
+
+    # the spawn probe: on the CALL runqput right after newproc1's result went to BX
+    lines = objdump_lines(binary, NEWPROC_FUNC1)
+    texts = [text for _, text in lines]
+    first = next(i for i, text in enumerate(texts) if text.startswith("CALL runtime.newproc1("))
+    call = next(i for i, text in enumerate(texts) if text.startswith("CALL runtime.runqput("))
+    assert "MOVQ AX, BX" in texts[first:call]
+    assert info.spawn_site == lines[call][0] - info.functions[NEWPROC_FUNC1][0]
+    # entry probes: on the JBE of the stack-check prologue
+    for symbol in (PC_ROUNDTRIP, REQUEST_WRITE):
+        lines = objdump_lines(binary, symbol)
+        jbe = next(addr for addr, text in lines[:3] if text.startswith("JBE"))
+        assert info.entry_offsets[symbol] == jbe - info.functions[symbol][0] > 0, symbol
 
     dump = go_tool("objdump", "-s", f"^{re.escape(NEWPROC1)}$", str(binary))
     start = info.functions[NEWPROC1][0]
     rets = tuple(int(m, 16) - start for m in re.findall(r"\t0x([0-9a-f]+)\t+[0-9a-f]+\t+RET\b", dump))
     assert rets and info.newproc1_rets == rets
+
+
+def objdump_lines(binary: Path, symbol: str) -> list[tuple[int, str]]:
+    """(address, instruction text) of one function, as `go tool objdump` prints them."""
+    dump = go_tool("objdump", "-s", f"^{re.escape(symbol)}$", str(binary))
+    return [(int(m[1], 16), m[2].strip())
+            for m in re.finditer(r"\t0x([0-9a-f]+)\t+[0-9a-f]+\t+([^\n]*)", dump)]
 
 
 def test_stripped_and_non_go_binaries_are_refused_with_a_reason(built: tuple[Path, Path]) -> None:
@@ -111,6 +138,33 @@ def test_ret_offsets_of_hand_assembled_code() -> None:
     assert ret_offsets(code, 0x1000) == (3, 5)
     with pytest.raises(GoBinaryError, match="decoded"):
         ret_offsets(bytes.fromhex("c3" "0f0b0f"), 0)   # ret, ud2, then a truncated instruction
+
+
+def _call(at: int, target: int) -> str:
+    """`call target` placed at address `at`, as hex."""
+    return "e8" + (target - at - 5).to_bytes(4, "little", signed=True).hex()
+
+
+def test_spawn_site_needs_the_new_g_in_bx_at_the_runqput_call() -> None:
+    newproc1, runqput = 0x100, 0x200
+    mov_bx_ax, xor_ebx, mov_edx_1 = "4889c3", "31db", "ba01000000"
+    code = _call(0, newproc1) + mov_bx_ax + _call(8, runqput)
+    assert spawn_site(bytes.fromhex(code), 0, newproc1, runqput) == 8
+    # BX (here EBX) written again after the move: the call does not see the new g
+    code = _call(0, newproc1) + mov_bx_ax + xor_ebx + _call(10, runqput)
+    assert spawn_site(bytes.fromhex(code), 0, newproc1, runqput) is None
+    # no move at all
+    code = _call(0, newproc1) + mov_edx_1 + _call(10, runqput)
+    assert spawn_site(bytes.fromhex(code), 0, newproc1, runqput) is None
+
+
+def test_entry_offset_is_the_prologue_jump_or_the_entry() -> None:
+    small = "493b6610" "7657"                        # cmp rsp, [r14+0x10]; jbe
+    big = "4c8da424b0feffff" "4d3b6610" "0f86930d0000"  # lea r12, [rsp-0x150]; cmp r12, [r14+0x10]; jbe
+    assert entry_offset(bytes.fromhex(small + "90" * 8), 0x1000) == 4
+    assert entry_offset(bytes.fromhex(big + "90" * 8), 0x1000) == 12
+    assert entry_offset(bytes.fromhex("4889c3" + small), 0x1000) == 0   # anything else first: the entry
+    assert entry_offset(bytes.fromhex("7657" + "90" * 8), 0x1000) == 0
 
 
 def _buildinfo(flags: int, version: bytes) -> bytes:
