@@ -420,7 +420,8 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
     r->cookie = c->cookie;
     __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
     __builtin_memcpy(&r->r, q, sizeof(struct req));
-    /* WEFT-INJECT: the request's ids; a finished server request's context is cleared */
+    /* WEFT-INJECT: the request's ids; a finished server request's context is cleared (kind
+     * NONE, the slot kept for the thread's next request: no LRU free + alloc per request) */
 #if WEFT_INJECT
     struct weft_tpctx *x = &c->qctx[idx & (NQ - 1)];
     __builtin_memcpy(&r->inj, x, sizeof(struct weft_tpctx));
@@ -428,12 +429,15 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
         u32 owner = q->tid;
         struct weft_tpctx *live = weft_ctx.lookup(&owner);
         if (live && live->kind == WEFT_CTX_AMBIGUOUS) {
-            if (live->open <= 1)
-                weft_ctx.delete(&owner);
-            else
+            if (live->open <= 1) {
+                live->kind = WEFT_CTX_NONE;
+                live->open = 0;
+            } else {
                 live->open--;
-        } else if (live && live->serial == x->serial) {
-            weft_ctx.delete(&owner);
+            }
+        } else if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial) {
+            live->kind = WEFT_CTX_NONE;
+            live->open = 0;
         }
     }
 #else
@@ -798,13 +802,13 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
     if (c->t.role == ROLE_CLIENT) {
         u32 me = (u32)p->pid_tgid;
         struct weft_inj_out *o = weft_inj_out.lookup(&me);
-        if (!o || !o->seq_taken || x->kind != WEFT_CTX_NONE)
+        if (!o || !o->seq_taken || !o->pushed || x->kind != WEFT_CTX_NONE)
             return;
         __builtin_memcpy(x->trace, o->trace, 32);
         __builtin_memcpy(x->span, o->span, 16);
         x->serial = 0;
         x->kind = WEFT_CTX_INJECTED;
-        weft_inj_out.delete(&me);
+        o->pushed = 0; /* taken; the injector rewrites the slot in place next time */
         return;
     }
     if (c->t.role != ROLE_SERVER)
@@ -820,6 +824,9 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
             busy->kind = WEFT_CTX_AMBIGUOUS;
             if (busy->open < 255)
                 busy->open++;
+        } else if (busy) {
+            __builtin_memcpy(busy, x, sizeof(*busy)); /* the thread's slot, free again: reuse it */
+            busy->open = 1;
         } else {
             x->open = 1;
             weft_ctx.update(&tid, x);
@@ -829,7 +836,7 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
     if (p->inj_hdrs && x->kind == WEFT_CTX_ASSIGNED && r->tp_len == 55) {
         if (weft_trace_of(r->tp, 55, x->trace)) {
             struct weft_tpctx *live = weft_ctx.lookup(&tid);
-            if (live && live->serial == x->serial)
+            if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial)
                 __builtin_memcpy(live->trace, x->trace, 32);
         }
     }

@@ -14,8 +14,9 @@
  * send belongs to is unknown; nothing is injected until all of them are answered */
 #define WEFT_CTX_AMBIGUOUS 3
 
-/* A trace context. In weft_ctx (tid -> context of the server request that thread serves) and
- * per request in the http tracer (copied into its record). */
+/* A trace context. In weft_ctx (tid -> context of the server request that thread serves; kind
+ * NONE: it serves none now, the slot is kept for its next request) and per request in the http
+ * tracer (copied into its record). */
 struct weft_tpctx {
     u64 serial;     /* bpf_ktime_get_ns() when the request started: tells requests of a tid apart */
     char trace[32]; /* hex */
@@ -38,7 +39,7 @@ struct weft_inj_out {
     char trace[32];
     char span[16];
     u32 ports;      /* local port << 16 | remote port of the connection written to */
-    u32 pushed;     /* bytes inserted */
+    u32 pushed;     /* bytes inserted; 0: the tracer took this record into its client request */
     u8 seq_taken;   /* the tracer already corrected this call's sequence number */
     u8 pad[7];
 };

@@ -52,7 +52,7 @@ static __always_inline void inherit_context(u32 parent_tid, u32 child_tid)
 {
     struct weft_ctx_ref ref = {};
     struct weft_tpctx *live = weft_ctx.lookup(&parent_tid);
-    if (live) {
+    if (live && live->kind != WEFT_CTX_NONE) { /* NONE: the slot of a finished request */
         ref.tid = parent_tid;
         ref.serial = live->serial;
         weft_ctx_ref.update(&child_tid, &ref);

@@ -3,10 +3,11 @@
 nginx serves a static file; wrk (a C client, so every request is injected) drives it over
 keep-alive connections from a private cgroup v2 child. The agent (the real `weft agent`, capture
 mode, `--cgroup` that child) runs alternately without and with `--inject-headers`, same duration
-each; the ratio is mean(with) / mean(without), so it isolates injection from the rest of the
-agent's cost.
+each, so the ratio isolates injection from the rest of the agent's cost. Each (without, with)
+pair gives a ratio and the median of the pairs is reported: on a shared machine a burst of
+other work lands in one run, and the median keeps that one pair from deciding the figure.
 
-  inject.ratio     throughput with injection ÷ without (agent running in both)
+  inject.ratio     throughput with injection ÷ without (agent running in both), median of pairs
   inject.share     client requests of the last injected run whose record carries the injected
                    traceparent ÷ all client requests recorded (1.0: every request injected)
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +73,7 @@ def injected_share(capture: Path) -> float:
 
 def run(ctx: BenchContext) -> dict[str, float]:
     seconds = 2.0 if ctx.quick else 5.0
-    rounds = 2  # alternated (without, with) pairs: this machine is shared, one pair is too noisy
+    rounds = 3  # alternated (without, with) pairs: this machine is shared, one pair is too noisy
     work = Path(tempfile.mkdtemp(prefix="weft-bench-inject-"))
     cgroup = CGROUP_ROOT / f"weft-bench-inject-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     cgroup.mkdir()
@@ -97,8 +99,9 @@ def run(ctx: BenchContext) -> dict[str, float]:
                 break
             except OSError:
                 time.sleep(0.05)
-    ratio = (sum(on) / len(on)) / (sum(off) / len(off))
+    pairs = sorted(w / wo for wo, w in zip(off, on, strict=True))
+    ratio = statistics.median(pairs)
     share = injected_share(last)
-    ctx.console.print(f"inject: without {off} with {on} req/s → ratio {ratio:.3f}; "
-                      f"injected share {share:.3f}")
+    ctx.console.print(f"inject: without {off} with {on} req/s → pair ratios "
+                      f"{[round(p, 3) for p in pairs]}, median {ratio:.3f}; injected share {share:.3f}")
     return {"inject.ratio": ratio, "inject.share": share}

@@ -17,6 +17,7 @@ import http.server
 import json
 import queue
 import socket
+import struct
 import sys
 import threading
 from typing import Any
@@ -74,12 +75,23 @@ def echo(port: int) -> None:
         threading.Thread(target=_serve_echo, args=(conn,), daemon=True).start()
 
 
+def _segs_out(s: socket.socket) -> int:
+    """tcp_info.tcpi_data_segs_out (offset 156 in struct tcp_info, Linux 4.6+): segments that
+    carried data, so the ACK of an early answer does not count."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int(struct.unpack_from("I", info, 156)[0])
+
+
 def call(port: int, parts: list[bytes],
          conn: socket.socket | None = None) -> tuple[socket.socket, dict[str, Any]]:
-    """Send a request in `parts` (one send each), read the JSON answer."""
+    """Send a request in `parts` (one send each), read the JSON answer; answer["segs"] is the
+    number of TCP segments the sends took (TCP_NODELAY: one per send unless something split it)."""
     s = conn or socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    segs0 = _segs_out(s)
     for part in parts:
         s.sendall(part)
+    segs = _segs_out(s) - segs0
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = s.recv(65536)
@@ -93,6 +105,7 @@ def call(port: int, parts: list[bytes],
         body += s.recv(65536)
     answer = json.loads(body)
     answer["sent_sha"] = hashlib.sha256(b"".join(parts)).hexdigest()
+    answer["segs"] = segs
     return s, answer
 
 
@@ -104,6 +117,8 @@ def client(port: int) -> None:
         "post": [b"POST /post HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"],
         # a body past the injector's scan window, in the same send as the headers
         "bigpost": [b"POST /bigpost HTTP/1.1\r\nHost: t\r\nContent-Length: 3000\r\n\r\n" + b"x" * 3000],
+        # past the page the injector re-joins after its push: the pushed line stays its own buffer
+        "hugepost": [b"POST /hugepost HTTP/1.1\r\nHost: t\r\nContent-Length: 6000\r\n\r\n" + b"y" * 6000],
         "again": [b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n"],
     }
     conn = None

@@ -207,6 +207,10 @@ def test_injection_on(tmp_path: Path, cgroup: Path, go_echo: Path) -> None:
                 assert row["tp"] == [OWN_TP], (name, row)      # never a second traceparent
                 continue
             assert len(row["tp"]) == 1, (name, row)             # exactly one, also when split
+            if row["case"] in ("single", "post", "bigpost", "again"):
+                assert row["segs"] == 1, (name, row)            # the push did not split the send
+            if row["case"] == "split":
+                assert row["segs"] == 3, (name, row)            # one segment per send, line included
             assert row["tp"][0] in injected, (name, row)        # = the client event's record
             if name == "py":
                 raw = row["raw"].encode("latin-1")
@@ -235,14 +239,15 @@ def test_injection_on(tmp_path: Path, cgroup: Path, go_echo: Path) -> None:
     # every client request and its server have the same TCP sequence number (pushed bytes counted)
     client_by_path = by_path(events, pb.ROLE_CLIENT)
     hops = 0
-    for path in ("/single", "/split", "/post", "/bigpost", "/again", "/nested", "/from-handler",
-                 "/from-thread", "/pool-1", "/pool-2", "/from-pool"):
+    for path in ("/single", "/split", "/post", "/bigpost", "/hugepost", "/again", "/nested",
+                 "/from-handler", "/from-thread", "/pool-1", "/pool-2", "/from-pool"):
         for c in client_by_path[path]:
             (server,) = [s for s in servers[path] if s.traceparent == c.injected_traceparent]
             assert c.has_seq and server.has_seq, path
             assert c.tcp_seq == server.tcp_seq, path
             hops += 1
-    assert hops == 3 * 5 + 3 + 4  # py, go, node x (single, split, post, bigpost, again), nested, pooled
+    # py, go, node x (single, split, post, bigpost, hugepost, again), nested, pooled
+    assert hops == 3 * 6 + 3 + 4
 
     # the engine links every hop by the header alone and exports exactly the wire's ids
     engine = Engine(MemoryStateStore(), EngineConfig(link_by_seq=False, link_by_tuple=False))
@@ -296,7 +301,7 @@ def test_injection_off_bytes_unchanged(tmp_path: Path, cgroup: Path) -> None:
     finally:
         procs.close()
         events = agent.stop()
-    assert len(rows) == 6
+    assert len(rows) == 7
     for row in rows:
         assert row["sha"] == row["sent_sha"], row
         assert row["tp"] == ([OWN_TP] if row["case"] == "own" else [])
