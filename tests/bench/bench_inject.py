@@ -1,8 +1,10 @@
 """Cost of traceparent injection (form (b), sock_ops + sk_msg), side by side in one run (issue 6).
 
 nginx serves a static file; wrk (a C client, so every request is injected) drives it over
-keep-alive connections from a private cgroup v2 child. The agent (the real `weft agent`, capture
-mode, `--cgroup` that child) runs alternately without and with `--inject-headers`, same duration
+keep-alive connections. Both run in a private cgroup v2 child, so both ends are traced as in a
+deployment: the client side pays for the injection, the server side for reading the extra header
+and assigning its request a context. The agent (the real `weft agent`, capture mode, `--cgroup`
+that child) runs alternately without and with `--inject-headers`, same duration
 each, so the ratio isolates injection from the rest of the agent's cost. Each (without, with)
 pair gives a ratio and the median of the pairs is reported: on a shared machine a burst of
 other work lands in one run, and the median keeps that one pair from deciding the figure.
@@ -55,6 +57,13 @@ class Agent:
         self.proc.wait(timeout=60)
 
 
+def move_tree(pid: int, cgroup: Path) -> None:
+    """`pid` and its children (nginx's master and workers) into `cgroup`."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in (pid, *map(int, children)):
+        (cgroup / "cgroup.procs").write_text(str(p))
+
+
 def wrk_in(cgroup: Path, url: str, seconds: float) -> float:
     cmd = f'echo $$ > {cgroup}/cgroup.procs && exec wrk -t2 -c8 -d{seconds:g}s {url}'
     out = subprocess.run(["sh", "-c", cmd], check=True, capture_output=True, text=True).stdout
@@ -82,6 +91,7 @@ def run(ctx: BenchContext) -> dict[str, float]:
     last = work / "none"
     try:
         with running("nginx", work) as srv:
+            move_tree(srv.proc.pid, cgroup)
             url = srv.url("/index.html")
             wrk_in(cgroup, url, 1)  # warm-up
             for round_ in range(rounds):
