@@ -20,6 +20,10 @@ Rules from DESIGN.md ("Facts about the stream pieces here") and how they are kep
 * One worker or many: the engine's state — including every node's watermark and the due
   schedule — lives in Redis, and a Redis lease (`FrameLease`) runs one engine frame at a time
   across workers, so N workers on several partitions produce exactly what one worker does.
+* Frames reach the engine in batches (`stream.take_events`: up to `batch_frames`, waiting at
+  most `batch_wait_ms` for more): one store load and one `apply` per batch instead of per
+  frame. take_events acks a batch only after the agent's body returned, so the rules above
+  hold per batch; the engine's output does not depend on how the stream is cut.
 * concurrency=1, no Tables, no group_by, web server off, session timeout configurable (~10 s
   in tests, where Tansu takes about half of it to form a group).
 """
@@ -36,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import click
 import redis
@@ -75,6 +79,8 @@ class StitchSettings:
     expect_nodes: str = ""                # comma-separated nodes to wait for before they speak
     fetch_max_wait_ms: int = 100          # longest Kafka fetch wait (Faust's own: 1500; see faust_fetch)
     hold_timeouts_lag: int = 20           # unread messages on a partition that hold node timeouts
+    batch_frames: int = 32                # frames handed to the engine together (one load, one apply)
+    batch_wait_ms: int = 20               # longest wait for a batch to fill (adds to export latency)
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -92,6 +98,9 @@ class StitchSettings:
                               "commit_interval_s > 0")
         if self.hold_timeouts_lag < 0:
             raise ConfigError(f"stitch.hold_timeouts_lag={self.hold_timeouts_lag}: must be >= 0")
+        if not 1 <= self.batch_frames <= 10_000 or not 1 <= self.batch_wait_ms <= 10_000:
+            raise ConfigError(f"stitch.batch_frames={self.batch_frames} and batch_wait_ms="
+                              f"{self.batch_wait_ms}: each must be 1..10000")
         if not 1 <= self.fetch_max_wait_ms <= 60_000:
             raise ConfigError(f"stitch.fetch_max_wait_ms={self.fetch_max_wait_ms}: must be 1..60000")
         return self
@@ -140,6 +149,14 @@ class Where:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
+class Pending(NamedTuple):
+    """A decoded frame waiting for the engine, with its raw value and origin (dead letters)."""
+
+    frame: pb.Frame
+    value: bytes
+    where: Where
+
+
 @dataclass
 class StitchCounters:
     frames: int = 0
@@ -186,12 +203,15 @@ class FrameStitcher:
         self.dead_letters.send(reason, payload, source_topic=where.topic, partition=where.partition,
                                offset=where.offset, node=node)
 
-    def try_apply(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span] | None:
-        """One attempt: take the lease (None when another worker holds it), run the engine,
-        hand the spans to the sink. Raises one of STORE_ERRORS when the store failed; the
-        engine writes a frame in one `apply` at its end, so a failed attempt wrote nothing.
+    def try_apply(self, batch: Sequence[Pending]) -> list[Span] | None:
+        """One attempt at a batch of decoded frames: take the lease (None when another worker
+        holds it), run the engine over the whole batch (one load of what it names, one sweep,
+        one `apply`), hand the spans to the sink. Raises one of STORE_ERRORS when the store
+        failed; the engine writes a batch in one `apply` at its end, so a failed attempt wrote
+        nothing. A frame the engine refuses is found by redoing the batch frame by frame, and
+        dead-lettered; the others are stitched.
 
-        A worker keeps the lease for up to `hold_s` over consecutive frames (handing it over
+        A worker keeps the lease for up to `hold_s` over consecutive batches (handing it over
         costs the other worker a poll); `release_if_idle()` gives it back between bursts."""
         lease = self.lease
         if lease is not None and not lease.held:
@@ -200,29 +220,55 @@ class FrameStitcher:
                 return None
             self._held_since = time.monotonic()
         failed = True
+        exported = False   # the frame-by-frame path exports as it goes
         try:
-            spans = self.engine.process(frame)
+            try:
+                spans = self.engine.process_frames([p.frame for p in batch])
+            except STORE_ERRORS:
+                raise
+            except Exception as exc:  # a frame the engine refuses will never succeed
+                self._fresh_engine()
+                if len(batch) == 1:
+                    self._refused(batch[0], exc)
+                    spans = []
+                else:  # find it; each frame's spans go out as soon as its own apply is done
+                    spans = [span for p in batch for span in self._frame_alone(p)]
+                    exported = True
             failed = False
         except STORE_ERRORS:
             self._fresh_engine()
             raise
-        except Exception as exc:  # the engine refused the frame itself: it will never succeed
-            self._fresh_engine()
-            failed = False
-            logger.exception("engine failed on frame %s", where)
-            self.dead_letter(f"engine error: {type(exc).__name__}: {exc}", value, where, frame.node)
-            return []
         finally:
             self._last_done = time.monotonic()
             if lease is not None and lease.held and (
                     failed or self._last_done - self._held_since >= self.hold_s):
                 lease.release()
         c = self.counters
-        c.frames += 1
-        c.events += len(frame.events)
+        c.frames += len(batch)
+        c.events += sum(len(p.frame.events) for p in batch)
         c.spans += len(spans)
+        if not exported:
+            self._export(spans)
+        return spans
+
+    def _frame_alone(self, pending: Pending) -> list[Span]:
+        """One frame through the engine on its own (raises STORE_ERRORS; a refused frame is
+        dead-lettered); exports its spans."""
+        try:
+            spans = self.engine.process(pending.frame)
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            self._fresh_engine()
+            self._refused(pending, exc)
+            return []
         self._export(spans)
         return spans
+
+    def _refused(self, pending: Pending, exc: Exception) -> None:
+        logger.error("engine failed on frame %s", pending.where, exc_info=exc)
+        self.dead_letter(f"engine error: {type(exc).__name__}: {exc}", pending.value, pending.where,
+                         pending.frame.node)
 
     def _export(self, spans: Sequence[Span]) -> None:
         self.sink.export(spans)
@@ -258,7 +304,7 @@ class FrameStitcher:
     def _fresh_engine(self) -> None:
         """Forget what a failed attempt cached inside the engine; keep its counters."""
         stats, outbox = self.engine.stats, self.engine.outbox
-        self.engine = Engine(self.engine.store, self.engine.config)
+        self.engine = type(self.engine)(self.engine.store, self.engine.config)
         self.engine.stats, self.engine.outbox = stats, outbox
 
     def _failed(self, exc: Exception, attempts: int) -> float:
@@ -270,11 +316,13 @@ class FrameStitcher:
         return backoff
 
     def apply_blocking(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
-        """try_apply until it succeeds; re-raises the store error after store_attempts."""
+        """try_apply of one frame until it succeeds; re-raises the store error after
+        store_attempts."""
+        batch = [Pending(frame, value, where)]
         attempts = waits = 0
         while True:
             try:
-                spans = self.try_apply(frame, value, where)
+                spans = self.try_apply(batch)
             except STORE_ERRORS as exc:
                 attempts += 1
                 if attempts >= self.store_attempts:
@@ -286,12 +334,12 @@ class FrameStitcher:
             waits += 1
             time.sleep(_lease_poll_s(waits))
 
-    async def apply_async(self, frame: pb.Frame, value: bytes, where: Where) -> list[Span]:
-        """try_apply until it succeeds, waiting without blocking the event loop."""
+    async def apply_async(self, batch: Sequence[Pending]) -> list[Span]:
+        """try_apply of a batch until it succeeds, waiting without blocking the event loop."""
         attempts = waits = 0
         while True:
             try:
-                spans = self.try_apply(frame, value, where)
+                spans = self.try_apply(batch)
             except STORE_ERRORS as exc:
                 attempts += 1
                 if attempts >= self.store_attempts:
@@ -393,18 +441,26 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     lag = ConsumerLag(settings.hold_timeouts_lag)
 
     async def stitch(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            where = Where(msg.topic, msg.partition, msg.offset)
-            lag.observe(msg.partition, msg.offset, _highwater(app, msg.tp))
-            stitcher.engine.hold_node_timeouts = lag.behind
-            value = event.value if isinstance(event.value, bytes) else msg.value
+        # take_events acks a batch's messages only after this body finished with it; a body
+        # that exits hard acks none of them, so they are redelivered.
+        async for events in stream.take_events(settings.batch_frames, settings.batch_wait_ms / 1000):
+            batch: list[Pending] = []
             try:
-                frame = stitcher.decode(value, where)
-                if frame is not None:
-                    await stitcher.apply_async(frame, value, where)
-            except Exception as exc:  # escaping would ack the frame and lose it
-                exit_hard(stitcher.sink, f"frame {where} could not be stored: {exc!r}")
+                for event in events:
+                    msg = event.message
+                    where = Where(msg.topic, msg.partition, msg.offset)
+                    lag.observe(msg.partition, msg.offset, _highwater(app, msg.tp))
+                    value = event.value if isinstance(event.value, bytes) else msg.value
+                    frame = stitcher.decode(value, where)
+                    if frame is not None:
+                        batch.append(Pending(frame, value, where))
+                stitcher.engine.hold_node_timeouts = lag.behind
+                if batch:
+                    await stitcher.apply_async(batch)
+            except Exception as exc:  # escaping would ack the batch and lose it
+                first, last = events[0].message, events[-1].message
+                exit_hard(stitcher.sink, f"frames {first.topic}[{first.partition}]@{first.offset}"
+                                         f"..[{last.partition}]@{last.offset} could not be stored: {exc!r}")
 
     app.agent(topic, name="weft.stitch", concurrency=1)(stitch)
 

@@ -89,7 +89,7 @@ from stitcher.engine.records import (
     tuple_key,
 )
 from stitcher.engine.store import FLOOR_LIMIT, HSetNX, StateStore
-from stitcher.engine.txn import Txn, open_txn
+from stitcher.engine.txn import NotLoadedError, Txn, open_txn
 
 FOREVER_NS = (1 << 63) - 1
 _ZERO = n20(0)
@@ -465,23 +465,20 @@ class Engine:
         chains = self._chains(txn, [(sid, rec) for sid, rec in clients if sid not in threadless])
         if txn.batched:
             self._preload_candidates(txn, [x for x in todo if x[1] not in threadless], chains, early_sids)
+        answers = self._answers(txn, [x for x in todo if x[1] not in threadless], chains, early_sids)
         decided: list[str] = []
         deferred: list[tuple[int, str]] = []
         stats = self.stats
-        for thr, sid, rec in todo:
+        for _, sid, rec in todo:
             if sid in threadless:
                 parent, link, ext, flag = "", "orphan", "", "no_goroutine"
                 stats.go_unlinked += 1
-            elif sid in early_sids:
-                answer = self._client_parent_early(txn, thr, rec, chains[sid])
-                if answer is None:
+            else:
+                answer = answers[sid]
+                if answer is None:     # the early question could not be answered yet
                     deferred.append((max(rec.start + self._max_req, rec.end), sid))
                     continue
                 parent, link, ext, flag = answer
-            elif rec.role == ROLE_CLIENT:
-                parent, link, ext, flag = self._client_parent(txn, thr, rec, chains[sid])
-            else:
-                parent, link, ext, flag = self._server_parent(txn, thr, rec)
             if flag == "ambiguous":
                 stats.ambiguous += 1
             stats.links[link] += 1
@@ -490,28 +487,62 @@ class Engine:
             decided.append(sid)
         return decided, deferred
 
+    def _answers(self, txn: Txn, todo: list[tuple[int, str, Http]], chains: dict[str, list[Hop]],
+                 early_sids: set[str]) -> dict[str, tuple[str, str, str, str] | None]:
+        """Each question's answer (None: an early question that must wait). The answers only
+        read the store. On a batched store, the floors only some answers read (a fuller lane,
+        lineage to tell thread incarnations apart, a server's tuple when its seq did not
+        decide) are not preloaded: questions that reach one not loaded yet are asked again
+        after one load of all of them, so rarely needed reads cost one round trip per round
+        instead of a preload for every question."""
+        answers: dict[str, tuple[str, str, str, str] | None] = {}
+        pending = todo
+        txn.only_loaded = txn.batched
+        try:
+            while pending:
+                missing: list[tuple[str, int]] = []
+                again: list[tuple[int, str, Http]] = []
+                for item in pending:
+                    thr, sid, rec = item
+                    try:
+                        if sid in early_sids:
+                            answers[sid] = self._client_parent_early(txn, thr, rec, chains[sid])
+                        elif rec.role == ROLE_CLIENT:
+                            answers[sid] = self._client_parent(txn, thr, rec, chains[sid])
+                        else:
+                            answers[sid] = self._server_parent(txn, thr, rec)
+                    except NotLoadedError as exc:
+                        missing.append(exc.floor)
+                        again.append(item)
+                if missing:
+                    txn.load(floors=missing)
+                pending = again
+        finally:
+            txn.only_loaded = False
+        return answers
+
     def _preload_candidates(self, txn: Txn, todo: list[tuple[int, str, Http]],
                             chains: dict[str, list[Hop]], early_sids: set[str]) -> None:
-        """One load for every index entry the decisions below will read."""
+        """One load for the index entries every decision below reads (see `_answers`)."""
         skew = self._skew
         index_keys: list[str] = []
         floors: list[tuple[str, int]] = []
         for thr, sid, rec in todo:
             if rec.role == ROLE_CLIENT:
-                prefix, tag = proc_prefix(rec.node, rec.pid), "g" if rec.goid else "t"
-                for hop in chains[sid]:
-                    floors.append((f"{prefix}:{tag}{hop.ident}", rec.start // 1000))
-                    if sid in early_sids:
-                        floors.append((f"{prefix}:{tag}{hop.ident}", thr // 1000))
-                        if not rec.goid and hop.ident != rec.pid:
-                            floors.append((f"{prefix}:lin:{hop.ident}", thr // 1000))
+                # the early question reads the lane at t1 first, the full one at x; most
+                # answers come from the client's own lane (ancestors' lanes load on demand)
+                hop = chains[sid][0]
+                at = (thr if sid in early_sids else rec.start) // 1000
+                floors.append((f"{proc_prefix(rec.node, rec.pid)}:{'g' if rec.goid else 't'}{hop.ident}", at))
                 continue
             tp = parse_traceparent(rec.traceparent) if rec.traceparent else None
             if tp is not None:
                 index_keys.append(inj_key(tp[1]))
+                continue
             if rec.has_seq:
                 index_keys.append(seq_key(rec.seq))
-            floors.append((tuple_key(rec.canon_tuple()), (rec.start + skew) // 1000))
+            if not (rec.has_seq and self.config.link_by_seq) and self.config.link_by_tuple:
+                floors.append((tuple_key(rec.canon_tuple()), (rec.start + skew) // 1000))
         txn.load(sets=index_keys, floors=floors)
 
     def _chains(self, txn: Txn, clients: list[tuple[str, Http]]) -> dict[str, list[Hop]]:

@@ -8,7 +8,9 @@ they are copied on the first write.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Set
+from operator import itemgetter
 
 from stitcher.engine.store import (
     FLOOR_LIMIT,
@@ -25,10 +27,21 @@ from stitcher.engine.store import (
     ZAdd,
 )
 
+_score = itemgetter(0)
+
+
+class NotLoadedError(LookupError):
+    """A floor the engine reads was not loaded while `Txn.only_loaded` is set: the caller
+    collects these, loads them together in one round trip, and asks again."""
+
+    def __init__(self, floor: Floor) -> None:
+        super().__init__(floor)
+        self.floor = floor
+
 
 class Txn:
     batched = True    # loads matter: the engine names what it will read before reading it
-    __slots__ = ("_f", "_h", "_owned", "_pending", "_s", "_z", "ops", "store")
+    __slots__ = ("_f", "_h", "_owned", "_pending", "_s", "_z", "_zs", "only_loaded", "ops", "store")
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
@@ -38,7 +51,9 @@ class Txn:
         self._pending: dict[str, list[Op]] = {}
         self._f: dict[Floor, list[tuple[int, str]]] = {}
         self._z: dict[str, list[tuple[int, str]]] = {}      # this frame's ZAdds, not yet applied
+        self._zs: dict[str, list[tuple[int, str]]] = {}     # the same, sorted (until the next ZAdd)
         self.ops: list[Op] = []
+        self.only_loaded = False   # floor() raises NotLoadedError instead of loading one by one
 
     def load(self, hashes: Iterable[str] = (), sets: Iterable[str] = (),
              floors: Iterable[Floor] = ()) -> None:
@@ -72,21 +87,34 @@ class Txn:
         return found
 
     def floor(self, key: str, score: int) -> list[tuple[int, str]]:
-        """Highest (score, member) entries with score ≤ `score`, this frame's writes included."""
+        """Highest (score, member) entries with score ≤ `score`, this batch's writes included."""
         found = self._f.get((key, score))
         if found is None:
+            if self.only_loaded:
+                raise NotLoadedError((key, score))
             self.load(floors=((key, score),))
             found = self._f[(key, score)]
-        mine = self._z.get(key)
-        if mine:
-            found = sorted({*found, *(e for e in mine if e[0] <= score)}, reverse=True)[:FLOOR_LIMIT]
-        return found
+        if key not in self._z:
+            return found
+        # A batch of frames writes many entries to one lane or tuple key, and the sweep asks
+        # for floors of them again and again: sort them once, then take the few ≤ score.
+        mine = self._zs.get(key)
+        if mine is None:
+            mine = self._zs[key] = sorted(set(self._z[key]))
+        at = bisect_right(mine, score, key=_score)
+        if not at:
+            return found
+        top = mine[max(at - FLOOR_LIMIT, 0):at]
+        if not found:
+            return top[::-1]
+        return sorted({*found, *top}, reverse=True)[:FLOOR_LIMIT]
 
     def write(self, op: Op) -> None:
         self.ops.append(op)
         key = op.key
         if isinstance(op, ZAdd):
             self._z.setdefault(key, []).append((op.score, op.member))
+            self._zs.pop(key, None)
             return
         if key in self._h or key in self._s:
             self._merge(op)
@@ -122,6 +150,8 @@ class Txn:
     def zadd(self, key: str, score: int, member: str) -> None:
         self.ops.append(ZAdd(key, score, member))
         self._z.setdefault(key, []).append((score, member))
+        if self._zs:
+            self._zs.pop(key, None)
 
     def delete(self, key: str) -> None:
         self.write(Delete(key))
@@ -167,6 +197,7 @@ class Txn:
         self._pending.clear()
         self._f.clear()
         self._z.clear()
+        self._zs.clear()
 
 
 class DirectTxn(Txn):
