@@ -402,6 +402,7 @@ class AgentRunner:
         blob, offset_ns, sizes = span.blob, span.offset_ns, span.sizes
         self_pid, pid_filter, announced = self.ctx.self_pid, self._pid_filter, self._announced
         limit, end = self._raw_limit, len(blob)
+        compress = self.settings.compress_records
         unpack, abi = _RAW_HEAD.unpack_from, records.ABI_VERSION
         pos = seg = n = 0
         lo, hi = 1 << 64, 0
@@ -411,7 +412,10 @@ class AgentRunner:
                 event = pb.Event()
                 raw = event.raw
                 raw.abi_version, raw.ktime_offset_ns, raw.count = abi, offset_ns, n
-                raw.records = blob[seg:upto]
+                if compress:
+                    records.compress_records(raw, blob[seg:upto])
+                else:
+                    raw.records = blob[seg:upto]
                 batch.events.append(event)
                 batch.times.append(lo + offset_ns)
                 batch.t_max.append(hi + offset_ns)

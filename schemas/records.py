@@ -34,7 +34,8 @@ Envelope (RawRecords.records): each record as `u32 length | u32 reserved | recor
 multiple of 8` — the ring buffer's own framing, so the agent copies spans of the ring as they
 are (the reserved word then holds the kernel's page offset, the padding whatever the ring
 held; readers ignore both). Bit 30 of length marks a record the kernel discarded: readers
-skip it.
+skip it. With `compression = RECORDS_LZ4_BLOCK` these bytes are stored as one raw LZ4 block of
+`plain_size` bytes (the agent's default: the mostly zero-filled records shrink ~4x).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import enum
 import os
 import struct
 from collections.abc import Callable, Iterator
+
+import cramjam
 
 from schemas import weft_events_pb2 as pb
 
@@ -291,6 +294,36 @@ def iter_envelope(blob: bytes) -> Iterator[tuple[int, int]]:
         pos += head + ((size + 7) & ~7)
 
 
+MAX_PLAIN_SIZE = 64 << 20  # far above any frame (Kafka's default message limit is 1 MiB)
+
+
+def compress_records(raw: pb.RawRecords, plain: bytes) -> None:
+    """Store `plain` (envelope bytes) in `raw` as one LZ4 block."""
+    raw.records = bytes(cramjam.lz4.compress_block(plain, store_size=False))
+    raw.compression = pb.RECORDS_LZ4_BLOCK
+    raw.plain_size = len(plain)
+
+
+def plain_records(raw: pb.RawRecords) -> bytes:
+    """The envelope bytes of `raw`, decompressed if stored compressed; AbiError when they
+    cannot be (an unknown method, a corrupt block, a size that does not match)."""
+    if raw.compression == pb.RECORDS_PLAIN:
+        return raw.records
+    if raw.compression != pb.RECORDS_LZ4_BLOCK:
+        raise AbiError(f"raw records compressed with unknown method {raw.compression}")
+    if raw.plain_size > MAX_PLAIN_SIZE:
+        raise AbiError(f"raw records claim {raw.plain_size} bytes uncompressed, "
+                       f"more than the {MAX_PLAIN_SIZE} allowed")
+    try:
+        plain = bytes(cramjam.lz4.decompress_block(raw.records, output_len=raw.plain_size))
+    except cramjam.DecompressionError:
+        raise AbiError("raw records: corrupt LZ4 block") from None
+    if len(plain) != raw.plain_size:
+        raise AbiError(f"raw records: LZ4 block holds {len(plain)} bytes, "
+                       f"plain_size says {raw.plain_size}")
+    return plain
+
+
 def expand(raw: pb.RawRecords, into: list[pb.Event] | None = None,
            add: Callable[[], pb.Event] | None = None) -> int:
     """Decode every record of a RawRecords event; each event comes from `add()` (e.g. a frame's
@@ -299,7 +332,7 @@ def expand(raw: pb.RawRecords, into: list[pb.Event] | None = None,
     if raw.abi_version not in SUPPORTED_ABI_VERSIONS:
         raise AbiError(f"raw records of ABI version {raw.abi_version}, this decoder reads "
                        f"{sorted(SUPPORTED_ABI_VERSIONS)}")
-    blob, offset_ns = raw.records, raw.ktime_offset_ns
+    blob, offset_ns = plain_records(raw), raw.ktime_offset_ns
     n = 0
     for off, size in iter_envelope(blob):
         if add is not None:

@@ -82,6 +82,23 @@ HTTP_FLAG_SEQ_ESTIMATED: HttpFlag.ValueType  # 8
 """seq derived from a byte count, not read from tcp_sock"""
 Global___HttpFlag: _TypeAlias = HttpFlag  # noqa: Y015
 
+class _RecordCompression:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecordCompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecordCompression.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECORDS_PLAIN: _RecordCompression.ValueType  # 0
+    RECORDS_LZ4_BLOCK: _RecordCompression.ValueType  # 1
+    """one raw LZ4 block, no frame header or size prefix"""
+
+class RecordCompression(_RecordCompression, metaclass=_RecordCompressionEnumTypeWrapper): ...
+
+RECORDS_PLAIN: RecordCompression.ValueType  # 0
+RECORDS_LZ4_BLOCK: RecordCompression.ValueType  # 1
+"""one raw LZ4 block, no frame header or size prefix"""
+Global___RecordCompression: _TypeAlias = RecordCompression  # noqa: Y015
+
 @_typing.final
 class Tuple(_message.Message):
     """A TCP connection seen from the socket that observed it."""
@@ -460,6 +477,8 @@ class RawRecords(_message.Message):
     KTIME_OFFSET_NS_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    PLAIN_SIZE_FIELD_NUMBER: _builtins.int
     abi_version: _builtins.int
     """WEFT_ABI_VERSION (bpf/common.h) of every record below"""
     ktime_offset_ns: _builtins.int
@@ -468,6 +487,12 @@ class RawRecords(_message.Message):
     """repeated: u32 length | u32 reserved | record | pad to 8 bytes"""
     count: _builtins.int
     """number of records in `records`"""
+    compression: Global___RecordCompression.ValueType
+    """how `records` is stored (the fixed-size kernel records"""
+    plain_size: _builtins.int
+    """are mostly zero-filled text: lz4 shrinks them ~4x)
+    size of `records` uncompressed (LZ4_BLOCK needs it)
+    """
     def __init__(
         self,
         *,
@@ -475,10 +500,12 @@ class RawRecords(_message.Message):
         ktime_offset_ns: _builtins.int = ...,
         records: _builtins.bytes = ...,
         count: _builtins.int = ...,
+        compression: Global___RecordCompression.ValueType = ...,
+        plain_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi_version", b"abi_version", "count", b"count", "ktime_offset_ns", b"ktime_offset_ns", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi_version", b"abi_version", "compression", b"compression", "count", b"count", "ktime_offset_ns", b"ktime_offset_ns", "plain_size", b"plain_size", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

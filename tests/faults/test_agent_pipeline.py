@@ -34,6 +34,7 @@ from infra.procs import Daemon, free_port, stop_daemon
 from tests.faults.pipeline import AgentPipeline, topic_values
 from tests.integration.stitch_harness import StitchRun
 from tests.otlp_receiver import OtlpReceiver
+from tests.wire import plain_wire_bytes
 
 pytestmark = [pytest.mark.bpf, pytest.mark.infra, pytest.mark.netns]
 
@@ -100,7 +101,11 @@ def test_query_strings_and_credentials_never_reach_the_topic(setup: Setup) -> No
 
     # Each agent's frames are in order in one partition: once its frames with the path were
     # read, so were all its earlier ones; the secrets could only be in those events.
-    raw = b"\x00".join(topic_values(setup.bootstrap, setup.topic, both_sides_twice))
+    def plain_both_sides_twice(values: list[bytes]) -> bool:
+        return both_sides_twice([plain_wire_bytes(v) for v in values])
+
+    values = topic_values(setup.bootstrap, setup.topic, plain_both_sides_twice)
+    raw = b"\x00".join(plain_wire_bytes(v) for v in values)   # raw records decompressed
     leaked = [f.decode() for f in forbidden if f in raw]
     print(f"topic {setup.topic}: {len(raw)} bytes searched, path present, leaked: {leaked}")
     assert not leaked

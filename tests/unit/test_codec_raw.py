@@ -239,3 +239,34 @@ def test_raw_records_are_refused_in_a_v1_frame() -> None:
     frame.events.append(raw_event([golden_go_spawn_v1()]))
     with pytest.raises(CodecError, match="raw records in a schema v1 frame"):
         decode_frame(encode_frame(frame))
+
+
+def lz4_event(recs: list[bytes]) -> pb.Event:
+    e = raw_event(recs)
+    records.compress_records(e.raw, e.raw.records)
+    return e
+
+
+def test_lz4_records_expand_to_exactly_what_plain_records_do() -> None:
+    golden = [raw for _, raw, _ in GOLDEN[1]]
+    packed = lz4_event(golden)
+    assert packed.raw.compression == pb.RECORDS_LZ4_BLOCK
+    assert packed.raw.plain_size == len(raw_event(golden).raw.records) > len(packed.raw.records)
+    assert decode_frame(v2_frame(packed)) == decode_frame(v2_frame(raw_event(golden)))
+
+
+def _tampered(**fields: object) -> pb.Event:
+    e = lz4_event([golden_http_v1(), golden_conn_v1(4)])
+    for name, value in fields.items():
+        setattr(e.raw, name, value)
+    return e
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    (_tampered(records=b"\xff" * 40), "corrupt LZ4 block"),
+    (_tampered(plain_size=1 << 30), "more than"),
+    (_tampered(compression=7), "unknown method 7"),
+])
+def test_a_bad_lz4_raw_event_fails_the_frame_with_a_codec_error(bad: pb.Event, reason: str) -> None:
+    with pytest.raises(CodecError, match=reason):
+        decode_frame(v2_frame(bad))
