@@ -845,6 +845,23 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
 
 /* ---------- syscalls ---------- */
 
+/* One call's entry state, all of it: slots are rewritten in place, so nothing may carry over. */
+static __always_inline void set_call(struct call *c, u64 sk, u64 buf, u32 fd, u32 tid, u8 kind,
+                                     u8 is_write, u32 iovcnt)
+{
+    c->sk = sk;
+    c->buf = buf;
+    c->ts = bpf_ktime_get_ns();
+    c->fd = fd;
+    c->tid = tid;
+    c->seq0 = 0;
+    c->iovcnt = iovcnt;
+    c->is_write = is_write;
+    c->kind = kind;
+    c->has_seq = 0;
+    c->done = 0;
+}
+
 /* Entry of a data syscall: a known socket fd gets an in-flight entry; anything else costs one
  * lookup and a write to this CPU's adoption slot (no map update). */
 static __always_inline int on_enter(u32 fd, u64 buf, u8 kind, u8 is_write, u32 iovcnt)
@@ -856,46 +873,19 @@ static __always_inline int on_enter(u32 fd, u64 buf, u8 kind, u8 is_write, u32 i
     if (!sk) {
         u32 zero = 0;
         struct call *u = unknown_call.lookup(&zero);
-        if (u) {
-            u->sk = 0;
-            u->ts = bpf_ktime_get_ns();
-            u->buf = buf;
-            u->fd = fd;
-            u->tid = tid;
-            u->is_write = is_write;
-            u->kind = kind;
-            u->iovcnt = iovcnt;
-            u->has_seq = 0;
-            u->done = 0;
-        }
+        if (u)
+            set_call(u, 0, buf, fd, tid, kind, is_write, iovcnt);
         return 0;
     }
     struct call *cur = calls.lookup(&tid);
     if (cur) {
         /* this thread's slot from its previous call: rewrite it in place (an LRU update would
          * allocate a new element and free the old one on every socket call) */
-        cur->sk = *sk;
-        cur->buf = buf;
-        cur->ts = bpf_ktime_get_ns();
-        cur->fd = fd;
-        cur->tid = tid;
-        cur->seq0 = 0;
-        cur->iovcnt = iovcnt;
-        cur->is_write = is_write;
-        cur->kind = kind;
-        cur->has_seq = 0;
-        cur->done = 0;
+        set_call(cur, *sk, buf, fd, tid, kind, is_write, iovcnt);
         return 0;
     }
     struct call call = {};
-    call.sk = *sk;
-    call.ts = bpf_ktime_get_ns();
-    call.buf = buf;
-    call.fd = fd;
-    call.tid = tid;
-    call.is_write = is_write;
-    call.kind = kind;
-    call.iovcnt = iovcnt;
+    set_call(&call, *sk, buf, fd, tid, kind, is_write, iovcnt);
     if (calls.update(&tid, &call))
         weft_stat(HST_CALLS_FULL);
     return 0;
