@@ -1,30 +1,31 @@
 /* Weft HTTP tracer: TCP connections and HTTP/1.x requests on them, server and client side.
  *
- * Hooks (tracepoints only: this kernel has no kprobes and refuses fentry):
+ * Hooks (tracepoints and raw tracepoints only: this kernel has no kprobes and refuses fentry):
  *   syscalls:sys_{enter,exit}_{accept,accept4,connect}   new connections (role, fd -> sock)
- *   syscalls:sys_{enter,exit}_{read,readv,recvfrom,recvmsg}        bytes in
- *   syscalls:sys_{enter,exit}_{write,writev,sendto,sendmsg,sendfile64}  bytes out
+ *   sock:sock_recv_length / sock:sock_send_length (raw)   every socket read / write: the sock, the
+ *       byte count, and (from the task's saved registers) the syscall, fd and user buffer; the
+ *       bytes are parsed here, in the calling thread, inside the call, with its TCP seq
+ *   raw_syscalls:sys_enter (raw)                         entry time of write-type syscalls
  *   syscalls:sys_enter_close                              connection close (flushes requests)
- *   sock:sock_recv_length / sock:sock_send_length         the sock and its TCP sequence numbers,
- *                                                         in the calling thread, inside the call
- * Kernel needs: tracepoints, ring buffer (5.8+), bpf_probe_read_{user,kernel}, BTF for offsets.
- * Fallback: none needed on tracepoint-only kernels; without BTF the loader refuses to start.
+ * Kernel needs: tracepoints, raw tracepoints, ring buffer (5.8+), task storage and
+ * bpf_task_pt_regs (5.15+), bpf_probe_read_{user,kernel}, BTF for offsets; x86-64 syscall ABI.
  *
- * Cost model: a syscall on an fd that is not a known TCP socket costs one hash LOOKUP at entry
- * (fds) and one at exit (calls); nothing is written. Socket calls write one in-flight entry per
- * thread. Records leave the kernel once per request (when its response is complete) and once
- * per connection open/close; never per syscall.
+ * Cost model: one program run per socket read or write (nothing for other fds); a hash lookup
+ * by sock, then the parser over the call's first bytes. Every other syscall costs one compare
+ * (sys_enter). Records leave the kernel once per request (when its response is complete) and
+ * once per connection open/close; never per syscall.
  *
  * Connections are known from accept/connect (fd -> sock walked through task->files with BTF
- * offsets), or picked up on first use: an unknown fd's call is parked in a per-CPU slot, and if
- * sock_{recv,send}_length fires for it in the same thread, the fd is adopted (seen_mid_stream).
+ * offsets), or picked up on first use: an unknown TCP sock whose fd (from the registers) really
+ * is it is adopted mid-stream (seen_mid_stream), its role read from the first bytes.
  *
  * Request state machine (per connection, requests in a 4-deep FIFO for pipelining). "Request
  * direction" is what the server reads / the client writes; "response direction" the reverse.
  *   request start: a chunk (or the bytes after a finished request) begins with an upper-case
  *     method token; start = time of that call, seq = tcp seq of the call's first byte + offset.
- *     Times: a read is timed at its exit, a write at its entry (its bytes can be read before it
- *     returns), so client start <= server start <= server end <= client end on one clock.
+ *     Times: a read is timed once its bytes are in the user buffer, a write at its syscall's
+ *     entry (its bytes can be read before it returns), so client start <= server start <=
+ *     server end <= client end on one clock.
  *   request line: method and path; the path is cut at '?' or '#' here, so a query string
  *     never leaves the kernel. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
@@ -36,7 +37,8 @@
  *
  * -D constants (probe_agent/probes/http.py): WEFT_TCP_COPIED_SEQ_OFF, WEFT_TCP_WRITE_SEQ_OFF,
  *   WEFT_SKC_*_OFF (sock_common fields), WEFT_SK_PROTOCOL_OFF, WEFT_TASK_FILES_OFF,
- *   WEFT_FILES_FDT_OFF, WEFT_FDT_FD_OFF, WEFT_FILE_PRIVATE_OFF, WEFT_SOCKET_SK_OFF, WEFT_SCAN_MAX.
+ *   WEFT_FILES_FDT_OFF, WEFT_FDT_FD_OFF, WEFT_FILE_PRIVATE_OFF, WEFT_SOCKET_SK_OFF,
+ *   WEFT_PT_REGS_{DX,R14,SP}_OFF, WEFT_NR_<syscall> (x86-64 numbers), WEFT_SCAN_MAX, WEFT_WINDOW.
  */
 #include "common.h"
 #include "inject.h" /* WEFT-INJECT: struct weft_tpctx (ids of header injection) */
@@ -58,13 +60,13 @@ enum http_stat {
     HST_RING_FULL = 0,
     HST_CONNS_FULL = 1,
     HST_QUEUE_FULL = 2,
-    HST_CALLS_FULL = 3,
+    HST_UNPARSED = 3, /* socket calls outside read/write/send/recv syscalls (io_uring, mmsg) */
     HST_ADOPTED = 4,
     HST_NOT_HTTP = 5,
 };
 
 enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
-enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3 };
+enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3, CK_NONE = 4 };
 
 /* Request-direction parser states. */
 enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP };
@@ -146,6 +148,7 @@ struct conn {
     u32 head; /* oldest request not yet emitted */
     u32 tail; /* one past the newest request started */
     u32 resp; /* the request the current response answers */
+    u32 owner; /* tgid whose fd table last held it (fds has its fd there, for close) */
     u8 rq_state;
     u8 rq_target;
     u8 rq_name_len;
@@ -164,19 +167,19 @@ struct conn {
 #endif
 };
 
-/* A socket syscall in flight on this thread. */
-struct call {
-    u64 sk;
-    u64 buf; /* user buffer, iovec array or msghdr */
-    u64 ts;  /* entry time: a write's bytes leave between entry and exit, so writes are timed at entry */
-    u32 fd;
-    u32 tid;
-    u32 seq0; /* tcp seq of the call's first byte */
-    u32 iovcnt; /* readv/writev: vlen (msghdr calls read msg_iovlen at exit) */
-    u8 is_write;
-    u8 kind; /* enum call_kind */
-    u8 has_seq;
-    u8 done;
+/* The syscall a socket send/recv happens in, read from the task's saved user registers (the
+ * arguments are still there when sock_{send,recv}_length fires inside it). */
+struct sysargs {
+    u64 dx;      /* len / vlen */
+    u64 si;      /* buffer, iovec array or msghdr */
+    u64 di;      /* fd */
+    u64 orig_ax; /* syscall number */
+};
+
+/* Entry time of this thread's current write-type syscall (task storage: no hash, no LRU). */
+struct write_entry {
+    u64 ts;
+    u64 nr;
 };
 
 /* One call's bytes being parsed, handed from the syscall-exit program to the parser programs
@@ -210,9 +213,8 @@ BPF_RINGBUF_OUTPUT(http_events, WEFT_RING_PAGES);
 /* LRU maps: entries of processes that died without close() age out instead of filling them. */
 BPF_TABLE("lru_hash", u64, u64, fds, WEFT_MAX_CONNS);                /* tgid<<32|fd -> sock */
 BPF_TABLE("lru_hash", u64, struct conn, conns, WEFT_MAX_CONNS);      /* sock -> state */
-BPF_TABLE("lru_hash", u32, struct call, calls, WEFT_MAX_TASKS);      /* tid -> socket call in flight */
 BPF_TABLE("lru_hash", u32, struct pending_conn, pending, WEFT_MAX_TASKS); /* tid -> accept/connect */
-BPF_PERCPU_ARRAY(unknown_call, struct call, 1);          /* last call on an unknown fd, this CPU */
+BPF_TASK_STORAGE(write_entry, struct write_entry);       /* set at sys_enter of writes */
 struct scan_buf {
     char b[2 * WEFT_SCAN_MAX]; /* twice: lets the verifier bound (offset + length) of gathers */
 };
@@ -391,6 +393,7 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, u32 fd, char *sk, u8 
     u64 cookie = 0;
     bpf_probe_read_kernel(&cookie, 8, sk + WEFT_SKC_COOKIE_OFF);
     c->cookie = cookie ? cookie : ((u64)sk ^ (now << 16)); /* skc_cookie is assigned lazily */
+    c->owner = pid_tgid >> 32;
     c->t.role = role;
     c->t.mid_stream = mid_stream;
     if (role != ROLE_UNKNOWN) {
@@ -843,140 +846,76 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
 }
 #endif
 
-/* ---------- syscalls ---------- */
+/* ---------- socket sends and receives ----------
+ * A call is handled in ONE program run, at sock_{send,recv}_length: that tracepoint fires inside
+ * the syscall, in the calling thread, once the bytes have moved (a read's are in the user buffer,
+ * a write's are still in it), and names the sock and the byte count. The fd, the user buffer and
+ * the syscall number come from the task's saved user registers. Only a write's entry time needs a
+ * second hook (raw sys_enter: one compare for every other syscall). Hooking each data syscall's
+ * enter and exit instead costs three programs and three tracepoint dispatches per call. Calls
+ * that are not plain syscalls (io_uring, sendmmsg, kernel sockets) are counted and left alone. */
 
-/* One call's entry state, all of it: slots are rewritten in place, so nothing may carry over. */
-static __always_inline void set_call(struct call *c, u64 sk, u64 buf, u32 fd, u32 tid, u8 kind,
-                                     u8 is_write, u32 iovcnt)
+/* The saved user registers of this task: 1 and *a filled, else 0. */
+static __always_inline int syscall_args(struct sysargs *a)
 {
-    c->sk = sk;
-    c->buf = buf;
-    c->ts = bpf_ktime_get_ns();
-    c->fd = fd;
-    c->tid = tid;
-    c->seq0 = 0;
-    c->iovcnt = iovcnt;
-    c->is_write = is_write;
-    c->kind = kind;
-    c->has_seq = 0;
-    c->done = 0;
+    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (!regs || bpf_probe_read_kernel(a, sizeof(*a), regs + WEFT_PT_REGS_DX_OFF))
+        return 0;
+    return 1;
 }
 
-/* Entry of a data syscall: a known socket fd gets an in-flight entry; anything else costs one
- * lookup and a write to this CPU's adoption slot (no map update). */
-static __always_inline int on_enter(u32 fd, u64 buf, u8 kind, u8 is_write, u32 iovcnt)
+/* How the syscall passed its bytes: CK_NONE for syscalls this tracer does not parse. */
+static __always_inline u8 call_kind(u64 nr, u8 is_write)
 {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 key = fd_key(pid_tgid, fd);
-    u64 *sk = fds.lookup(&key);
-    u32 tid = (u32)pid_tgid;
-    if (!sk) {
-        u32 zero = 0;
-        struct call *u = unknown_call.lookup(&zero);
-        if (u)
-            set_call(u, 0, buf, fd, tid, kind, is_write, iovcnt);
-        return 0;
-    }
-    struct call *cur = calls.lookup(&tid);
-    if (cur) {
-        /* this thread's slot from its previous call: rewrite it in place (an LRU update would
-         * allocate a new element and free the old one on every socket call) */
-        set_call(cur, *sk, buf, fd, tid, kind, is_write, iovcnt);
-        return 0;
-    }
-    struct call call = {};
-    set_call(&call, *sk, buf, fd, tid, kind, is_write, iovcnt);
-    if (calls.update(&tid, &call))
-        weft_stat(HST_CALLS_FULL);
-    return 0;
-}
-
-/* Inside the call (sock_{recv,send}_length): read the TCP sequence number of its first byte, or
- * adopt a socket that existed before the agent started. */
-static __always_inline int on_sock_length(void *skp, int ret, int flags, u16 family, u16 protocol,
-                                          u8 is_write)
-{
-    if (ret <= 0)
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    char *sk = (char *)skp;
-    struct call *call = calls.lookup(&tid);
-    if (!call || call->done) {
-        if (protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
-            return 0;
-        u32 zero = 0;
-        struct call *u = unknown_call.lookup(&zero);
-        if (!u || u->tid != tid || u->is_write != is_write || u->done)
-            return 0;
-        u->done = 1;
-        if (weft_skip_task(pid_tgid) || sock_of_fd(u->fd) != sk)
-            return 0;
-        u64 now = bpf_ktime_get_ns();
-        u64 key = (u64)sk;
-        if (!conns.lookup(&key)) {
-            if (!add_conn(pid_tgid, u->fd, sk, ROLE_UNKNOWN, 1, now))
-                return 0;
-        } else {
-            u64 fk = fd_key(pid_tgid, u->fd);
-            fds.update(&fk, &key);
-        }
-        weft_stat(HST_ADOPTED);
-        struct call fresh = {};
-        fresh.sk = key;
-        fresh.buf = u->buf;
-        fresh.ts = u->ts;
-        fresh.fd = u->fd;
-        fresh.tid = tid;
-        fresh.is_write = is_write;
-        fresh.kind = u->kind;
-        fresh.iovcnt = u->iovcnt;
-        if (calls.update(&tid, &fresh))
-            return 0;
-        call = calls.lookup(&tid);
-        if (!call)
-            return 0;
-    }
-    if (call->sk != (u64)sk || call->has_seq)
-        return 0;
-    u32 seq = 0;
     if (is_write) {
-        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_WRITE_SEQ_OFF);
-        call->seq0 = seq - (u32)ret;
-#if WEFT_INJECT
-        call->seq0 -= injected_in_call(tid, sk); /* WEFT-INJECT: pushed bytes are on the wire too */
-#endif
+        if (nr == WEFT_NR_WRITE || nr == WEFT_NR_SENDTO)
+            return CK_BUF;
+        if (nr == WEFT_NR_WRITEV)
+            return CK_IOV;
+        if (nr == WEFT_NR_SENDMSG)
+            return CK_MSG;
+        if (nr == WEFT_NR_SENDFILE)
+            return CK_NODATA;
     } else {
-        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_COPIED_SEQ_OFF);
-        if (flags & MSG_PEEK) {
-            call->kind = CK_NODATA; /* the bytes will be read again: parse them then */
-            call->seq0 = seq;
-        } else {
-            call->seq0 = seq - (u32)ret;
-        }
+        if (nr == WEFT_NR_READ || nr == WEFT_NR_RECVFROM)
+            return CK_BUF;
+        if (nr == WEFT_NR_READV)
+            return CK_IOV;
+        if (nr == WEFT_NR_RECVMSG)
+            return CK_MSG;
     }
-    call->has_seq = 1;
-    return 0;
+    return CK_NONE;
+}
+
+/* The iovec array and its length of a readv/writev/recvmsg/sendmsg call (0 for the others). */
+static __always_inline u64 iov_array(struct sysargs *a, u8 kind, u64 *cnt)
+{
+    u64 iovp = 0;
+    *cnt = 0;
+    if (kind == CK_IOV) {
+        *cnt = a->dx;
+        return a->si;
+    }
+    if (kind == CK_MSG) {
+        bpf_probe_read_user(&iovp, 8, (char *)a->si + 16); /* user_msghdr.msg_iov */
+        bpf_probe_read_user(cnt, 8, (char *)a->si + 24);   /* user_msghdr.msg_iovlen */
+    }
+    return iovp;
 }
 
 /* First user buffer of the call and its length. */
-static __always_inline u64 first_buffer(struct call *call, u64 *len)
+static __always_inline u64 first_buffer(struct sysargs *a, u8 kind, u64 *len)
 {
     u64 iov[2] = {};
-    u64 msg_iov = 0;
-    if (call->kind == CK_BUF) {
-        *len = (u64)-1;
-        return call->buf;
+    u64 cnt = 0;
+    *len = 0;
+    if (kind == CK_BUF) {
+        *len = a->dx;
+        return a->si;
     }
-    if (call->kind == CK_IOV) {
-        bpf_probe_read_user(iov, sizeof(iov), (void *)call->buf);
-    } else if (call->kind == CK_MSG) {
-        bpf_probe_read_user(&msg_iov, sizeof(msg_iov), (char *)call->buf + 16); /* user_msghdr.msg_iov */
-        if (msg_iov)
-            bpf_probe_read_user(iov, sizeof(iov), (void *)msg_iov);
-    } else {
+    u64 iovp = iov_array(a, kind, &cnt);
+    if (!iovp || !cnt || bpf_probe_read_user(iov, sizeof(iov), (void *)iovp))
         return 0;
-    }
     *len = iov[1];
     return iov[0];
 }
@@ -984,18 +923,10 @@ static __always_inline u64 first_buffer(struct call *call, u64 *len)
 #define MAX_IOV 4
 
 /* readv/writev/recvmsg/sendmsg: append iovecs 1..MAX_IOV-1 after the first one's n bytes. */
-static __always_inline u32 gather_rest(struct call *call, char *s, u32 n, u64 ret)
+static __always_inline u32 gather_rest(struct sysargs *a, u8 kind, char *s, u32 n, u64 ret)
 {
-    u64 iovp = call->buf;
-    u64 cnt = call->iovcnt;
-    if (call->kind == CK_MSG) {
-        iovp = 0;
-        cnt = 0;
-        bpf_probe_read_user(&iovp, 8, (char *)call->buf + 16); /* user_msghdr.msg_iov */
-        bpf_probe_read_user(&cnt, 8, (char *)call->buf + 24);  /* user_msghdr.msg_iovlen */
-    } else if (call->kind != CK_IOV) {
-        return n;
-    }
+    u64 cnt = 0;
+    u64 iovp = iov_array(a, kind, &cnt);
     u64 want = ret < WEFT_SCAN_MAX ? ret : WEFT_SCAN_MAX;
     for (int k = 1; k < MAX_IOV; k++) {
         if (k >= cnt || n >= want || !iovp)
@@ -1026,33 +957,77 @@ static __always_inline void check_chunked_end(struct conn *c, u64 buf, u64 bufle
         response_done(c, now);
 }
 
-static __always_inline int on_exit(void *ctx, long ret)
+/* A TCP sock this tracer does not know yet: a connection that existed before the agent started
+ * (or was made in a way accept/connect did not show), picked up on first use with its role still
+ * unknown. Only for traced tasks, and only when the call's fd really is that sock. */
+static __always_inline struct conn *adopt(u64 pid_tgid, char *sk, struct sysargs *a, u8 is_write,
+                                          u64 now)
 {
+    u16 family = 0, proto = 0;
+    bpf_probe_read_kernel(&family, 2, sk + WEFT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&proto, 2, sk + WEFT_SK_PROTOCOL_OFF);
+    if ((family != AF_INET && family != AF_INET6) || proto != IPPROTO_TCP)
+        return 0;
+    if (weft_skip_task(pid_tgid) || !syscall_args(a) || call_kind(a->orig_ax, is_write) == CK_NONE)
+        return 0;
+    if (sock_of_fd((u32)a->di) != sk)
+        return 0;
+    struct conn *c = add_conn(pid_tgid, (u32)a->di, sk, ROLE_UNKNOWN, 1, now);
+    if (c)
+        weft_stat(HST_ADOPTED);
+    return c;
+}
+
+static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags, u8 is_write)
+{
+    if (ret <= 0 || (!is_write && (flags & MSG_PEEK))) /* peeked bytes are parsed when read */
+        return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    struct call *call = calls.lookup(&tid);
-    if (!call || call->done)
-        return 0;
-    call->done = 1;
-    if (ret <= 0)
-        return 0;
-    u64 key = call->sk;
+    u64 key = (u64)sk;
+    struct sysargs a = {};
     struct conn *c = conns.lookup(&key);
-    if (!c)
+    if (!c) {
+        c = adopt(pid_tgid, sk, &a, is_write, bpf_ktime_get_ns());
+        if (!c)
+            return 0;
+    } else if (!syscall_args(&a)) {
         return 0;
-    u8 is_write = call->is_write;
-    /* times: a read at its exit (the bytes are there), a write at its entry (they may be read
-     * before the write returns), so client start <= server start <= server end <= client end */
-    u64 now = is_write ? call->ts : bpf_ktime_get_ns();
+    }
+    u8 kind = call_kind(a.orig_ax, is_write);
+    if (kind == CK_NONE) {
+        weft_stat(HST_UNPARSED);
+        return 0;
+    }
+    u32 tgid = pid_tgid >> 32;
+    if (c->owner != tgid) {
+        /* another process uses this connection (passed or inherited fd): its close counts too */
+        u64 fk = fd_key(pid_tgid, (u32)a.di);
+        fds.update(&fk, &key);
+        c->owner = tgid;
+    }
+    /* times: a read once its bytes are there, a write at its syscall's entry (its bytes may be
+     * read before it returns), so client start <= server start <= server end <= client end */
+    u64 now;
+    u32 seq = 0, seq0;
     if (is_write) {
+        struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+        now = (w && w->nr == a.orig_ax) ? w->ts : bpf_ktime_get_ns();
         c->bytes_sent += ret;
         c->last_write_ns = now;
+        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_WRITE_SEQ_OFF);
+        seq0 = seq - (u32)ret;
+#if WEFT_INJECT
+        seq0 -= injected_in_call((u32)pid_tgid, sk); /* WEFT-INJECT: pushed bytes are on the wire too */
+#endif
     } else {
+        now = bpf_ktime_get_ns();
         c->bytes_recv += ret;
         c->last_read_ns = now;
+        bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_COPIED_SEQ_OFF);
+        seq0 = seq - (u32)ret;
     }
     u64 buflen = 0;
-    u64 buf = first_buffer(call, &buflen);
+    u64 buf = kind == CK_NODATA ? 0 : first_buffer(&a, kind, &buflen);
     if (c->rs_state == RS_BODY && c->t.role != ROLE_UNKNOWN &&
         is_write == (c->t.role == ROLE_SERVER)) {
         /* response body bytes: their framing is arithmetic, nothing to copy or parse */
@@ -1078,7 +1053,7 @@ static __always_inline int on_exit(void *ctx, long ret)
         if (bpf_probe_read_user(s, n, (void *)buf))
             n = 0;
         else if (avail < (u64)ret)
-            n = gather_rest(call, s, n, (u64)ret);
+            n = gather_rest(&a, kind, s, n, (u64)ret);
     }
     if (c->t.role == ROLE_UNKNOWN) {
         /* a connection picked up mid-stream: the direction that carries a request decides */
@@ -1102,8 +1077,8 @@ static __always_inline int on_exit(void *ctx, long ret)
     p->buflen = buflen;
     p->n = n;
     p->pos = 0;
-    p->seq0 = call->seq0;
-    p->has_seq = call->has_seq;
+    p->seq0 = seq0;
+    p->has_seq = 1;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
     p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
     p->inj_begin = 0; /* WEFT-INJECT */
@@ -1172,34 +1147,30 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_new_conn(ROLE_SERVER, args->re
 TRACEPOINT_PROBE(syscalls, sys_enter_connect) { on_new_conn_enter(args->fd, ROLE_CLIENT); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) { on_new_conn(ROLE_CLIENT, args->ret); return 0; }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter(args->fd, (u64)args->buf, CK_BUF, 0, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter(args->fd, (u64)args->vec, CK_IOV, 0, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter(args->fd, (u64)args->ubuf, CK_BUF, 0, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter(args->fd, (u64)args->msg, CK_MSG, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter(args->fd, (u64)args->buf, CK_BUF, 1, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter(args->fd, (u64)args->vec, CK_IOV, 1, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter(args->fd, (u64)args->buff, CK_BUF, 1, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter(args->fd, (u64)args->msg, CK_MSG, 1, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return on_enter(args->out_fd, 0, CK_NODATA, 1, 0); }
-
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_exit(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return on_exit(args, args->ret); }
-
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length) /* (struct sock *sk, int ret, int flags) */
 {
-    return on_sock_length(args->sk, args->ret, args->flags, args->family, args->protocol, 0);
+    return on_sock_call(ctx, (char *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 0);
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_send_length) /* (struct sock *sk, int ret, int flags) */
 {
-    return on_sock_length(args->sk, args->ret, args->flags, args->family, args->protocol, 1);
+    return on_sock_call(ctx, (char *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 1);
+}
+
+/* The entry time of write-type syscalls (any fd: whether it is a traced socket is known later). */
+RAW_TRACEPOINT_PROBE(sys_enter) /* (struct pt_regs *regs, long id) */
+{
+    u64 nr = ctx->args[1];
+    if (nr != WEFT_NR_WRITE && nr != WEFT_NR_WRITEV && nr != WEFT_NR_SENDTO && nr != WEFT_NR_SENDMSG &&
+        nr != WEFT_NR_SENDFILE)
+        return 0;
+    struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (w) {
+        w->ts = bpf_ktime_get_ns();
+        w->nr = nr;
+    }
+    return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)

@@ -28,17 +28,15 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 LOCKDOWN_PATH = Path("/sys/kernel/security/lockdown")
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
-_SYSCALLS = ("accept", "accept4", "connect", "read", "write", "readv", "writev", "recvfrom",
-             "sendto", "recvmsg", "sendmsg", "close")
-# Without these the agent cannot see connections, requests or thread lineage at all.
+_SYSCALLS = ("accept", "accept4", "connect", "close")
+# Without these the agent cannot see connections, requests or thread lineage at all. Socket
+# reads and writes are seen at sock_{send,recv}_length (inside the call, with the sock: bytes and
+# TCP seq in one place); raw_syscalls:sys_enter gives a write's entry time.
 REQUIRED_TRACEPOINTS: tuple[str, ...] = (
     *(f"syscalls:sys_{side}_{name}" for name in _SYSCALLS for side in ("enter", "exit")),
-    "sock:inet_sock_set_state",
+    "raw_syscalls:sys_enter", "sock:sock_send_length", "sock:sock_recv_length",
     "sched:sched_process_fork", "sched:sched_process_exit", "sched:sched_process_exec",
 )
-# Without these the cross-node join falls back from (tuple, TCP seq) to (tuple, time).
-SEQ_TRACEPOINTS: tuple[str, ...] = ("sock:sock_send_length", "sock:sock_recv_length",
-                                    "tcp:tcp_rcv_space_adjust")
 OFFSETS: tuple[tuple[str, str], ...] = (("tcp_sock", "write_seq"), ("tcp_sock", "copied_seq"))
 
 _PROBE_C = r"""
@@ -127,8 +125,7 @@ class KernelFeatures:
     @property
     def seq_join(self) -> bool:
         """Cross-node joins can use (tuple, TCP sequence number)."""
-        offsets_found = all(value is not None for _, value in self.offsets)
-        return offsets_found and all(self.tracepoint(tp) for tp in SEQ_TRACEPOINTS)
+        return all(value is not None for _, value in self.offsets)
 
     def blocking_problems(self) -> list[str]:
         """What stops the agent, each as a sentence that says what to do."""
@@ -442,7 +439,7 @@ def probe_kernel() -> KernelFeatures:
     return KernelFeatures(
         kernel=os.uname().release, root=root, capabilities=caps,
         btf=btf, tracefs=str(tracefs) if tracefs else None,
-        tracepoints=tracepoints_present(REQUIRED_TRACEPOINTS + SEQ_TRACEPOINTS),
+        tracepoints=tracepoints_present(REQUIRED_TRACEPOINTS),
         lockdown=lockdown_mode(), bcc=checks["bcc"], kprobes=checks["kprobes"],
         write_user=checks["write_user"], sock_ops=checks["sock_ops"], sk_msg=checks["sk_msg"],
         offsets=offsets, offsets_detail=offsets_detail, probe_s=round(time.monotonic() - t0, 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +62,15 @@ _OFFSETS = {
     "WEFT_SOCKET_SK_OFF": ("socket", "sk"),
     "WEFT_PT_REGS_R14_OFF": ("pt_regs", "r14"),  # Go: the current g (goroutine ids)
     "WEFT_PT_REGS_SP_OFF": ("pt_regs", "sp"),
+    "WEFT_PT_REGS_DX_OFF": ("pt_regs", "dx"),  # a socket call's syscall: dx, si, di, orig_ax
 }
+# struct sysargs in the C reads these four saved registers with one copy from dx on.
+_SYSARGS = ("dx", "si", "di", "orig_ax")
+
+# x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl: a stable ABI) of the calls
+# whose bytes the tracer parses; the agent's other parts are x86-64 only too (Go R14, ring reader).
+SYSCALLS_X86_64 = {"READ": 0, "WRITE": 1, "READV": 19, "WRITEV": 20, "SENDFILE": 40, "SENDTO": 44,
+                   "RECVFROM": 45, "SENDMSG": 46, "RECVMSG": 47}
 
 
 class HttpProbe:
@@ -71,19 +80,25 @@ class HttpProbe:
     source: Path = BPF_DIR / "http_tracer.bpf.c"
     rings: Sequence[RingSpec] = (RingSpec("http_events", decode, passthrough=RING_KINDS),)
     stats_map = "stats"
-    stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "calls_full", "adopted", "not_http")
+    stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http")
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
+        if platform.machine() != "x86_64":
+            raise ValueError(f"the HTTP tracer supports x86-64 only, not {platform.machine()}")
         flags = [*common_cflags(ctx), f"-DWEFT_SCAN_MAX={SCAN_MAX}", f"-DWEFT_WINDOW={WINDOW}"]
         for name, (struct_name, member) in _OFFSETS.items():
             flags.append(f"-D{name}={member_offset(struct_name, member, ctx.btf_path)}")
+        regs = [member_offset("pt_regs", r, ctx.btf_path) for r in _SYSARGS]
+        if regs != list(range(regs[0], regs[0] + 8 * len(regs), 8)):
+            raise ValueError(f"pt_regs {', '.join(_SYSARGS)} are not adjacent here (offsets {regs})")
+        flags += [f"-DWEFT_NR_{name}={nr}" for name, nr in SYSCALLS_X86_64.items()]
         return flags
 
     def attach(self, bpf: BPF, ctx: ProbeContext) -> None:
-        """Tracepoints attach at load; this installs the parser reached by tail call."""
+        """(Raw) tracepoints attach at load; this installs the parser reached by tail call."""
         from bcc import BPF as _BPF
 
-        parser = bpf.load_func(b"weft_parse", _BPF.TRACEPOINT)
+        parser = bpf.load_func(b"weft_parse", _BPF.RAW_TRACEPOINT)
         bpf[b"parsers"][ctypes.c_int(0)] = ctypes.c_int(parser.fd)
 
     def configure(self, bpf: BPF, ctx: ProbeContext) -> None:

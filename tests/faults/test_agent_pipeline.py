@@ -200,7 +200,7 @@ def test_http_parser_abuse_no_crash_bounded_memory_drops_counted(setup: Setup) -
     done = pipe.node("n1").run(["curl", "-s", "-o", "/dev/null", pipe.url("n0", NGINX_PORT, "/after-abuse")])
     assert done.returncode == 0
     wait_until(lambda: pipe.http_events() >= before + 2, 20, "a normal request traced after the abuse")
-    counters = {c: kernel(c) for c in ("not_http", "conns_full", "ring_full", "queue_full", "calls_full")}
+    counters = {c: kernel(c) for c in ("not_http", "conns_full", "ring_full", "queue_full", "unparsed")}
     decode_errors = sum(pipe.metric(n, "weft_agent_decode_errors_total") for n in pipe.agents)
     print(f"abuse {counts}: agent RSS {rss_before:.0f} → max {rss_max:.0f} MB; kernel counters "
           f"{counters}; decode errors {decode_errors}")
