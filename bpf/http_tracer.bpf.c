@@ -504,18 +504,163 @@ static __always_inline u8 target_of(u64 *name, u8 n)
     return T_NONE;
 }
 
-/* Request-direction bytes (server read / client write): parse scratch[p->pos .. p->pos+WINDOW).
- * Returns 1 when the rest of the call is not worth parsing. */
+/* ---------- 8 bytes at a time ----------
+ * Most bytes of a header block are ones the parser only passes over (the rest of a line it does
+ * not keep) or copies as they are (a header name it lower-cases, a value or path it keeps). Where
+ * the next 8 bytes hold no byte that would change the parser's state, the whole word is taken in
+ * one step; anywhere else the byte-wise step runs. A word step leaves exactly the state the eight
+ * byte steps would have left, so calls split anywhere still parse the same. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* The high bit of each byte of w that equals b. Exact for the lowest flagged byte (a borrow may
+ * also flag bytes above a match), which is the only one used. */
+static __always_inline u64 bytes_eq(u64 w, u64 b)
+{
+    u64 x = w ^ (ONES * b);
+    return (x - ONES) & ~x & HIGHS;
+}
+
+/* Index 0..7 of the lowest flagged byte of m != 0 (isolate it, then one multiply spreads the
+ * index into the top byte). */
+static __always_inline u32 first_flagged(u64 m)
+{
+    return (u32)((((m & -m) >> 7) * 0x0001020304050607ULL) >> 56);
+}
+
+/* A-Z lower-cased in each of the 8 bytes, every other byte unchanged (lower(), word-wide). */
+static __always_inline u64 lower8(u64 w)
+{
+    u64 h = w & ~HIGHS;
+    u64 ge_a = h + ONES * (0x80 - 'A'); /* high bit set: byte >= 'A' */
+    u64 gt_z = h + ONES * (0x7f - 'Z'); /* high bit set: byte > 'Z' */
+    u64 upper = (ge_a ^ gt_z) & ~w & HIGHS;
+    return w | (upper >> 2);
+}
+
+/* 8 bytes of the scratch buffer from i (it is 2 * WEFT_SCAN_MAX long: always in bounds). */
+static __always_inline u64 word_at(char *s, u32 i)
+{
+    return *(u64 *)(s + (i & (WEFT_SCAN_MAX - 1)));
+}
+
+/* Bytes to pass over before the first one equal to b (8: none in the word). */
+static __always_inline u32 skip_to(u64 w, u64 b)
+{
+    u64 m = bytes_eq(w, b);
+    return m ? first_flagged(m) : 8;
+}
+
+/* A header name's next 8 bytes (none of them ':', CR or LF): keep their lower case within the
+ * first 16 bytes, as the byte-wise step does. 0 when the word straddles the 16th byte. */
+static __always_inline int name_word(u64 *name, u8 *name_len, u64 w)
+{
+    u8 len = *name_len;
+    if (len <= 8)
+        *(u64 *)((char *)name + (len & 15)) = lower8(w);
+    else if (len < 16)
+        return 0;
+    *name_len = len < 248 ? len + 8 : 255;
+    return 1;
+}
+
+/* Copy a word into a kept text field of `max` bytes at v (when it fits whole): 1 when taken. */
+#define KEEP_WORD(field, len_field, max, v, w)                                                  \
+    do {                                                                                        \
+        if ((v) + 8 <= (max)) {                                                                 \
+            *(u64 *)&(field)[(v) & 63] = (w);                                                   \
+            len_field = (v) + 8;                                                                \
+        } else if ((v) < (max)) {                                                               \
+            return 0;                                                                           \
+        }                                                                                       \
+    } while (0)
+
+/* Request direction: take the word at i when its 8 bytes change nothing but copies; 1 if taken. */
+static __always_inline int request_word(struct conn *c, char *s, struct parse_ctx *p, u32 i, u8 st)
+{
+    u64 w = word_at(s, i);
+    u64 nl = bytes_eq(w, '\n');
+    if (st == RQ_VERSION || st == RQ_HSKIP) {
+        u32 j = nl ? first_flagged(nl) : 8;
+        if (!j)
+            return 0;
+        p->pos = i + j;
+        return 1;
+    }
+    u64 stop = nl | bytes_eq(w, '\r');
+    struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
+    if (st == RQ_HNAME) {
+        if (stop | bytes_eq(w, ':') || !name_word(c->rq_name, &c->rq_name_len, w))
+            return 0;
+    } else if (st == RQ_HVAL) {
+        u8 v = c->rq_vlen;
+        u8 t = c->rq_target;
+        if (stop || !v) /* a value's leading spaces are skipped byte by byte */
+            return 0;
+        if (t == T_HOST)
+            KEEP_WORD(r->host, r->host_len, HOST_MAX, v, w);
+        else if (t == T_TP)
+            KEEP_WORD(r->tp, r->tp_len, TP_MAX, v, w);
+        else if (t == T_TS)
+            KEEP_WORD(r->ts, r->ts_len, TS_MAX, v, w);
+        c->rq_vlen = v < 248 ? v + 8 : 255;
+    } else if (st == RQ_PATH) {
+        if (stop | bytes_eq(w, ' ') | bytes_eq(w, '?') | bytes_eq(w, '#'))
+            return 0;
+        if (!(r->flags & 0x80)) { /* not cut at '?' / '#' */
+            u8 v = r->path_len;
+            if (v + 8 <= PATH_MAX_) {
+                *(u64 *)&r->path[v & (PATH_MAX_ - 1)] = w;
+                r->path_len = v + 8;
+            } else if (v < PATH_MAX_) {
+                return 0;
+            } else {
+                r->flags |= F_PATH_TRUNCATED;
+            }
+        }
+    } else {
+        return 0;
+    }
+    p->pos = i + 8;
+    return 1;
+}
+
+/* Response direction: the same for the status line's version, skipped lines and header names. */
+static __always_inline int response_word(struct conn *c, char *s, struct parse_ctx *p, u32 i, u8 st)
+{
+    u64 w = word_at(s, i);
+    u32 j = 0;
+    if (st == RS_VERSION) {
+        j = skip_to(w, ' ');
+    } else if (st == RS_LINE || st == RS_HSKIP) {
+        j = skip_to(w, '\n');
+    } else if (st == RS_HNAME) {
+        if (bytes_eq(w, '\n') | bytes_eq(w, '\r') | bytes_eq(w, ':') ||
+            !name_word(c->rs_name, &c->rs_name_len, w))
+            return 0;
+        j = 8;
+    }
+    if (!j)
+        return 0;
+    p->pos = i + j;
+    return 1;
+}
+
+/* Request-direction bytes (server read / client write): up to WEFT_WINDOW steps from p->pos,
+ * each a byte or a word. Returns 1 when the rest of the call is not worth parsing. */
 static __always_inline int scan_request(struct conn *c, char *s, struct parse_ctx *p)
 {
     u64 pid_tgid = p->pid_tgid;
     u64 now = p->now;
     for (u32 k = 0; k < WEFT_WINDOW; k++) {
-        u32 i = p->pos + k;
+        u32 i = p->pos;
         if (i >= p->n)
             return 1;
-        char ch = s[i & (WEFT_SCAN_MAX - 1)];
+        p->pos = i + 1;
         u8 st = c->rq_state;
+        if (i + 8 <= p->n && request_word(c, s, p, i, st))
+            continue;
+        char ch = s[i & (WEFT_SCAN_MAX - 1)];
         if (st == RQ_IDLE) {
             if (!is_upper(ch)) {
                 weft_stat(HST_NOT_HTTP);
@@ -644,7 +789,6 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             }
         }
     }
-    p->pos += WEFT_WINDOW;
     return 0;
 }
 
@@ -678,7 +822,7 @@ static __always_inline void response_headers_done(struct conn *c, u16 status, u6
     /* else: no framing (ends at close, or at the next request) */
 }
 
-/* Response-direction bytes (server write / client read): parse scratch[p->pos .. +WINDOW).
+/* Response-direction bytes (server write / client read): up to WEFT_WINDOW steps from p->pos.
  * Returns 1 when the rest of the call is not worth parsing (body, or not a response). */
 static __always_inline int scan_response(struct conn *c, char *s, struct parse_ctx *p)
 {
@@ -697,11 +841,14 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
     if (c->head != c->tail)
         status = c->q[c->head & (NQ - 1)].status;
     for (u32 k = 0; k < WEFT_WINDOW; k++) {
-        u32 i = p->pos + k;
+        u32 i = p->pos;
         if (i >= p->n)
             return 1;
-        char ch = s[i & (WEFT_SCAN_MAX - 1)];
+        p->pos = i + 1;
         u8 st = c->rs_state;
+        if (i + 8 <= p->n && response_word(c, s, p, i, st))
+            continue;
+        char ch = s[i & (WEFT_SCAN_MAX - 1)];
         if (st == RS_IDLE) {
             if (ch != 'H')
                 return 1;
@@ -768,7 +915,6 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
             return 1;
         }
     }
-    p->pos += WEFT_WINDOW;
     return 0;
 }
 
