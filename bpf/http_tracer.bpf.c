@@ -5,14 +5,14 @@
  *   sock:sock_recv_length / sock:sock_send_length (raw)   every socket read / write: the sock, the
  *       byte count, and (from the task's saved registers) the syscall, fd and user buffer; the
  *       bytes are parsed here, in the calling thread, inside the call, with its TCP seq
- *   raw_syscalls:sys_enter (raw)                         entry time of write-type syscalls
+ *   syscalls:sys_enter_{write,writev,sendto,sendmsg,sendfile64}   a write's entry time
  *   syscalls:sys_enter_close                              connection close (flushes requests)
  * Kernel needs: tracepoints, raw tracepoints, ring buffer (5.8+), task storage and
  * bpf_task_pt_regs (5.15+), bpf_probe_read_{user,kernel}, BTF for offsets; x86-64 syscall ABI.
  *
  * Cost model: one program run per socket read or write (nothing for other fds); a hash lookup
- * by sock, then the parser over the call's first bytes. Every other syscall costs one compare
- * (sys_enter). Records leave the kernel once per request (when its response is complete) and
+ * by sock, then the parser over the call's first bytes. Every write-type syscall also stores its
+ * entry time (task storage). Records leave the kernel once per request (when its response is complete) and
  * once per connection open/close; never per syscall.
  *
  * Connections are known from accept/connect (fd -> sock walked through task->files with BTF
@@ -997,7 +997,7 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
  * the syscall, in the calling thread, once the bytes have moved (a read's are in the user buffer,
  * a write's are still in it), and names the sock and the byte count. The fd, the user buffer and
  * the syscall number come from the task's saved user registers. Only a write's entry time needs a
- * second hook (raw sys_enter: one compare for every other syscall). Hooking each data syscall's
+ * second hook (sys_enter of write-type syscalls). Hooking each data syscall's
  * enter and exit instead costs three programs and three tracepoint dispatches per call. Calls
  * that are not plain syscalls (io_uring, sendmmsg, kernel sockets) are counted and left alone. */
 
@@ -1303,13 +1303,11 @@ RAW_TRACEPOINT_PROBE(sock_send_length) /* (struct sock *sk, int ret, int flags) 
     return on_sock_call(ctx, (char *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 1);
 }
 
-/* The entry time of write-type syscalls (any fd: whether it is a traced socket is known later). */
-RAW_TRACEPOINT_PROBE(sys_enter) /* (struct pt_regs *regs, long id) */
+/* The entry time of write-type syscalls, on any fd (whether it is a traced socket is known later,
+ * at sock_send_length). Their own tracepoints, not raw sys_enter: that one would run for every
+ * syscall of every process (futex, epoll_wait, nanosleep, ...). */
+static __always_inline int on_write_entry(u64 nr)
 {
-    u64 nr = ctx->args[1];
-    if (nr != WEFT_NR_WRITE && nr != WEFT_NR_WRITEV && nr != WEFT_NR_SENDTO && nr != WEFT_NR_SENDMSG &&
-        nr != WEFT_NR_SENDFILE)
-        return 0;
     struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0,
                                                          BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (w) {
@@ -1318,6 +1316,12 @@ RAW_TRACEPOINT_PROBE(sys_enter) /* (struct pt_regs *regs, long id) */
     }
     return 0;
 }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_write_entry(WEFT_NR_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_write_entry(WEFT_NR_WRITEV); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_write_entry(WEFT_NR_SENDTO); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_write_entry(WEFT_NR_SENDMSG); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return on_write_entry(WEFT_NR_SENDFILE); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
