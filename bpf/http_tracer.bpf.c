@@ -7,6 +7,7 @@
  *       bytes are parsed here, in the calling thread, inside the call, with its TCP seq
  *   syscalls:sys_enter_{write,writev,sendto,sendmsg,sendfile64}   a write's entry time
  *   syscalls:sys_enter_close                              connection close (flushes requests)
+ *   sock:inet_sock_set_state (raw)                        TCP CLOSE: the same, whoever closed it
  * Kernel needs: tracepoints, raw tracepoints, ring buffer (5.8+), task storage and
  * bpf_task_pt_regs (5.15+), bpf_probe_read_{user,kernel}, BTF for offsets; x86-64 syscall ABI.
  *
@@ -48,6 +49,7 @@
 #define IPPROTO_TCP 6
 #define MSG_PEEK 2
 #define EINPROGRESS 115
+#define TCP_CLOSE 7
 
 #define NQ 4 /* pipelined requests per connection */
 #define METHOD_MAX 8
@@ -149,6 +151,7 @@ struct conn {
     u32 tail; /* one past the newest request started */
     u32 resp; /* the request the current response answers */
     u32 owner; /* tgid whose fd table last held it (fds has its fd there, for close) */
+    u64 cgroup; /* cgroup of that process: records may be emitted from softirq (state change) */
     u8 rq_state;
     u8 rq_target;
     u8 rq_name_len;
@@ -209,7 +212,11 @@ struct pending_conn {
 
 BPF_HASH(cgroup_allow, u64, u8, 1024);
 BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
+/* HTTP records only, all of one size: the agent reads a span of them by arithmetic, with no
+ * per-record work in Python (probe_agent/ringbuf.py read_stride). Connection records, a few per
+ * connection, go to their own ring. */
 BPF_RINGBUF_OUTPUT(http_events, WEFT_RING_PAGES);
+BPF_RINGBUF_OUTPUT(conn_events, WEFT_CONN_RING_PAGES);
 /* LRU maps: entries of processes that died without close() age out instead of filling them. */
 BPF_TABLE("lru_hash", u64, u64, fds, WEFT_MAX_CONNS);                /* tgid<<32|fd -> sock */
 BPF_TABLE("lru_hash", u64, struct conn, conns, WEFT_MAX_CONNS);      /* sock -> state */
@@ -352,17 +359,18 @@ static __always_inline int read_tuple(char *sk, struct tuple *t)
 
 static __always_inline void emit_conn(struct conn *c, u16 kind, u64 pid_tgid, u64 now)
 {
-    struct conn_rec *r = http_events.ringbuf_reserve(sizeof(struct conn_rec));
+    struct conn_rec *r = conn_events.ringbuf_reserve(sizeof(struct conn_rec));
     if (!r) {
         weft_stat(HST_RING_FULL);
         return;
     }
     weft_fill_hdr(&r->hdr, kind, pid_tgid, now);
+    r->hdr.cgroup_id = c->cgroup;
     r->cookie = c->cookie;
     r->bytes_sent = c->bytes_sent;
     r->bytes_recv = c->bytes_recv;
     __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
-    http_events.ringbuf_submit(r, 0);
+    conn_events.ringbuf_submit(r, 0);
 }
 
 /* Register sock `sk` as fd `fd` of this process; returns its state or 0. */
@@ -394,6 +402,7 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, u32 fd, char *sk, u8 
     bpf_probe_read_kernel(&cookie, 8, sk + WEFT_SKC_COOKIE_OFF);
     c->cookie = cookie ? cookie : ((u64)sk ^ (now << 16)); /* skc_cookie is assigned lazily */
     c->owner = pid_tgid >> 32;
+    c->cgroup = bpf_get_current_cgroup_id();
     c->t.role = role;
     c->t.mid_stream = mid_stream;
     if (role != ROLE_UNKNOWN) {
@@ -414,7 +423,7 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
         return;
     }
     r->hdr.ts_ns = q->start_ns;
-    r->hdr.cgroup_id = bpf_get_current_cgroup_id();
+    r->hdr.cgroup_id = c->cgroup;
     r->hdr.pid = q->pid;
     r->hdr.tid = q->tid;
     r->hdr.kind = WEFT_KIND_HTTP;
@@ -1103,6 +1112,15 @@ static __always_inline void check_chunked_end(struct conn *c, u64 buf, u64 bufle
         response_done(c, now);
 }
 
+/* The sock still has the ports recorded for it (a freed sock's address can come back). */
+static __always_inline int same_ports(struct conn *c, char *sk)
+{
+    u16 dport = 0, lport = 0;
+    bpf_probe_read_kernel(&dport, 2, sk + WEFT_SKC_DPORT_OFF);
+    bpf_probe_read_kernel(&lport, 2, sk + WEFT_SKC_NUM_OFF);
+    return c->t.lport == lport && c->t.rport == (u16)((dport >> 8) | (dport << 8));
+}
+
 /* A TCP sock this tracer does not know yet: a connection that existed before the agent started
  * (or was made in a way accept/connect did not show), picked up on first use with its role still
  * unknown. Only for traced tasks, and only when the call's fd really is that sock. */
@@ -1146,10 +1164,14 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     }
     u32 tgid = pid_tgid >> 32;
     if (c->owner != tgid) {
-        /* another process uses this connection (passed or inherited fd): its close counts too */
+        /* another process uses this connection (a passed or inherited fd: its close counts
+         * too), unless the process must not be traced or the entry outlived its sock */
+        if (weft_skip_task(pid_tgid) || !same_ports(c, sk))
+            return 0;
         u64 fk = fd_key(pid_tgid, (u32)a.di);
         fds.update(&fk, &key);
         c->owner = tgid;
+        c->cgroup = bpf_get_current_cgroup_id();
     }
     /* times: a read once its bytes are there, a write at its syscall's entry (its bytes may be
      * read before it returns), so client start <= server start <= server end <= client end */
@@ -1323,22 +1345,36 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_write_entry(WEFT_NR_SEN
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_write_entry(WEFT_NR_SENDMSG); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return on_write_entry(WEFT_NR_SENDFILE); }
 
+/* The connection is over: emit what it still holds and forget it. */
+static __always_inline void conn_done(u64 key)
+{
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return;
+    flush_all(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
+    if (c->open_sent)
+        emit_conn(c, WEFT_KIND_CONN_CLOSE, (u64)c->owner << 32 | c->owner, bpf_ktime_get_ns());
+    conns.delete(&key);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 fk = fd_key(pid_tgid, args->fd);
+    u64 fk = fd_key(bpf_get_current_pid_tgid(), args->fd);
     u64 *skp = fds.lookup(&fk);
     if (!skp)
         return 0;
     u64 key = *skp;
     fds.delete(&fk);
-    struct conn *c = conns.lookup(&key);
-    if (!c)
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    flush_all(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
-    if (c->open_sent)
-        emit_conn(c, WEFT_KIND_CONN_CLOSE, pid_tgid, now);
-    conns.delete(&key);
+    conn_done(key);
+    return 0;
+}
+
+/* A TCP sock reached CLOSE: also when no close() of ours saw it (a process that exits, a reset,
+ * a socket closed through another fd). Its state goes with it, so a later sock at the same
+ * address starts clean. Fires in softirq too: nothing here reads the current task. */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) /* (const struct sock *sk, int oldstate, int newstate) */
+{
+    if ((int)ctx->args[2] == TCP_CLOSE)
+        conn_done(ctx->args[0]);
     return 0;
 }

@@ -36,7 +36,7 @@ _WRITES = ("write", "writev", "sendto", "sendmsg", "sendfile64")
 REQUIRED_TRACEPOINTS: tuple[str, ...] = (
     *(f"syscalls:sys_{side}_{name}" for name in _SYSCALLS for side in ("enter", "exit")),
     *(f"syscalls:sys_enter_{name}" for name in _WRITES),
-    "sock:sock_send_length", "sock:sock_recv_length",
+    "sock:sock_send_length", "sock:sock_recv_length", "sock:inet_sock_set_state",
     "sched:sched_process_fork", "sched:sched_process_exit", "sched:sched_process_exec",
 )
 OFFSETS: tuple[tuple[str, str], ...] = (("tcp_sock", "write_seq"), ("tcp_sock", "copied_seq"))

@@ -17,6 +17,7 @@ a final watermark, flush the sink, release every BPF object.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import gc
 import importlib
@@ -62,6 +63,7 @@ _HASH_MAP = re.compile(r'BPF_(?:HASH|LRU_HASH|PERCPU_HASH|LRU_PERCPU_HASH)\(\s*(
 # (its event time: an HTTP record's is the request's start), pid, kind, version; see
 # schemas/records.py.
 _RAW_HEAD = struct.Struct("<I4xQ8xI4xHH")
+_TS_AT, _PID_AT, _KIND_AT, _VERSION_AT = 8, 24, 32, 34  # the same fields' offsets, framing included
 _RAW_SIZE_MASK = records.DISCARDED - 1
 _RAW_BAD = 1 << 62  # sentinel "record size" of kinds a ring does not carry
 # Raw spans are large (up to a whole ring after a burst) and are copied a few times on their
@@ -77,6 +79,7 @@ class _RawSpan:
     offset_ns: int
     probe: str
     sizes: dict[int, int]  # kind -> minimum record size, for the kinds this ring carries
+    record_size: int = 0   # every record has this size (RingSpec.record_size), 0: sizes vary
 
 
 @dataclass
@@ -231,11 +234,15 @@ class AgentRunner:
         """Decode one batch of a mapped ring into the incoming list (or, for a passthrough
         ring, copy it there as it is); True if it was emptied."""
         if ring.passthrough and self.settings.record_envelope:
-            span, _n, drained = mapped.read_span(budget)
+            if ring.record_size:
+                span, _n, drained = mapped.read_stride(budget, ring.record_size)
+            else:
+                span, _n, drained = mapped.read_span(budget)
             if span:
                 self._raw_bytes += len(span)
                 sizes = {k: records.RECORD_SIZES[k] for k in ring.passthrough}
-                self._incoming.append(_RawSpan(span, self.clock.offset_ns, probe, sizes))
+                self._incoming.append(_RawSpan(span, self.clock.offset_ns, probe, sizes,
+                                               ring.record_size))
             return drained
         batch, drained = mapped.read(budget)
         decode, offset_ns, incoming = ring.decode, self.clock.offset_ns, self._incoming
@@ -364,7 +371,8 @@ class AgentRunner:
         self_pid, pid_filter, announced = self.ctx.self_pid, self._pid_filter, self._announced
         for event in items:
             if isinstance(event, _RawSpan):
-                self._prepare_raw(event, batch, raw_counts)
+                if not (event.record_size and self._prepare_fixed(event, batch, raw_counts)):
+                    self._prepare_raw(event, batch, raw_counts)
                 continue
             kind = event.WhichOneof("kind")
             if kind is None:
@@ -393,6 +401,47 @@ class AgentRunner:
         for record_kind, n in raw_counts.items():
             self.metrics.count_event(records.EVENT_KIND_OF.get(record_kind, ""), n)
         return batch
+
+    def _prepare_fixed(self, span: _RawSpan, batch: _Batch, counts: dict[int, int]) -> bool:
+        """`_prepare_raw` for a span of same-size records (the HTTP ring), with their headers
+        read as arrays: one C-level pass per field instead of a Python step per record. The
+        ProcessInfo of each process first seen in a RawRecords event goes just before that
+        event. False (nothing done) where the per-record path is needed: a record of another
+        kind or ABI version, or records to leave out (the agent's own, `--pid` filtering)."""
+        blob, offset_ns = span.blob, span.offset_ns
+        stride = (span.record_size + 15) & ~7  # ring framing (8 bytes) + record, padded to 8
+        words, halves = stride // 8, stride // 2
+        n = len(blob) // stride
+        kinds = array.array("H", blob)[_KIND_AT // 2 :: halves]
+        kind = kinds[0] if n else 0
+        if (not n or kinds.count(kind) != n or span.sizes.get(kind) != span.record_size or
+                array.array("H", blob)[_VERSION_AT // 2 :: halves].count(records.ABI_VERSION) != n):
+            return False
+        pids = array.array("I", blob)[_PID_AT // 4 :: stride // 4]
+        seen = set(pids)
+        if self._pid_filter is not None or self.ctx.self_pid in seen:
+            return False
+        times = array.array("Q", blob)[_TS_AT // 8 :: words]
+        counts[kind] = counts.get(kind, 0) + n
+        limit, announced, compress = self._raw_limit, self._announced, self.settings.compress_records
+        for first in range(0, n, limit):
+            last = min(n, first + limit)
+            chunk_pids = pids[first:last]
+            for pid in sorted(set(chunk_pids) - announced.keys(), key=chunk_pids.index):
+                self._announce(pid, times[first + chunk_pids.index(pid)] + offset_ns, batch)
+            chunk_times = times[first:last]
+            event = pb.Event()
+            raw = event.raw
+            raw.abi_version, raw.ktime_offset_ns, raw.count = records.ABI_VERSION, offset_ns, last - first
+            if compress:
+                records.compress_records(raw, blob[first * stride : last * stride])
+            else:
+                raw.records = blob[first * stride : last * stride]
+            batch.events.append(event)
+            batch.times.append(min(chunk_times) + offset_ns)
+            batch.t_max.append(max(chunk_times) + offset_ns)
+            batch.weights.append(last - first)
+        return True
 
     def _prepare_raw(self, span: _RawSpan, batch: _Batch, counts: dict[int, int]) -> None:
         """Cut a span of passthrough records into RawRecords events, reading each record's

@@ -40,6 +40,9 @@ class RingSpec:
     # (schema v2 RawRecords, expanded by schemas.codec); the runner then reads only their
     # header. `decode` still serves the per-record paths (BCC's reader, `record_envelope` off).
     passthrough: frozenset[int] = frozenset()
+    # Every record of this ring has this size (0: sizes vary): the runner then takes a span of
+    # them by arithmetic and reads their headers as arrays, with no per-record Python.
+    record_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from probe_agent.btf import member_offset
-from probe_agent.probes.base import BPF_DIR, ProbeContext, RingSpec, common_cflags, fill_cgroup_filter
+from probe_agent.probes.base import (
+    BPF_DIR,
+    LOW_VOLUME_RING_SHARE,
+    ProbeContext,
+    RingSpec,
+    common_cflags,
+    fill_cgroup_filter,
+)
 from schemas import records
 from schemas import weft_events_pb2 as pb
 from schemas.records import (  # the layouts, re-exported for tests/unit/test_bpf_abi.py
@@ -35,12 +42,18 @@ __all__ = ["CONN_RECORD", "CONN_SIZE", "COOKIE", "HTTP_RECORD", "HTTP_SIZE", "RE
 SCAN_MAX = 1024  # bytes of each read/write the kernel parses (power of two)
 WINDOW = 128  # bytes per parser run; SCAN_MAX / WINDOW tail calls at most (kernel limit 33)
 
-RING_KINDS = frozenset({Kind.HTTP, Kind.CONN_OPEN, Kind.CONN_CLOSE})
+HTTP_KINDS = frozenset({Kind.HTTP})
+CONN_KINDS = frozenset({Kind.CONN_OPEN, Kind.CONN_CLOSE})
 
 
 def decode(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
     """One record of the http ring (see schemas/records.py for the layouts)."""
-    return records.decode(raw, ktime_offset_ns, RING_KINDS)
+    return records.decode(raw, ktime_offset_ns, HTTP_KINDS)
+
+
+def decode_conn(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
+    """One record of the connection ring."""
+    return records.decode(raw, ktime_offset_ns, CONN_KINDS)
 
 
 _OFFSETS = {
@@ -78,14 +91,19 @@ class HttpProbe:
 
     name = "http"
     source: Path = BPF_DIR / "http_tracer.bpf.c"
-    rings: Sequence[RingSpec] = (RingSpec("http_events", decode, passthrough=RING_KINDS),)
+    rings: Sequence[RingSpec] = (
+        RingSpec("http_events", decode, passthrough=HTTP_KINDS, record_size=HTTP_SIZE),
+        RingSpec("conn_events", decode_conn, passthrough=CONN_KINDS),
+    )
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http")
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         if platform.machine() != "x86_64":
             raise ValueError(f"the HTTP tracer supports x86-64 only, not {platform.machine()}")
-        flags = [*common_cflags(ctx), f"-DWEFT_SCAN_MAX={SCAN_MAX}", f"-DWEFT_WINDOW={WINDOW}"]
+        conn_pages = max(1, ctx.ring_pages // LOW_VOLUME_RING_SHARE)
+        flags = [*common_cflags(ctx), f"-DWEFT_SCAN_MAX={SCAN_MAX}", f"-DWEFT_WINDOW={WINDOW}",
+                 f"-DWEFT_CONN_RING_PAGES={conn_pages}"]
         for name, (struct_name, member) in _OFFSETS.items():
             flags.append(f"-D{name}={member_offset(struct_name, member, ctx.btf_path)}")
         regs = [member_offset("pt_regs", r, ctx.btf_path) for r in _SYSARGS]

@@ -290,6 +290,31 @@ def test_connection_open_close_and_own_traffic_ignored(probe: LoadedProbe, workd
     assert own == []
 
 
+def _exit_without_close(host: str, port: int) -> None:
+    """A keep-alive request whose response is not read, then exit: the kernel closes the socket,
+    no close() of the process does."""
+    import os
+
+    s = socket.create_connection((host, port))
+    s.sendall(b"GET /no-close HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.recv(65536)
+    os._exit(0)
+
+
+def test_a_socket_closed_by_process_exit_is_forgotten_and_flushed(probe: LoadedProbe, workdir: Path) -> None:
+    """The TCP state change to CLOSE ends a connection the process never close()d: its record is
+    emitted and its state dropped (a later sock at the same address must not inherit it)."""
+    with running("go", workdir) as srv:
+        in_child(_exit_without_close, srv.host, srv.port)
+        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+        closes = probe.wait_for(lambda es: any(
+            e.HasField("conn_close") and e.conn_close.sock_cookie == client.sock_cookie for e in es))
+    (close,) = [e.conn_close for e in closes if e.HasField("conn_close")
+                and e.conn_close.sock_cookie == client.sock_cookie]
+    assert close.role == pb.ROLE_CLIENT and close.pid == client.pid and close.bytes_received > 0
+    assert client.status == 200 and client.path == "/no-close"
+
+
 def _scatter_gather_client(host: str, port: int) -> None:
     """sendmsg/recvmsg, then writev/readv (os.*v on the socket fd): requests split across iovecs."""
     import os

@@ -24,7 +24,8 @@ from schemas.codec import decode_frame, encode_frame
 OFFSET = 1_700_000_000_000_000_000
 SELF = os.getpid()
 GONE = 0x3FFFFFF0  # no such process: announced as nothing
-SIZES: dict[int, int] = {k: R.RECORD_SIZES[k] for k in http.RING_KINDS | goroutines.RING_KINDS}
+SIZES: dict[int, int] = {k: R.RECORD_SIZES[k]
+                         for k in http.HTTP_KINDS | http.CONN_KINDS | goroutines.RING_KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +59,16 @@ def conn_rec(ts: int, pid: int) -> bytes:
     return hdr(R.Kind.CONN_OPEN, ts, pid) + R.CONN_COUNTS.pack(ts, 0, 0) + tup
 
 
-def run(recs: list[bytes], tmp_path: Path, envelope: bool, **settings: object
+def run(recs: list[bytes], tmp_path: Path, envelope: bool, record_size: int = 0, **settings: object
         ) -> tuple[list[pb.Frame], AgentMetrics]:
-    """Frames (as the stitcher decodes them) of one round that read `recs` from a ring."""
+    """Frames (as the stitcher decodes them) of one round that read `recs` from a ring (of
+    records all `record_size` bytes long, when given)."""
     metrics = AgentMetrics("n")
     runner = AgentRunner(AgentSettings(node="n", record_envelope=envelope, **settings),  # type: ignore[arg-type]
                          sink=None, metrics=metrics, probes=[])  # type: ignore[arg-type]
     if envelope:
         blob = b"".join(R.envelope_record(r) for r in recs)
-        items: list[pb.Event | _RawSpan] = [_RawSpan(blob, OFFSET, "http", SIZES)]
+        items: list[pb.Event | _RawSpan] = [_RawSpan(blob, OFFSET, "http", SIZES, record_size)]
     else:
         items = []
         for r in recs:
@@ -134,3 +136,44 @@ def test_frames_stay_within_max_events_records(tmp_path: Path, procs: tuple[int,
         times = [e.goroutine_spawn.ts_ns for e in f.events if e.HasField("goroutine_spawn")]
         if times:
             assert f.t_min_ns <= min(times) and max(times) <= f.t_max_ns
+
+
+def test_same_size_spans_read_as_arrays_frame_what_the_record_walk_frames(
+        tmp_path: Path, procs: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    A, B = procs
+    recs = [http_rec(1_000 + 10 * i, pid) for i, pid in enumerate((A, A, B, A, GONE, B, A, A, B))]
+    walked, walked_metrics = run(recs, tmp_path, envelope=True, frame_max_events=4)
+
+    def no_walk(*_args: object) -> None:
+        raise AssertionError("the record walk ran")
+
+    monkeypatch.setattr(AgentRunner, "_prepare_raw", no_walk)
+    fixed, fixed_metrics = run(recs, tmp_path, envelope=True, record_size=R.HTTP_SIZE, frame_max_events=4)
+    got, want = events(fixed), events(walked)
+    assert [e for e in got if e.HasField("http")] == [e for e in want if e.HasField("http")]
+    processes = [e for e in got if e.HasField("process")]
+    assert sorted(processes, key=str) == sorted((e for e in want if e.HasField("process")), key=str)
+    for proc in processes:  # announced before the first request of its process, at its time
+        first = next(i for i, e in enumerate(got) if e.HasField("http") and e.http.pid == proc.process.pid)
+        assert got.index(proc) < first and proc.process.ts_ns == got[first].http.start_ns
+    assert all(len(f.events) <= 4 for f in fixed)
+    assert (fixed_metrics.value("weft_agent_events_total", kind="http")
+            == walked_metrics.value("weft_agent_events_total", kind="http") == len(recs))
+
+
+@pytest.mark.parametrize("odd", ["own", "version", "filter"])
+def test_same_size_spans_fall_back_to_the_record_walk_when_records_must_be_left_out(
+        tmp_path: Path, procs: tuple[int, int], odd: str) -> None:
+    A, B = procs
+    recs = [http_rec(1_000, A), http_rec(1_010, B), http_rec(1_020, A)]
+    settings: dict[str, object] = {}
+    if odd == "own":
+        recs.insert(1, http_rec(1_005, SELF))
+    elif odd == "version":
+        recs.insert(1, http_rec(1_005, A, version=9))
+    else:
+        settings["pids"] = (A,)
+    fixed, _ = run(recs, tmp_path, envelope=True, record_size=R.HTTP_SIZE, **settings)
+    walked, _ = run(recs, tmp_path, envelope=True, **settings)
+    assert events(fixed) == events(walked)
+    assert SELF not in {e.http.pid for e in events(fixed) if e.HasField("http")}

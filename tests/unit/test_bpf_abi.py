@@ -108,7 +108,7 @@ def test_conn_record_decodes_ipv6_tuple() -> None:
     six = socket.inet_pton(socket.AF_INET6, "::1")
     tup = http.TUPLE.pack(six, six, 80, 40000, 10, 2, 1)
     raw = hdr(Kind.CONN_OPEN) + struct.pack("<QQQ", 5, 0, 0) + tup
-    (event,) = http.decode(raw, 0)
+    (event,) = http.decode_conn(raw, 0)
     assert event.conn_open.tuple.local_addr == six and event.conn_open.role == pb.ROLE_CLIENT
     assert event.conn_open.seen_mid_stream
 

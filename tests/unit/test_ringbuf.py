@@ -114,3 +114,46 @@ def test_read_span_keeps_discarded_records_and_stops_at_a_busy_one(fake: FakeRin
         struct.pack("<II", 7 | DISCARD, 0) + b"dropped" + bytes(1)
     assert ring.read_span(100) == (b"", 0, False)  # the busy record holds back the ones behind it
     ring.close()
+
+
+def test_read_stride_takes_same_size_records_by_arithmetic_and_joins_a_wrap(fake: FakeRing) -> None:
+    ring = MappedRing(fake.fd, SIZE)
+    payloads = [bytes([i % 251]) * 44 for i in range(300)]  # 56-byte stride: wraps the page
+    framed = [struct.pack("<II", 44, 0) + p + bytes(4) for p in payloads]
+    spans: list[bytes] = []
+    for chunk in range(0, len(payloads), 10):
+        for p in payloads[chunk:chunk + 10]:
+            fake.put(p)
+        first, n, drained = ring.read_stride(4, 44)
+        assert n == 4 and not drained
+        rest, n, drained = ring.read_stride(100, 44)
+        assert n == 6 and drained
+        spans += [first, rest]
+    assert b"".join(spans) == b"".join(framed)
+    assert fake.consumer() == fake.producer
+    ring.close()
+
+
+def test_read_stride_stops_at_a_busy_record(fake: FakeRing) -> None:
+    ring = MappedRing(fake.fd, SIZE)
+    for payload in (b"a" * 44, b"b" * 44):
+        fake.put(payload)
+    fake.put(b"c" * 44, BUSY)
+    fake.put(b"d" * 44)
+    span, n, drained = ring.read_stride(100, 44)
+    assert n == 2 and not drained and span == b"".join(
+        struct.pack("<II", 44, 0) + p * 44 + bytes(4) for p in (b"a", b"b"))
+    assert ring.read_stride(100, 44) == (b"", 0, False)  # the busy record holds back the next one
+    ring.close()
+
+
+def test_read_stride_falls_back_to_the_record_walk_for_other_sizes(fake: FakeRing) -> None:
+    ring = MappedRing(fake.fd, SIZE)
+    fake.put(b"x" * 44)
+    fake.put(b"odd one")          # another size: the span is walked record by record
+    fake.put(b"y" * 44, DISCARD)  # same size, discarded: walked too
+    span, n, drained = ring.read_stride(100, 44)
+    assert n == 3 and drained
+    assert span == (struct.pack("<II", 44, 0) + b"x" * 44 + bytes(4) + struct.pack("<II", 7, 0) + b"odd one"
+                    + bytes(1) + struct.pack("<II", 44 | DISCARD, 0) + b"y" * 44 + bytes(4))
+    ring.close()
