@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 DEB_PKGS=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 redis-server iproute2 nftables
-          curl wrk golang nginx python3-venv python3-dev procps)
+          curl wrk golang gcc nginx python3-venv python3-dev procps)
 
 say() { printf 'setup: %s\n' "$*"; }
 

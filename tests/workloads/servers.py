@@ -62,6 +62,15 @@ def go_binary(name: str, out_dir: Path) -> Path:
     return out
 
 
+def c_binary(name: str, out_dir: Path) -> Path:
+    """`gcc` tests/workloads/<name>.c (libc + pthreads only) into out_dir."""
+    out = out_dir / name
+    if not out.exists():
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(out), str(HERE / f"{name}.c")]
+        subprocess.run(cmd, check=True)
+    return out
+
+
 def _command(kind: str, host: str, port: int, workdir: Path, mode: str) -> list[str]:
     if kind == "python":
         return [sys.executable, "-m", "tests.workloads.py_server", host, str(port), mode]
@@ -87,13 +96,22 @@ def _command(kind: str, host: str, port: int, workdir: Path, mode: str) -> list[
 
 
 @contextmanager
-def running(kind: str, workdir: Path, host: str = "127.0.0.1", mode: str = "threading") -> Iterator[Server]:
+def running(kind: str, workdir: Path, host: str = "127.0.0.1", mode: str = "threading",
+            cgroup: Path | None = None) -> Iterator[Server]:
+    """`cgroup`: a cgroup v2 directory the server starts in (before exec, so every child it forks,
+    e.g. nginx's workers, is in it from birth)."""
     port = free_port(host)
+
+    def enter_cgroup() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     proc = subprocess.Popen(
         _command(kind, host, port, workdir, mode),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=enter_cgroup if cgroup is not None else None,
     )
     try:
         wait_port(host, port, proc)
