@@ -105,7 +105,12 @@ class Agent:
         self.kernel_lost = 0  # records the kernel dropped (ring buffer full), by the agent's count
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
-        self.start_cpu_s = self.settle(limit_s=20.0)
+        try:
+            self.start_cpu_s = self.settle(limit_s=20.0)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.start_s = time.monotonic() - t0
 
     def _drain(self) -> None:
@@ -221,17 +226,24 @@ def paced(client: Path, srv: Server, seconds: float, conns: int) -> dict[str, fl
 def show_paced(r: dict[str, float]) -> str:
     return (f"p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f} p999 {r['p999_us']:.0f} max {r['max_us']:.0f} µs "
             f"(n {r['n']:.0f} at {r['rate']:.0f}/s on {r['conns']:.0f} conns, {r['behind']:.0f} sent late "
-            f"behind a slow response, send lag p99 {r['send_lag_p99_us']:.0f} µs)")
+            f"behind a slow response; p99 of: send lag {r['send_lag_p99_us']:.0f}, client wake-up "
+            f"{r['wake_p99_us']:.0f}, from the send {r['sent_p99_us']:.0f} µs)")
 
 
-def server_records(capture: Path, port: int) -> Counter[str]:
-    """Server-side HTTP records in a capture for requests to `port`, counted by path."""
-    return Counter(
-        e.http.path
-        for frame in read_capture(capture)
-        for e in frame.events
-        if e.HasField("http") and e.http.role == pb.ROLE_SERVER and e.http.tuple.local_port == port
-    )
+def http_records(capture: Path, port: int) -> tuple[Counter[str], int]:
+    """Server-side HTTP records in a capture for requests to `port`, counted by path; and the
+    number of client-side HTTP records."""
+    paths: Counter[str] = Counter()
+    clients = 0
+    for frame in read_capture(capture):
+        for e in frame.events:
+            if not e.HasField("http"):
+                continue
+            if e.http.role == pb.ROLE_SERVER and e.http.tuple.local_port == port:
+                paths[e.http.path] += 1
+            elif e.http.role == pb.ROLE_CLIENT:
+                clients += 1
+    return paths, clients
 
 
 def median_ratio(off: list[float], on: list[float]) -> tuple[float, list[float]]:
@@ -263,8 +275,9 @@ def measure(say: Callable[[str], None], work: Path, quick: bool) -> dict[str, fl
     paced_s = 3.0 if quick else 6.0
     rounds = 2 if quick else 3
     target = 100_000 if quick else 1_000_000
-    # measured: on one connection 3–8 % of the sends went out late, queued behind a slow
-    # response, when other work shared the machine; on 4 connections 0.3–1.2 %
+    # One connection has 500 µs per request, less than the p99 response time measured here under
+    # other load (270–1500 µs): 2–18 % of its sends queued behind a slow response. Four give each
+    # connection 2 ms; the client prints how many sends still queued ("sent late").
     paced_conns = 4
     client = c_binary("paced_client", work)
     figures: dict[str, float] = {}
@@ -358,7 +371,9 @@ def long_run(say: Callable[[str], None], work: Path, srv: Server, cgroup: Path,
         end_rss = agent.rss_mb()
     finally:
         agent.stop()
-    seen = server_records(capture, srv.port)
+    seen, clients = http_records(capture, srv.port)
+    if clients:  # wrk's requests: the agent traced outside its cgroup, the figures would be wrong
+        raise RuntimeError(f"the agent scoped to {cgroup} recorded {clients} client requests")
     lost = sum(max(0, n - seen[f"/long/{i}"]) for i, n in enumerate(counts))
     surplus = sum(max(0, seen[f"/long/{i}"] - n) for i, n in enumerate(counts))
     rate = done / (len(counts) * slice_s)

@@ -8,12 +8,16 @@
  * time to the end of the response, so a stall is charged to every request it delays (no coordinated
  * omission). The thread blocks while it waits (no spinning): the client takes little CPU from the
  * server it measures. If a response comes back after the connection's next request was due, that
- * request is sent late and counted in "behind": when that count is not small, use more connections.
+ * request is sent late; "behind" counts the sends that left more than one connection interval
+ * (CONNS/RATE) late: when that count is not small, use more connections.
  *
  * Responses must carry Content-Length (chunked or close-delimited bodies are refused) and a 2xx
  * status; any error ends the program with a message on stderr and exit status 1.
  * Prints one JSON line: p50_us, p99_us, p999_us, max_us (latency from the due time), send_lag_p99_us
- * (how late sends left), n, conns, rate (requests completed per second of the run), behind.
+ * (how late sends left: the client's own wake-up delay, plus any queueing behind a slow response),
+ * wake_p99_us (how late this client's threads woke when their connection was idle at the due time:
+ * the client's own share, which a busy machine inflates), sent_p99_us (from the actual send: the
+ * server's part alone), n, conns, rate (requests completed per second of the run), behind.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,6 +45,9 @@ struct conn {
     long n;           /* requests this connection sends */
     int64_t *lat_ns;  /* due -> response end */
     int64_t *lag_ns;  /* due -> send */
+    int64_t *svc_ns;  /* send -> response end */
+    int64_t *wake_ns; /* due -> send, for requests whose connection was idle when they were due */
+    long n_wake;
     long behind;
     int64_t last_end_ns;
 };
@@ -152,6 +159,8 @@ static void *run_conn(void *arg) {
         int64_t end = now_ns();
         c->lat_ns[k] = end - due;
         c->lag_ns[k] = sent - due;
+        c->svc_ns[k] = end - sent;
+        if (c->last_end_ns <= due) c->wake_ns[c->n_wake++] = sent - due;
         if (sent - due > slice_ns) c->behind++;
         c->last_end_ns = end;
     }
@@ -205,7 +214,10 @@ int main(int argc, char **argv) {
         c->n = total / g_conns + (i < total % g_conns ? 1 : 0);
         c->lat_ns = malloc(sizeof(int64_t) * (size_t)(c->n + 1));
         c->lag_ns = malloc(sizeof(int64_t) * (size_t)(c->n + 1));
-        if (c->lat_ns == NULL || c->lag_ns == NULL) die("malloc");
+        c->svc_ns = malloc(sizeof(int64_t) * (size_t)(c->n + 1));
+        c->wake_ns = malloc(sizeof(int64_t) * (size_t)(c->n + 1));
+        if (c->lat_ns == NULL || c->lag_ns == NULL || c->svc_ns == NULL || c->wake_ns == NULL)
+            die("malloc");
         c->fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (c->fd < 0) die("socket");
         int one = 1;
@@ -237,19 +249,27 @@ int main(int argc, char **argv) {
     }
     if (n == 0) fail("no request measured (RATE * SECONDS < 1)");
     int64_t *lat = malloc(sizeof(int64_t) * (size_t)n), *lag = malloc(sizeof(int64_t) * (size_t)n);
-    if (lat == NULL || lag == NULL) die("malloc");
-    long at = 0;
+    int64_t *svc = malloc(sizeof(int64_t) * (size_t)n), *wake = malloc(sizeof(int64_t) * (size_t)n);
+    if (lat == NULL || lag == NULL || svc == NULL || wake == NULL) die("malloc");
+    long at = 0, n_wake = 0;
     for (int i = 0; i < g_conns; i++) {
         memcpy(lat + at, conns[i].lat_ns, sizeof(int64_t) * (size_t)conns[i].n);
         memcpy(lag + at, conns[i].lag_ns, sizeof(int64_t) * (size_t)conns[i].n);
+        memcpy(svc + at, conns[i].svc_ns, sizeof(int64_t) * (size_t)conns[i].n);
+        memcpy(wake + n_wake, conns[i].wake_ns, sizeof(int64_t) * (size_t)conns[i].n_wake);
+        n_wake += conns[i].n_wake;
         at += conns[i].n;
         close(conns[i].fd);
     }
     qsort(lat, (size_t)n, sizeof *lat, cmp_i64);
     qsort(lag, (size_t)n, sizeof *lag, cmp_i64);
+    qsort(svc, (size_t)n, sizeof *svc, cmp_i64);
+    qsort(wake, (size_t)n_wake, sizeof *wake, cmp_i64);
     printf("{\"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, "
-           "\"send_lag_p99_us\": %.1f, \"n\": %ld, \"conns\": %d, \"rate\": %.1f, \"behind\": %ld}\n",
+           "\"send_lag_p99_us\": %.1f, \"wake_p99_us\": %.1f, \"sent_p99_us\": %.1f, \"n\": %ld, "
+           "\"conns\": %d, \"rate\": %.1f, \"behind\": %ld}\n",
            pct_us(lat, n, 0.50), pct_us(lat, n, 0.99), pct_us(lat, n, 0.999), pct_us(lat, n, 1.0),
-           pct_us(lag, n, 0.99), n, g_conns, (double)n * 1e9 / (double)(last_end - g_t0_ns), behind);
+           pct_us(lag, n, 0.99), n_wake ? pct_us(wake, n_wake, 0.99) : 0.0, pct_us(svc, n, 0.99), n,
+           g_conns, (double)n * 1e9 / (double)(last_end - g_t0_ns), behind);
     return 0;
 }
