@@ -13,7 +13,10 @@ node that runs both ends). Before each measured window the agent has settled: it
 start-up work (e.g. reading the DWARF of running Go executables, printed, not counted) and any
 backlog from the previous window are done. Each (no agent, agent) pair of a round gives a ratio;
 the median over the rounds is reported, so that one burst of other work on a shared machine
-does not decide a figure. Every raw req/s is printed.
+does not decide a figure. Every raw req/s and every paced run's p50/p99/p999 is printed, with the
+number of BPF tracing programs other processes had loaded (a "no agent" window is not one when
+another test's agent is running). The ≥ 1M-request run comes first, so that a machine too busy
+for its 20k req/s fails the area early.
 
   agent.ratio.{go,python,nginx}      wrk keep-alive (-t2 -c8) throughput, agent scoped to the
                                      servers' cgroup ÷ no agent; median of 3 pairs of 5 s
@@ -200,6 +203,15 @@ def wait_members(cgroup: Path, servers: dict[str, Server], timeout_s: float = 10
         time.sleep(0.05)
 
 
+def tracing_programs() -> int:
+    """BPF programs loaded on tracepoints/uprobes. Read while no agent of this bench runs, they are
+    other people's (another test's agent): they run on the servers' syscalls too, so a "no agent"
+    window is then not quite that. Printed, so a reader can weigh a round."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True)
+    progs: list[dict[str, object]] = json.loads(out.stdout or "[]")
+    return sum(p.get("type") in ("tracepoint", "raw_tracepoint", "perf_event", "kprobe") for p in progs)
+
+
 def wrk(url: str, seconds: float, conns: int = 8) -> tuple[float, int]:
     """(requests/s, requests completed); any socket error or non-2xx answer fails the run."""
     out = subprocess.run(
@@ -296,12 +308,13 @@ def measure(say: Callable[[str], None], work: Path, quick: bool) -> dict[str, fl
         # first: on a machine too busy for 20k req/s the area fails before the long part
         figures.update(long_run(say, work, servers["go"], cgroup, target))
         for round_ in range(rounds):
+            foreign = tracing_programs()
             for kind, srv in servers.items():
                 off[kind].append(wrk(srv.url(PATHS[kind]), seconds)[0])
             r = paced(client, servers["go"], paced_s, paced_conns)
             p_off.append(r["p99_us"])
             say(f"round {round_} no agent: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in off.items())
-                + f" req/s; paced {show_paced(r)}")
+                + f" req/s; paced {show_paced(r)}; other BPF tracing programs loaded: {foreign}")
 
             agent = Agent(work / f"scoped-{round_}.wcap", cgroup)
             try:
