@@ -12,10 +12,16 @@ other work lands in one run, and the median keeps that one pair from deciding th
   inject.ratio     throughput with injection ÷ without (agent running in both), median of pairs
   inject.share     client requests of the last injected run whose record carries the injected
                    traceparent ÷ all client requests recorded (1.0: every request injected)
+  inject.sk_msg_ns CPU ns per run of the sk_msg verdict program (tail calls included: the kernel
+                   counts a tail-called program's time in its caller's run), summed over the
+                   injected runs from the kernel's bpf_stats: unlike req/s, not moved much by
+                   other work on a shared machine
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import re
 import signal
@@ -57,6 +63,39 @@ class Agent:
         self.proc.wait(timeout=60)
 
 
+_SYS_BPF = 321  # x86_64
+_BPF_ENABLE_STATS = 32
+_BPF_STATS_RUN_TIME = 0
+
+
+def enable_bpf_stats() -> int:
+    """An fd that keeps the kernel's per-program run-time statistics on while it is open
+    (BPF_ENABLE_STATS: counted per holder, so other users of kernel.bpf_stats_enabled are not
+    disturbed); -1 when the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(8)  # union bpf_attr { struct { __u32 type; } enable_stats }
+    ctypes.c_uint32.from_buffer(attr).value = _BPF_STATS_RUN_TIME
+    return int(libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, attr, ctypes.sizeof(attr)))
+
+
+def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
+    """name -> (run_time_ns, run_cnt) of the BPF programs process `pid` holds."""
+    ids = set()
+    for entry in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        ids.update(int(line.split()[1]) for line in text.splitlines() if line.startswith("prog_id:"))
+    out: dict[str, tuple[int, int]] = {}
+    shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,
+                                      text=True).stdout)
+    for prog in shown:
+        if prog["id"] in ids:
+            out[prog.get("name", "")] = (prog.get("run_time_ns", 0), prog.get("run_cnt", 0))
+    return out
+
+
 def move_tree(pid: int, cgroup: Path) -> None:
     """`pid` and its children (nginx's master and workers) into `cgroup`."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -88,7 +127,9 @@ def run(ctx: BenchContext) -> dict[str, float]:
     cgroup.mkdir()
     off: list[float] = []
     on: list[float] = []
+    cost: dict[str, list[int]] = {}  # program name -> [run_time_ns, run_cnt] over the injected runs
     last = work / "none"
+    stats_fd = enable_bpf_stats()
     try:
         with running("nginx", work) as srv:
             move_tree(srv.proc.pid, cgroup)
@@ -99,10 +140,19 @@ def run(ctx: BenchContext) -> dict[str, float]:
                     last = work / f"{round_}-{'on' if inject else 'off'}.wcap"
                     agent = Agent(last, cgroup, inject)
                     try:
+                        before = prog_stats(agent.proc.pid)
                         sink.append(wrk_in(cgroup, url, seconds))
+                        if inject:
+                            for name, (ns, cnt) in prog_stats(agent.proc.pid).items():
+                                ns0, cnt0 = before.get(name, (0, 0))
+                                acc = cost.setdefault(name, [0, 0])
+                                acc[0] += ns - ns0
+                                acc[1] += cnt - cnt0
                     finally:
                         agent.stop()
     finally:
+        if stats_fd >= 0:
+            os.close(stats_fd)
         for _ in range(100):
             try:
                 cgroup.rmdir()
@@ -114,4 +164,14 @@ def run(ctx: BenchContext) -> dict[str, float]:
     share = injected_share(last)
     ctx.console.print(f"inject: without {off} with {on} req/s → pair ratios "
                       f"{[round(p, 3) for p in pairs]}, median {ratio:.3f}; injected share {share:.3f}")
-    return {"inject.ratio": ratio, "inject.share": share}
+    per_run = {name: ns / cnt for name, (ns, cnt) in sorted(cost.items()) if cnt}
+    requests = cost.get("weft_sk_msg", [0, 0])[1]
+    every = sum(ns for ns, _ in cost.values()) / requests if requests else 0.0
+    ctx.console.print("inject: bpf_stats ns/run over the injected runs: "
+                      + ", ".join(f"{name} {v:.0f} ({cost[name][1]} runs)" for name, v in per_run.items()
+                                  if name.startswith("weft_"))
+                      + f"; all the agent's programs {every:.0f} ns per send")
+    figures = {"inject.ratio": ratio, "inject.share": share}
+    if "weft_sk_msg" in per_run:
+        figures["inject.sk_msg_ns"] = per_run["weft_sk_msg"]
+    return figures
