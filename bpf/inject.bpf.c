@@ -177,15 +177,20 @@ static __always_inline void new_line(volatile struct msg_state *s)
     s->name[1] = 0;
 }
 
-/* The context of the server request thread `tid` (or its creator) serves: 1; none: 0; -1 when
+/* 8 characters as a little-endian load of them gives them */
+#define W8(a, b, c, d, e, f, g, h)                                                              \
+    ((u64)(a) | (u64)(b) << 8 | (u64)(c) << 16 | (u64)(d) << 24 | (u64)(e) << 32 |              \
+     (u64)(f) << 40 | (u64)(g) << 48 | (u64)(h) << 56)
+
+/* The trace id of the server request thread `tid` (or its creator) serves: 1; none: 0; -1 when
  * that thread serves several requests at once and the send's own one is unknown. */
-static __always_inline int find_ctx(u32 tid, struct weft_tpctx *out)
+static __always_inline int find_trace(u32 tid, u64 *trace)
 {
     struct weft_tpctx *x = weft_ctx.lookup(&tid);
     if (x && x->kind != WEFT_CTX_NONE) { /* NONE: the slot of a finished request, kept for reuse */
         if (x->kind == WEFT_CTX_AMBIGUOUS)
             return -1;
-        __builtin_memcpy(out, x, sizeof(*out));
+        __builtin_memcpy(trace, x->trace, 32);
         return 1;
     }
     struct weft_ctx_ref *ref = weft_ctx_ref.lookup(&tid);
@@ -198,36 +203,27 @@ static __always_inline int find_ctx(u32 tid, struct weft_tpctx *out)
         return -1;
     if (!x || x->kind == WEFT_CTX_NONE || x->serial != serial)
         return 0; /* the creator moved on to another request, or finished */
-    __builtin_memcpy(out, x, sizeof(*out));
+    __builtin_memcpy(trace, x->trace, 32);
     return 1;
 }
 
 static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u32 ports)
 {
     u32 tid = (u32)pid_tgid;
-    struct weft_inj_out o = {};
-    struct weft_tpctx ctx = {};
-    int found = find_ctx(tid, &ctx);
+    u64 trace[4], span[2];
+    int found = find_trace(tid, trace);
     if (found < 0) {
         weft_stat(IST_AMBIGUOUS); /* a wrong trace would be worse than none: seq still links it */
         return 0;
     }
-    if (found) {
-        __builtin_memcpy(o.trace, ctx.trace, 32);
-    } else {
-        weft_random_hex(o.trace, 32);
+    if (!found) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            trace[i] = weft_hex8(bpf_get_prandom_u32());
         weft_stat(IST_ROOT);
     }
-    weft_random_hex(o.span, 16);
-    char line[72] = "traceparent: 00-";
-    __builtin_memcpy(line + 16, o.trace, 32);
-    line[48] = '-';
-    __builtin_memcpy(line + 49, o.span, 16);
-    line[65] = '-';
-    line[66] = '0';
-    line[67] = '1';
-    line[68] = '\r';
-    line[69] = '\n';
+    span[0] = weft_hex8(bpf_get_prandom_u32());
+    span[1] = weft_hex8(bpf_get_prandom_u32());
     if (bpf_msg_push_data(msg, at, INJ_LEN, 0)) {
         weft_stat(IST_PUSH_FAILED);
         return 0;
@@ -251,18 +247,37 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
         weft_stat(IST_PUSH_FAILED);
         return 0;
     }
-    __builtin_memcpy(p, line, INJ_LEN);
+    /* "traceparent: 00-<trace>-<span>-01\r\n", written a word at a time */
+    *(u64 *)p = W8('t', 'r', 'a', 'c', 'e', 'p', 'a', 'r');
+    *(u64 *)(p + 8) = W8('e', 'n', 't', ':', ' ', '0', '0', '-');
+    *(u64 *)(p + 16) = trace[0];
+    *(u64 *)(p + 24) = trace[1];
+    *(u64 *)(p + 32) = trace[2];
+    *(u64 *)(p + 40) = trace[3];
+    p[48] = '-';
+    *(u64 *)(p + 49) = span[0];
+    *(u64 *)(p + 57) = span[1];
+    *(u32 *)(p + 65) = '-' | '0' << 8 | '1' << 16 | '\r' << 24;
+    p[69] = '\n';
     /* at most one push per send: a second request in one message stops injection on the
-     * connection, and the later chunks of a large send are body */
-    o.ports = ports;
-    o.pushed = INJ_LEN;
-    /* the thread's slot from its previous injection is rewritten in place: an LRU update would
-     * allocate an element (and the tracer's delete free one) on every request */
+     * connection, and the later chunks of a large send are body. The thread's slot from its
+     * previous injection is rewritten in place: an LRU update would allocate an element (and the
+     * tracer's delete free one) on every request. */
     struct weft_inj_out *slot = weft_inj_out.lookup(&tid);
-    if (slot)
-        __builtin_memcpy(slot, &o, sizeof(o));
-    else
+    if (slot) {
+        __builtin_memcpy(slot->trace, trace, 32);
+        __builtin_memcpy(slot->span, span, 16);
+        slot->ports = ports;
+        slot->pushed = INJ_LEN;
+        slot->seq_taken = 0;
+    } else {
+        struct weft_inj_out o = {};
+        __builtin_memcpy(o.trace, trace, 32);
+        __builtin_memcpy(o.span, span, 16);
+        o.ports = ports;
+        o.pushed = INJ_LEN;
         weft_inj_out.update(&tid, &o);
+    }
     weft_stat(IST_INJECTED);
     return 1;
 }
@@ -306,14 +321,14 @@ int weft_sk_msg(struct sk_msg_md *msg)
         weft_stat(IST_GAVE_UP);
         return SK_PASS;
     }
-    s->at = -1;
-    s->rline = -1;
-    s->requests = 0;
-    s->seen = 0;
     u32 zero = 0;
     struct scan_ctx *c = scan_state.lookup(&zero);
     if (!c)
         return SK_PASS;
+    s->at = -1;
+    s->rline = -1;
+    s->requests = 0;
+    s->seen = 0;
     __builtin_memcpy(&c->key, &k, sizeof(k));
     c->pid_tgid = pid_tgid;
     c->n = n;

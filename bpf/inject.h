@@ -44,10 +44,17 @@ struct weft_inj_out {
     u8 pad[7];
 };
 
-static __always_inline char weft_hex(u32 nibble)
+/* Eight lower-case hex characters for the eight nibbles of r, nibble k in byte k (the order a
+ * little-endian store writes them in): each nibble spread into its own byte, then '0' added, and
+ * 'a' - '0' - 10 more where the nibble is 10 or above, all bytes at once. */
+static __always_inline u64 weft_hex8(u32 r)
 {
-    nibble &= 15;
-    return nibble < 10 ? '0' + nibble : 'a' + nibble - 10;
+    u64 x = r;
+    x = (x | (x << 16)) & 0x0000ffff0000ffffULL;
+    x = (x | (x << 8)) & 0x00ff00ff00ff00ffULL;
+    x = (x | (x << 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    u64 letters = ((x + 0x0606060606060606ULL) >> 4) & 0x0101010101010101ULL;
+    return x + 0x3030303030303030ULL + letters * ('a' - '0' - 10);
 }
 
 /* n hex characters (a multiple of 8) from bpf_get_prandom_u32. */
@@ -57,10 +64,8 @@ static __always_inline void weft_random_hex(char *out, u32 n)
     for (u32 i = 0; i < 32; i += 8) {
         if (i >= n)
             break;
-        u32 r = bpf_get_prandom_u32();
-#pragma unroll
-        for (u32 k = 0; k < 8; k++)
-            out[i + k] = weft_hex(r >> (4 * k));
+        u64 h = weft_hex8(bpf_get_prandom_u32());
+        __builtin_memcpy(out + i, &h, 8);
     }
 }
 
