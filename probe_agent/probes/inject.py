@@ -44,7 +44,7 @@ class InjectProbe:
     rings: Sequence[RingSpec] = ()
     stats_map = "stats"
     stat_names: Sequence[str] = ("injected", "had_traceparent", "root", "go", "gave_up", "push_failed",
-                                 "socks_full", "ambiguous")
+                                 "socks_full", "ambiguous", "fast_path")
 
     def __init__(self, cgroup_paths: Sequence[str] = ()) -> None:
         self.cgroup_paths = tuple(cgroup_paths)

@@ -7,7 +7,8 @@ calls the downstream once from its own thread and once from a thread it spawns, 
 what the downstream saw. `... pooled PORT DOWNSTREAM_PORT`: the same, but every call goes through
 one worker thread created during the first request (a pool). `... client PORT`: sends the test's
 requests (one send, several sends, one with its own traceparent, a POST body, keep-alive) and
-prints one JSON line per request; `once` / `twice` call the nested / pooled server.
+prints one JSON line per request; `edges PORT` sends the fast path's edge cases (one JSON line
+each); `once` / `twice` call the nested / pooled server.
 """
 
 from __future__ import annotations
@@ -129,6 +130,85 @@ def client(port: int) -> None:
     conn.close()
 
 
+def _edge_cases() -> list[tuple[str, str, int, list[bytes]]]:
+    """(name, expected, fast, sends) for the injector's 8-byte fast path and its hand-over to the
+    byte-wise scanner. expected: "inject" (one traceparent added), "own" (the request's own one,
+    alone) or "none" (nothing added); fast: how many of the sends the fast path settles (the
+    others go to the scanner). A name starting "ka-" follows the previous case on its connection,
+    so a wrongly skipped body would show up there."""
+    tp = OWN_TP.encode()
+    fake = b"GET /x HTTP/1.1\r\ntraceparent: 00-1\r\n\r\n\r\rx"
+    cases: list[tuple[str, str, int, list[bytes]]] = []
+    # every alignment of the header lines against the 8-byte words the fast path reads
+    for pad in range(8):
+        path = b"/align-" + b"p" * pad
+        cases += [
+            (f"align-{pad}", "inject", 1,
+             [b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"]),
+            (f"ka-align-{pad}", "inject", 1, [b"GET " + path + b"/next HTTP/1.1\r\nHost: t\r\n\r\n"]),
+            (f"own-align-{pad}", "own", 1,
+             [b"GET " + path + b" HTTP/1.1\r\nHost: t\r\ntraceparent: " + tp + b"\r\n\r\n"]),
+        ]
+    cases += [
+        ("mixed-case-own", "own", 1, [b"GET /mixed HTTP/1.1\r\nHost: t\r\nTrAcEpArEnT: " + tp + b"\r\n\r\n"]),
+        ("own-last-before-blank", "own", 1,
+         [b"GET /own-last HTTP/1.1\r\nHost: t\r\nAccept: */*\r\nTRACEPARENT:" + tp + b"\r\n\r\n"]),
+        # names that only start like the ones followed
+        ("lookalike-names", "inject", 1,
+         [b"GET /lookalike HTTP/1.1\r\nTraceparentx: 1\r\nTracepar: 2\r\nContent-Type: a\r\n"
+          b"Content-Lengthy: 7\r\nX-Traceparent: 3\r\nTransfer: 4\r\n\r\n"]),
+        ("ka-lookalike-names", "inject", 1, [b"GET /after-lookalike HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        ("mixed-case-length", "inject", 1,
+         [b"POST /mixed-length HTTP/1.1\r\ncOnTeNt-lEnGtH: 11\r\nHost: t\r\n\r\nhello world"]),
+        ("ka-mixed-case-length", "inject", 1, [b"GET /after-mixed-length HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        # a body that looks like a request with a traceparent: body bytes are never read as headers
+        ("body-like-head", "inject", 1,
+         [b"POST /body-like-head HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(fake), fake)]),
+        ("ka-body-like-head", "inject", 1, [b"GET /after-body-like-head HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        # the body in later sends than the head (those are skipped by arithmetic)
+        ("body-later", "inject", 1,
+         [b"POST /body-later HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n", b"hello", b"world"]),
+        ("ka-body-later", "inject", 1, [b"GET /after-body-later HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        # header names and values split across sends: the byte-wise scanner carries them over
+        ("name-across-sends", "own", 0,
+         [b"GET /name-across HTTP/1.1\r\nHost: t\r\nTrace", b"parent: " + tp + b"\r\n\r\n"]),
+        ("length-across-sends", "inject", 0,
+         [b"POST /length-across HTTP/1.1\r\nHost: t\r\nContent-Len", b"gth: 1", b"2\r\n\r\nhello world!"]),
+        ("ka-length-across-sends", "inject", 1, [b"GET /after-length-across HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        # a method longer than a word, and lengths outside the fast path's 1..6 digits
+        ("long-method", "inject", 0, [b"PROPFIND /long-method HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        ("long-length", "inject", 0,
+         [b"POST /long-length HTTP/1.1\r\nHost: t\r\nContent-Length: 0000005\r\n\r\nhello"]),
+        ("ka-long-length", "inject", 1, [b"GET /after-long-length HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        ("spaces-before-length", "inject", 0,
+         [b"POST /spaces HTTP/1.1\r\nHost: t\r\nContent-Length:   3\r\n\r\nabc"]),
+        ("ka-spaces-before-length", "inject", 1, [b"GET /after-spaces HTTP/1.1\r\nHost: t\r\n\r\n"]),
+        ("shortest", "inject", 1, [b"GET / HTTP/1.1\r\n\r\n"]),
+    ]
+    # a head ending exactly at the end of the bytes followed (1024); one whose blank line's LF is
+    # past them (the line still goes in, then the injector gives up on the connection, as it
+    # always did); one whose whole blank line is past them (nothing added)
+    for name, size, expected, fast in (("head-1024", 1024, "inject", 1), ("head-1025", 1025, "inject", 0),
+                                       ("head-1026", 1026, "none", 0)):
+        head = b"GET /" + name.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Pad: "
+        cases.append((name, expected, fast, [head + b"a" * (size - len(head) - 4) + b"\r\n\r\n"]))
+    return cases
+
+
+def edges(port: int) -> None:
+    """One JSON line per edge case: {case, expected, fast, sends, ...answer}."""
+    conn = None
+    for name, expected, fast, parts in _edge_cases():
+        if not name.startswith("ka-") and conn is not None:
+            conn.close()
+            conn = None
+        conn, answer = call(port, parts, conn)
+        print(json.dumps({"case": name, "expected": expected, "fast": fast, "sends": len(parts),
+                          "head_in_first": b"\r\n\r\n" in parts[0], **answer}), flush=True)
+    if conn is not None:
+        conn.close()
+
+
 class _JsonHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -203,6 +283,8 @@ if __name__ == "__main__":
         nested(args[0], args[1])
     elif mode == "client":
         client(args[0])
+    elif mode == "edges":
+        edges(args[0])
     elif mode == "pooled":
         pooled(args[0], args[1])
     elif mode == "once":

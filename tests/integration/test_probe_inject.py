@@ -94,13 +94,16 @@ class Procs:
 
 
 class Agent:
-    def __init__(self, tmp: Path, cgroup: Path, inject: bool) -> None:
+    def __init__(self, tmp: Path, cgroup: Path, inject: bool, metrics_port: int = 0) -> None:
         self.capture = tmp / f"agent-{'on' if inject else 'off'}.wcap"
         self.log = tmp / f"agent-{'on' if inject else 'off'}.log"
+        self.metrics_port = metrics_port
         argv = [sys.executable, "-c", "from weft.cli import main; main()", "agent", "--node", "inj",
                 "--capture", str(self.capture), "--cgroup", str(cgroup)]
         if inject:
             argv.append("--inject-headers")
+        if metrics_port:
+            argv += ["--metrics-port", str(metrics_port)]
         self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
         wait_until(lambda: "weft agent inj:" in self.log.read_text() or self.proc.poll() is not None,
                    90, "the agent's start-up line")
@@ -116,6 +119,16 @@ class Agent:
                 continue
             ids.update(int(line.split()[1]) for line in text.splitlines() if line.startswith("prog_id:"))
         return ids
+
+    def kernel_counter(self, probe: str, counter: str) -> float:
+        """A kernel-side counter as the agent's metrics endpoint shows it (read once a second)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as got:
+            text = got.read().decode()
+        for line in text.splitlines():
+            if (line.startswith("weft_agent_kernel_counter_total{") and f'probe="{probe}"' in line
+                    and f'counter="{counter}"' in line):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def stop(self) -> list[pb.HttpRequest]:
         self.proc.send_signal(signal.SIGINT)
@@ -367,3 +380,50 @@ def test_event_loop_overlap_gets_no_wrong_context(tmp_path: Path, cgroup: Path) 
     assert tp.split("-")[1] == alone_server.assigned_traceparent.split("-")[1]
     # the two overlapping requests did get their own ids, for export
     assert all(servers[p][0].assigned_traceparent for p in ("/overlap-1", "/overlap-2"))
+
+
+def test_fast_path_edges(tmp_path: Path, cgroup: Path) -> None:
+    """The injector reads a send's head 8 bytes at a time when the whole head is in it, and hands
+    anything else to its byte-wise scanner: either way, each request gets exactly one valid
+    traceparent (its own, if it has one) and every other byte arrives unchanged. Cases: header
+    lines at every alignment against the words read, names in mixed case and names that only
+    start like the ones followed, a body that looks like a head, bodies in later sends, names and
+    values split across sends, methods and lengths the fast path leaves to the scanner, heads
+    ending at, one byte past and two bytes past the bytes followed. The agent's fast_path counter
+    says which sends the fast path settled."""
+    procs = Procs(cgroup)
+    metrics_port = free_port()
+    agent = Agent(tmp_path, cgroup, inject=True, metrics_port=metrics_port)
+    try:
+        port = free_port()
+        procs.start(python("echo", str(port)))
+        rows = procs.run(python("edges", str(port)))
+        expected_fast = sum(row["fast"] for row in rows)
+        deadline = time.monotonic() + 15
+        while (fast := agent.kernel_counter("inject", "fast_path")) != expected_fast:
+            assert time.monotonic() < deadline, f"fast_path {fast}, expected {expected_fast}"
+            time.sleep(0.2)
+    finally:
+        procs.close()
+        events = agent.stop()
+    injected = {h.injected_traceparent for h in events if h.role == pb.ROLE_CLIENT and h.injected_traceparent}
+    for row in rows:
+        raw = row["raw"].encode("latin-1")
+        if row["expected"] == "inject":
+            (tp,) = row["tp"]
+            assert tp in injected, row["case"]
+            line = f"traceparent: {tp}\r\n".encode()
+            assert raw.count(line) == 1, row["case"]
+            rest = raw.replace(line, b"", 1)
+            assert hashlib.sha256(rest).hexdigest() == row["sent_sha"], row["case"]
+            # after the request line when the head came in one send, else before the blank line
+            at = raw.index(line)
+            if row["head_in_first"]:
+                assert at == rest.index(b"\r\n") + 2, row["case"]
+            else:
+                assert at == rest.index(b"\r\n\r\n") + 2, row["case"]
+            if row["sends"] == 1:
+                assert row["segs"] == 1, row["case"]
+        else:
+            assert row["tp"] == ([OWN_TP] if row["expected"] == "own" else []), row["case"]
+            assert row["sha"] == row["sent_sha"], row["case"]
