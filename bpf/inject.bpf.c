@@ -482,6 +482,23 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
     return 1;
 }
 
+#define APPLY_ALL 0xffffffffU
+
+/* The request's body has `after` more bytes past this send: the kernel passes them without
+ * running this program, and the connection is at a request boundary again (a body too long for
+ * one apply_bytes is counted down send by send instead). */
+static __always_inline void skip_body(struct sk_msg_md *msg, volatile struct msg_state *s, u64 after)
+{
+    u32 size = msg->size;
+    s->body_left = after;
+    s->st = after ? MS_BODY : MS_IDLE;
+    if (!after || after >= APPLY_ALL - size)
+        return;
+    bpf_msg_apply_bytes(msg, size + (u32)after);
+    s->body_left = 0;
+    s->st = MS_IDLE;
+}
+
 int weft_sk_msg(struct sk_msg_md *msg)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -501,18 +518,22 @@ int weft_sk_msg(struct sk_msg_md *msg)
         if (!s)
             return SK_PASS;
     }
-    if (s->st == MS_OFF)
+    /* Sends this program has nothing to do with are passed by the kernel without running it
+     * (bpf_msg_apply_bytes: the verdict holds for that many more bytes of the socket):
+     * everything on a connection it no longer follows, and the rest of a known-length body. */
+    if (s->st == MS_OFF) {
+        bpf_msg_apply_bytes(msg, APPLY_ALL);
         return SK_PASS;
+    }
     if (go_pids.lookup(&pid)) {
         s->st = MS_OFF;
         weft_stat(IST_GO);
+        bpf_msg_apply_bytes(msg, APPLY_ALL);
         return SK_PASS;
     }
     u32 size = msg->size;
     if (s->st == MS_BODY && s->body_left >= size) {
-        s->body_left -= size;
-        if (!s->body_left)
-            s->st = MS_IDLE;
+        skip_body(msg, s, s->body_left - size);
         return SK_PASS;
     }
     u32 n = size < WEFT_INJ_SCAN ? size : WEFT_INJ_SCAN;
@@ -531,6 +552,8 @@ int weft_sk_msg(struct sk_msg_md *msg)
         u64 cl = c->fast.cl;
         if (rest <= cl) { /* else a second request follows: the scanner settles that */
             weft_stat(IST_FAST);
+            /* a body that goes on in later sends is left to the BODY case above (skip_body
+             * here, after the injection, tripled the verifier's work) */
             s->body_left = cl - rest;
             s->st = s->body_left ? MS_BODY : MS_IDLE;
             if (c->fast.has_tp)

@@ -93,21 +93,29 @@ def call(port: int, parts: list[bytes],
     for part in parts:
         s.sendall(part)
     segs = _segs_out(s) - segs0
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(65536)
-        if not data:
-            raise ConnectionError("closed before the answer")
-        buf += data
-    head, body = buf.split(b"\r\n\r\n", 1)
-    n = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-             if line.lower().startswith(b"content-length"))
-    while len(body) < n:
-        body += s.recv(65536)
-    answer = json.loads(body)
+    (answer,), _ = read_answers(s, 1)
     answer["sent_sha"] = hashlib.sha256(b"".join(parts)).hexdigest()
     answer["segs"] = segs
     return s, answer
+
+
+def read_answers(s: socket.socket, count: int, buf: bytes = b"") -> tuple[list[dict[str, Any]], bytes]:
+    """`count` JSON answers from s, in order, and the bytes read past them."""
+    answers = []
+    for _ in range(count):
+        while b"\r\n\r\n" not in buf:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("closed before the answer")
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        n = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length"))
+        while len(buf) < n:
+            buf += s.recv(65536)
+        answers.append(json.loads(buf[:n]))
+        buf = buf[n:]
+    return answers, buf
 
 
 def client(port: int) -> None:
@@ -207,6 +215,22 @@ def edges(port: int) -> None:
                           "head_in_first": b"\r\n\r\n" in parts[0], **answer}), flush=True)
     if conn is not None:
         conn.close()
+    # the end of one request's body and the next request in one send: the injector stops
+    # following the body where it ends and reads the next head on its own. (The http tracer
+    # records no client request for a head that starts inside a send, so that injected id is
+    # not in the agent's events: "recorded" false, as before the fast path.)
+    head = b"POST /tail-first HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n"
+    nxt = b"GET /tail-next HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in (head, b"hello", b"world" + nxt):
+            s.sendall(part)
+        answers, _ = read_answers(s, 2)
+    for name, sent, answer, recorded in (("tail-first", head + b"helloworld", answers[0], True),
+                                         ("tail-next", nxt, answers[1], False)):
+        print(json.dumps({"case": name, "expected": "inject", "fast": 1, "sends": 3, "recorded": recorded,
+                          "head_in_first": True, "sent_sha": hashlib.sha256(sent).hexdigest(),
+                          "segs": 0, **answer}), flush=True)
 
 
 class _JsonHandler(http.server.BaseHTTPRequestHandler):
