@@ -289,15 +289,15 @@ static __always_inline int fast_content_length(void *data, void *end, u32 n, u32
     return 1;
 }
 
-/* 1 when the n-byte window starts with a whole request head (f: where its request line and head
- * end, whether it has a traceparent, its Content-Length); 0: decline. */
-static __always_inline int fast_head(struct sk_msg_md *msg, u32 size, volatile struct fast_ctx *f)
+/* 1 when the first `window` bytes (linear) start with a whole request head (f: where its request
+ * line and head end, whether it has a traceparent, its Content-Length); 0: decline. */
+static __always_inline int fast_head(struct sk_msg_md *msg, u32 window, volatile struct fast_ctx *f)
 {
     void *data = (void *)(long)msg->data;
     void *end = (void *)(long)msg->data_end;
-    if (size < 16 || data + 16 > end)
+    if (window < 16 || data + 16 > end)
         return 0;
-    f->n = size;
+    f->n = window;
     /* the method: 1..7 upper-case letters and a space, within the first word */
     u64 w = *(u64 *)data;
     u64 sp = zero_bytes(w ^ (ONES * ' '));
@@ -487,7 +487,8 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
 /* The request's body has `after` more bytes past this send: the kernel passes them without
  * running this program, and the connection is at a request boundary again (a body too long for
  * one apply_bytes is counted down send by send instead). */
-static __always_inline void skip_body(struct sk_msg_md *msg, volatile struct msg_state *s, u64 after)
+static __always_inline void skip_body(struct sk_msg_md *msg, volatile struct msg_state *s,
+                                      u64 after)
 {
     u32 size = msg->size;
     s->body_left = after;
@@ -538,7 +539,8 @@ int weft_sk_msg(struct sk_msg_md *msg)
     }
     u32 n = size < WEFT_INJ_SCAN ? size : WEFT_INJ_SCAN;
     /* a send of one buffer (the usual case) is linear already: no helper call for it */
-    if ((void *)(long)msg->data + n > (void *)(long)msg->data_end && bpf_msg_pull_data(msg, 0, n, 0)) {
+    if ((void *)(long)msg->data + n > (void *)(long)msg->data_end &&
+        bpf_msg_pull_data(msg, 0, n, 0)) {
         s->st = MS_OFF;
         weft_stat(IST_GAVE_UP);
         return SK_PASS;
