@@ -91,10 +91,8 @@ static __always_inline int go_spawned(struct pt_regs *ctx, u64 child_g)
     struct weft_go_proc *proc = weft_go_procs.lookup(&pid);
     if (!proc)
         return 0;
-    u64 m = 0, curg = 0;
-    bpf_probe_read_user(&m, sizeof(m), (void *)(ctx->r14 + proc->m_off));
-    if (m)
-        bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + proc->curg_off));
+    /* the go statement first: net/http starts a background reader per request, skipped
+     * before anything else is read */
     u64 gopc = 0;
     if (child_g)
         bpf_probe_read_user(&gopc, sizeof(gopc), (void *)(child_g + proc->gopc_off));
@@ -102,6 +100,10 @@ static __always_inline int go_spawned(struct pt_regs *ctx, u64 child_g)
         weft_stat(GST_SPAWN_SKIPPED);
         return 0;
     }
+    u64 m = 0, curg = 0;
+    bpf_probe_read_user(&m, sizeof(m), (void *)(ctx->r14 + proc->m_off));
+    if (m)
+        bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + proc->curg_off));
     struct go_spawn_rec r = {};
     r.parent_goid = goid_of(curg, proc);
     r.child_goid = goid_of(child_g, proc);
