@@ -1,32 +1,33 @@
 /* Weft HTTP tracer: TCP connections and HTTP/1.x requests on them, server and client side.
  *
- * Hooks (tracepoints and raw tracepoints only: this kernel has no kprobes and refuses fentry):
- *   syscalls:sys_{enter,exit}_{accept,accept4,connect}   new connections (role, fd -> sock)
- *   sock:sock_recv_length / sock:sock_send_length (raw)   every socket read / write: the sock, the
- *       byte count, and (from the task's saved registers) the syscall, fd and user buffer; the
- *       bytes are parsed here, in the calling thread, inside the call, with its TCP seq
- *   syscalls:sys_enter_{write,writev,sendto,sendmsg,sendfile64}   a write's entry time
- *   syscalls:sys_enter_close                              connection close (flushes requests)
- *   sock:inet_sock_set_state (raw)                        TCP CLOSE: the same, whoever closed it
- * Kernel needs: tracepoints, raw tracepoints, ring buffer (5.8+), task storage and
- * bpf_task_pt_regs (5.15+), bpf_probe_read_{user,kernel}, BTF for offsets; x86-64 syscall ABI.
+ * Hooks (raw tracepoints only: this kernel has no kprobes and refuses fentry; and no syscall
+ * tracepoint, whose mere presence sends every syscall of every process down the kernel's slow
+ * path, measured +75 ns a syscall here):
+ *   sock:sock_recv_length / sock:sock_send_length   every socket read / write: the sock, the byte
+ *       count, and (from the task's saved registers) the syscall and its user buffer; the bytes
+ *       are parsed here, in the calling thread, inside the call, with its TCP seq
+ *   tcp:tcp_sendmsg_locked                          a TCP send's start (writes are timed there)
+ *   sock:inet_sock_set_state                        handshakes (role), this end closing, CLOSE
+ * Kernel needs: raw tracepoints, ring buffer (5.8+), task storage and bpf_task_pt_regs (5.15+),
+ * the tcp_sendmsg_locked tracepoint (6.0+), bpf_probe_read_{user,kernel}, BTF for offsets;
+ * x86-64 syscall ABI.
  *
- * Cost model: one program run per socket read or write (nothing for other fds); a hash lookup
- * by sock, then the parser over the call's first bytes. Every write-type syscall also stores its
- * entry time (task storage). Records leave the kernel once per request (when its response is complete) and
- * once per connection open/close; never per syscall.
+ * Cost model: one program run per socket read or write (nothing for other fds or syscalls); a
+ * hash lookup by sock, then the parser over the call's first bytes; one task-storage write per
+ * TCP send. Records leave the kernel once per request (when its response is complete) and once
+ * per connection open/close; never per syscall.
  *
- * Connections are known from accept/connect (fd -> sock walked through task->files with BTF
- * offsets), or picked up on first use: an unknown TCP sock whose fd (from the registers) really
- * is it is adopted mid-stream (seen_mid_stream), its role read from the first bytes.
+ * Connections are known from their first send or receive by a traced task, with the role their
+ * handshake showed; one that existed before the agent started is picked up the same way, mid-
+ * stream (seen_mid_stream), its role read from the first bytes.
  *
  * Request state machine (per connection, requests in a 4-deep FIFO for pipelining). "Request
  * direction" is what the server reads / the client writes; "response direction" the reverse.
  *   request start: a chunk (or the bytes after a finished request) begins with an upper-case
  *     method token; start = time of that call, seq = tcp seq of the call's first byte + offset.
- *     Times: a read is timed once its bytes are in the user buffer, a write at its syscall's
- *     entry (its bytes can be read before it returns), so client start <= server start <=
- *     server end <= client end on one clock.
+ *     Times: a read is timed once its bytes are in the user buffer, a write when TCP starts
+ *     queueing it (its bytes can be read before the call returns), so client start <= server
+ *     start <= server end <= client end on one clock.
  *   request line: method and path; the path is cut at '?' or '#' here, so a query string
  *     never leaves the kernel. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
@@ -37,9 +38,8 @@
  *   body length. A request whose Host/traceparent come after the window loses them.
  *
  * -D constants (probe_agent/probes/http.py): WEFT_TCP_COPIED_SEQ_OFF, WEFT_TCP_WRITE_SEQ_OFF,
- *   WEFT_SKC_*_OFF (sock_common fields), WEFT_SK_PROTOCOL_OFF, WEFT_TASK_FILES_OFF,
- *   WEFT_FILES_FDT_OFF, WEFT_FDT_FD_OFF, WEFT_FILE_PRIVATE_OFF, WEFT_SOCKET_SK_OFF,
- *   WEFT_PT_REGS_{DX,R14,SP}_OFF, WEFT_NR_<syscall> (x86-64 numbers), WEFT_SCAN_MAX, WEFT_WINDOW.
+ *   WEFT_SKC_*_OFF (sock_common fields), WEFT_SK_PROTOCOL_OFF, WEFT_PT_REGS_{DX,R14,SP}_OFF,
+ *   WEFT_NR_<syscall> (x86-64 numbers), WEFT_SCAN_MAX, WEFT_WINDOW, WEFT_CONN_RING_PAGES.
  */
 #include "common.h"
 #include "inject.h" /* WEFT-INJECT: struct weft_tpctx (ids of header injection) */
@@ -48,8 +48,13 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define MSG_PEEK 2
-#define EINPROGRESS 115
+/* TCP states (include/net/tcp_states.h: a stable ABI, printed by the tracepoint) */
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_FIN_WAIT1 4
 #define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
 
 #define NQ 4 /* pipelined requests per connection */
 #define METHOD_MAX 8
@@ -179,10 +184,11 @@ struct sysargs {
     u64 orig_ax; /* syscall number */
 };
 
-/* Entry time of this thread's current write-type syscall (task storage: no hash, no LRU). */
+/* Start of this thread's current TCP send: the first tcp_sendmsg_locked of the call, before any
+ * of its bytes is queued (task storage: no hash, no LRU). Taken (ts = 0) at sock_send_length. */
 struct write_entry {
     u64 ts;
-    u64 nr;
+    u64 sk;
 };
 
 /* One call's bytes being parsed, handed from the syscall-exit program to the parser programs
@@ -205,11 +211,6 @@ struct parse_ctx {
     u8 inj_hdrs;  /* WEFT-INJECT: a server request's headers ended in this run */
 };
 
-struct pending_conn {
-    u32 fd;
-    u8 role;
-};
-
 BPF_HASH(cgroup_allow, u64, u8, 1024);
 BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
 /* HTTP records only, all of one size: the agent reads a span of them by arithmetic, with no
@@ -218,10 +219,11 @@ BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
 BPF_RINGBUF_OUTPUT(http_events, WEFT_RING_PAGES);
 BPF_RINGBUF_OUTPUT(conn_events, WEFT_CONN_RING_PAGES);
 /* LRU maps: entries of processes that died without close() age out instead of filling them. */
-BPF_TABLE("lru_hash", u64, u64, fds, WEFT_MAX_CONNS);                /* tgid<<32|fd -> sock */
 BPF_TABLE("lru_hash", u64, struct conn, conns, WEFT_MAX_CONNS);      /* sock -> state */
-BPF_TABLE("lru_hash", u32, struct pending_conn, pending, WEFT_MAX_TASKS); /* tid -> accept/connect */
-BPF_TASK_STORAGE(write_entry, struct write_entry);       /* set at sys_enter of writes */
+/* sock -> ROLE_SERVER / ROLE_CLIENT, from its TCP handshake (inet_sock_set_state), until its
+ * first send or receive makes it a connection (or it closes). */
+BPF_TABLE("lru_hash", u64, u8, roles, WEFT_MAX_CONNS);
+BPF_TASK_STORAGE(write_entry, struct write_entry);       /* set at tcp_sendmsg_locked */
 struct scan_buf {
     char b[2 * WEFT_SCAN_MAX]; /* twice: lets the verifier bound (offset + length) of gathers */
 };
@@ -306,34 +308,6 @@ static __always_inline void weft_stat(u32 idx)
 
 /* ---------- connections ---------- */
 
-static __always_inline u64 fd_key(u64 pid_tgid, u32 fd)
-{
-    return (pid_tgid & 0xFFFFFFFF00000000ULL) | fd;
-}
-
-static __always_inline char *sock_of_fd(u32 fd)
-{
-    char *task = (char *)bpf_get_current_task();
-    char *files = 0, *fdt = 0, **fdarr = 0, *file = 0, *socket = 0, *sk = 0;
-    bpf_probe_read_kernel(&files, sizeof(files), task + WEFT_TASK_FILES_OFF);
-    if (!files)
-        return 0;
-    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + WEFT_FILES_FDT_OFF);
-    if (!fdt)
-        return 0;
-    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + WEFT_FDT_FD_OFF);
-    if (!fdarr)
-        return 0;
-    bpf_probe_read_kernel(&file, sizeof(file), &fdarr[fd & 0xFFFFF]);
-    if (!file)
-        return 0;
-    bpf_probe_read_kernel(&socket, sizeof(socket), file + WEFT_FILE_PRIVATE_OFF);
-    if (!socket)
-        return 0;
-    bpf_probe_read_kernel(&sk, sizeof(sk), socket + WEFT_SOCKET_SK_OFF);
-    return sk;
-}
-
 /* Fill the tuple from the sock; returns 0 unless it is a TCP socket over IPv4/IPv6. */
 static __always_inline int read_tuple(char *sk, struct tuple *t)
 {
@@ -373,8 +347,8 @@ static __always_inline void emit_conn(struct conn *c, u16 kind, u64 pid_tgid, u6
     conn_events.ringbuf_submit(r, 0);
 }
 
-/* Register sock `sk` as fd `fd` of this process; returns its state or 0. */
-static __always_inline struct conn *add_conn(u64 pid_tgid, u32 fd, char *sk, u8 role, u8 mid_stream, u64 now)
+/* Register sock `sk`, used by this process; returns its state or 0. */
+static __always_inline struct conn *add_conn(u64 pid_tgid, char *sk, u8 role, u8 mid_stream, u64 now)
 {
     u32 zero = 0;
     struct conn *init = zero_conn.lookup(&zero);
@@ -389,12 +363,6 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, u32 fd, char *sk, u8 
     if (!c)
         return 0;
     if (!read_tuple(sk, &c->t)) {
-        conns.delete(&key);
-        return 0;
-    }
-    u64 fk = fd_key(pid_tgid, fd);
-    if (fds.update(&fk, &key)) {
-        weft_stat(HST_CONNS_FULL);
         conns.delete(&key);
         return 0;
     }
@@ -1004,11 +972,11 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
 /* ---------- socket sends and receives ----------
  * A call is handled in ONE program run, at sock_{send,recv}_length: that tracepoint fires inside
  * the syscall, in the calling thread, once the bytes have moved (a read's are in the user buffer,
- * a write's are still in it), and names the sock and the byte count. The fd, the user buffer and
- * the syscall number come from the task's saved user registers. Only a write's entry time needs a
- * second hook (sys_enter of write-type syscalls). Hooking each data syscall's
- * enter and exit instead costs three programs and three tracepoint dispatches per call. Calls
- * that are not plain syscalls (io_uring, sendmmsg, kernel sockets) are counted and left alone. */
+ * a write's are still in it), and names the sock and the byte count. The user buffer and the
+ * syscall number come from the task's saved user registers. Hooking each data syscall's enter
+ * and exit instead costs three programs and three tracepoint dispatches per call, and a tax on
+ * every other syscall. Calls that are not plain syscalls (io_uring, sendmmsg, kernel sockets)
+ * are counted and left alone. */
 
 /* The saved user registers of this task: 1 and *a filled, else 0. */
 static __always_inline int syscall_args(struct sysargs *a)
@@ -1121,9 +1089,9 @@ static __always_inline int same_ports(struct conn *c, char *sk)
     return c->t.lport == lport && c->t.rport == (u16)((dport >> 8) | (dport << 8));
 }
 
-/* A TCP sock this tracer does not know yet: a connection that existed before the agent started
- * (or was made in a way accept/connect did not show), picked up on first use with its role still
- * unknown. Only for traced tasks, and only when the call's fd really is that sock. */
+/* A TCP sock this tracer does not know yet, at its first send or receive by a traced task: a
+ * connection whose handshake was seen (its role is in `roles`), or one that existed before the
+ * agent started, picked up mid-stream with its role still unknown. */
 static __always_inline struct conn *adopt(u64 pid_tgid, char *sk, struct sysargs *a, u8 is_write,
                                           u64 now)
 {
@@ -1134,16 +1102,25 @@ static __always_inline struct conn *adopt(u64 pid_tgid, char *sk, struct sysargs
         return 0;
     if (weft_skip_task(pid_tgid) || !syscall_args(a) || call_kind(a->orig_ax, is_write) == CK_NONE)
         return 0;
-    if (sock_of_fd((u32)a->di) != sk)
-        return 0;
-    struct conn *c = add_conn(pid_tgid, (u32)a->di, sk, ROLE_UNKNOWN, 1, now);
-    if (c)
+    u64 key = (u64)sk;
+    u8 *hint = roles.lookup(&key);
+    u8 role = hint ? *hint : ROLE_UNKNOWN;
+    if (hint)
+        roles.delete(&key);
+    struct conn *c = add_conn(pid_tgid, sk, role, role == ROLE_UNKNOWN, now);
+    if (c && role == ROLE_UNKNOWN)
         weft_stat(HST_ADOPTED);
     return c;
 }
 
 static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags, u8 is_write)
 {
+    if (ret <= 0 && is_write) {
+        /* a failed send (EAGAIN...): its start must not pass for the next one's */
+        struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+        if (w)
+            w->ts = 0;
+    }
     if (ret <= 0 || (!is_write && (flags & MSG_PEEK))) /* peeked bytes are parsed when read */
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -1164,12 +1141,10 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     }
     u32 tgid = pid_tgid >> 32;
     if (c->owner != tgid) {
-        /* another process uses this connection (a passed or inherited fd: its close counts
-         * too), unless the process must not be traced or the entry outlived its sock */
+        /* another process uses this connection (a passed or inherited fd), unless it must not
+         * be traced or the entry outlived its sock */
         if (weft_skip_task(pid_tgid) || !same_ports(c, sk))
             return 0;
-        u64 fk = fd_key(pid_tgid, (u32)a.di);
-        fds.update(&fk, &key);
         c->owner = tgid;
         c->cgroup = bpf_get_current_cgroup_id();
     }
@@ -1179,7 +1154,9 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     u32 seq = 0, seq0;
     if (is_write) {
         struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-        now = (w && w->nr == a.orig_ax) ? w->ts : bpf_ktime_get_ns();
+        now = (w && w->sk == key && w->ts) ? w->ts : bpf_ktime_get_ns();
+        if (w)
+            w->ts = 0; /* taken: the next send on this thread starts afresh */
         c->bytes_sent += ret;
         c->last_write_ns = now;
         bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_WRITE_SEQ_OFF);
@@ -1282,39 +1259,6 @@ int weft_parse(void *ctx)
     return 0;
 }
 
-static __always_inline void on_new_conn(u8 role, long ret)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    struct pending_conn *p = pending.lookup(&tid);
-    if (!p)
-        return;
-    u32 fd = role == ROLE_SERVER ? (u32)ret : p->fd;
-    pending.delete(&tid);
-    if (role == ROLE_SERVER ? ret < 0 : (ret != 0 && ret != -EINPROGRESS))
-        return;
-    char *sk = sock_of_fd(fd);
-    if (sk)
-        add_conn(pid_tgid, fd, sk, role, 0, bpf_ktime_get_ns());
-}
-
-static __always_inline void on_new_conn_enter(u32 fd, u8 role)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (weft_skip_task(pid_tgid))
-        return;
-    u32 tid = (u32)pid_tgid;
-    struct pending_conn p = {.fd = fd, .role = role};
-    pending.update(&tid, &p);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) { on_new_conn_enter(0, ROLE_SERVER); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_new_conn(ROLE_SERVER, args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { on_new_conn_enter(0, ROLE_SERVER); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_new_conn(ROLE_SERVER, args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_connect) { on_new_conn_enter(args->fd, ROLE_CLIENT); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_connect) { on_new_conn(ROLE_CLIENT, args->ret); return 0; }
-
 RAW_TRACEPOINT_PROBE(sock_recv_length) /* (struct sock *sk, int ret, int flags) */
 {
     return on_sock_call(ctx, (char *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 0);
@@ -1325,25 +1269,20 @@ RAW_TRACEPOINT_PROBE(sock_send_length) /* (struct sock *sk, int ret, int flags) 
     return on_sock_call(ctx, (char *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 1);
 }
 
-/* The entry time of write-type syscalls, on any fd (whether it is a traced socket is known later,
- * at sock_send_length). Their own tracepoints, not raw sys_enter: that one would run for every
- * syscall of every process (futex, epoll_wait, nanosleep, ...). */
-static __always_inline int on_write_entry(u64 nr)
+/* A TCP send starts: tcp_sendmsg_locked fires before each chunk of a send is queued, in the
+ * sending thread. Its first firing in a call is the send's start (before the peer can have read
+ * any of it): writes are timed there. Only TCP sends run this; no syscall hook is needed. */
+RAW_TRACEPOINT_PROBE(tcp_sendmsg_locked) /* (const struct sock *sk, msghdr *msg, skb, int size_goal) */
 {
+    u64 sk = ctx->args[0];
     struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0,
                                                          BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (w) {
+    if (w && (!w->ts || w->sk != sk)) {
         w->ts = bpf_ktime_get_ns();
-        w->nr = nr;
+        w->sk = sk;
     }
     return 0;
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_write_entry(WEFT_NR_WRITE); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_write_entry(WEFT_NR_WRITEV); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_write_entry(WEFT_NR_SENDTO); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_write_entry(WEFT_NR_SENDMSG); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return on_write_entry(WEFT_NR_SENDFILE); }
 
 /* The connection is over: emit what it still holds and forget it. */
 static __always_inline void conn_done(u64 key)
@@ -1357,24 +1296,40 @@ static __always_inline void conn_done(u64 key)
     conns.delete(&key);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
-{
-    u64 fk = fd_key(bpf_get_current_pid_tgid(), args->fd);
-    u64 *skp = fds.lookup(&fk);
-    if (!skp)
-        return 0;
-    u64 key = *skp;
-    fds.delete(&fk);
-    conn_done(key);
-    return 0;
-}
-
-/* A TCP sock reached CLOSE: also when no close() of ours saw it (a process that exits, a reset,
- * a socket closed through another fd). Its state goes with it, so a later sock at the same
- * address starts clean. Fires in softirq too: nothing here reads the current task. */
+/* TCP state changes (every TCP sock on the host, a few per connection):
+ *   handshake done: SYN_RECV -> ESTABLISHED is an accepted (server) connection, -> SYN_SENT a
+ *     connected (client) one: the role waits in `roles` for the connection's first send/receive;
+ *   this end closes: -> FIN_WAIT1 / LAST_ACK in close() (not in shutdown(), after which the
+ *     response may still be read) or at exit: requests still open end, the connection is over;
+ *   -> CLOSE: the same, whoever closed it (a reset, the peer's FIN after ours), so that a later
+ *     sock at the same address starts clean.
+ * Fires in softirq too (handshakes, CLOSE): nothing here reads the current task then. */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state) /* (const struct sock *sk, int oldstate, int newstate) */
 {
-    if ((int)ctx->args[2] == TCP_CLOSE)
-        conn_done(ctx->args[0]);
+    u64 key = ctx->args[0];
+    int old = (int)ctx->args[1], new = (int)ctx->args[2];
+    if (new == TCP_SYN_SENT || (old == TCP_SYN_RECV && new == TCP_ESTABLISHED)) {
+        u8 role = new == TCP_SYN_SENT ? ROLE_CLIENT : ROLE_SERVER;
+        roles.update(&key, &role);
+    } else if (new == TCP_CLOSE) {
+        roles.delete(&key);
+        conn_done(key);
+    } else if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK) {
+        /* task context: only close(), shutdown() and exit get here */
+        struct sysargs a = {};
+        if (syscall_args(&a) && a.orig_ax == WEFT_NR_SHUTDOWN)
+            return 0;
+        u8 *hint = roles.lookup(&key);
+        if (hint) {
+            /* a connection that closes before carrying a byte (a health check, a port probe):
+             * still an open and a close of the traced process that held it */
+            u64 pid_tgid = bpf_get_current_pid_tgid();
+            u8 role = *hint;
+            roles.delete(&key);
+            if (!conns.lookup(&key) && !weft_skip_task(pid_tgid))
+                add_conn(pid_tgid, (char *)key, role, 0, bpf_ktime_get_ns());
+        }
+        conn_done(key);
+    }
     return 0;
 }

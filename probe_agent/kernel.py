@@ -28,15 +28,13 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 LOCKDOWN_PATH = Path("/sys/kernel/security/lockdown")
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
-_SYSCALLS = ("accept", "accept4", "connect", "close")
-_WRITES = ("write", "writev", "sendto", "sendmsg", "sendfile64")
 # Without these the agent cannot see connections, requests or thread lineage at all. Socket
 # reads and writes are seen at sock_{send,recv}_length (inside the call, with the sock: bytes and
-# TCP seq in one place); the enter tracepoints of write-type syscalls give a write's entry time.
+# TCP seq in one place), a send's start at tcp_sendmsg_locked, handshakes and closes at
+# inet_sock_set_state: no syscall tracepoint, so no syscall of any process takes the slow path.
 REQUIRED_TRACEPOINTS: tuple[str, ...] = (
-    *(f"syscalls:sys_{side}_{name}" for name in _SYSCALLS for side in ("enter", "exit")),
-    *(f"syscalls:sys_enter_{name}" for name in _WRITES),
     "sock:sock_send_length", "sock:sock_recv_length", "sock:inet_sock_set_state",
+    "tcp:tcp_sendmsg_locked",
     "sched:sched_process_fork", "sched:sched_process_exit", "sched:sched_process_exec",
 )
 OFFSETS: tuple[tuple[str, str], ...] = (("tcp_sock", "write_seq"), ("tcp_sock", "copied_seq"))

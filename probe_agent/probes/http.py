@@ -68,11 +68,6 @@ _OFFSETS = {
     "WEFT_SKC_V6_DADDR_OFF": ("sock_common", "skc_v6_daddr"),
     "WEFT_SKC_COOKIE_OFF": ("sock_common", "skc_cookie"),
     "WEFT_SK_PROTOCOL_OFF": ("sock", "sk_protocol"),
-    "WEFT_TASK_FILES_OFF": ("task_struct", "files"),
-    "WEFT_FILES_FDT_OFF": ("files_struct", "fdt"),
-    "WEFT_FDT_FD_OFF": ("fdtable", "fd"),
-    "WEFT_FILE_PRIVATE_OFF": ("file", "private_data"),
-    "WEFT_SOCKET_SK_OFF": ("socket", "sk"),
     "WEFT_PT_REGS_R14_OFF": ("pt_regs", "r14"),  # Go: the current g (goroutine ids)
     "WEFT_PT_REGS_SP_OFF": ("pt_regs", "sp"),
     "WEFT_PT_REGS_DX_OFF": ("pt_regs", "dx"),  # a socket call's syscall: dx, si, di, orig_ax
@@ -83,7 +78,7 @@ _SYSARGS = ("dx", "si", "di", "orig_ax")
 # x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl: a stable ABI) of the calls
 # whose bytes the tracer parses; the agent's other parts are x86-64 only too (Go R14, ring reader).
 SYSCALLS_X86_64 = {"READ": 0, "WRITE": 1, "READV": 19, "WRITEV": 20, "SENDFILE": 40, "SENDTO": 44,
-                   "RECVFROM": 45, "SENDMSG": 46, "RECVMSG": 47}
+                   "RECVFROM": 45, "SENDMSG": 46, "RECVMSG": 47, "SHUTDOWN": 48}
 
 
 class HttpProbe:
