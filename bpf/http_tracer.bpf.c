@@ -1148,8 +1148,8 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         c->owner = tgid;
         c->cgroup = bpf_get_current_cgroup_id();
     }
-    /* times: a read once its bytes are there, a write at its syscall's entry (its bytes may be
-     * read before it returns), so client start <= server start <= server end <= client end */
+    /* times: a read once its bytes are there, a write when TCP started queueing it (its bytes
+     * may be read before it returns), so client start <= server start <= server end <= client end */
     u64 now;
     u32 seq = 0, seq0;
     if (is_write) {
