@@ -147,6 +147,8 @@ class Engine:
         self._seq_window = c.seq_window_ns
         self._timeout = c.node_timeout_ns
         self._due_w = c.due_bucket_ns
+        self._max_depth = c.max_trace_depth
+        self._max_duration = c.max_trace_duration_ns   # a property: computed once, read per span
         # Decoded request records by span id. They never change once written (HSetNX of a
         # deterministic value), so the cache stays valid across frames and workers.
         self._ev_cache: dict[str, Http] = {}
@@ -305,7 +307,7 @@ class Engine:
             stats.duplicates += 1
             return
         role = rec.role
-        if invalid_http(h):
+        if (role != ROLE_SERVER and role != ROLE_CLIENT) or rec.end < rec.start:  # invalid_http(h)
             stats.invalid += 1
             return
         stats.http += 1
@@ -722,7 +724,7 @@ class Engine:
     def _trace_below(self, sid: str, rec: Http, parent_tr: str) -> str:
         trace, depth_s, root_start_s, _ = parent_tr.split("|")
         depth, root_start = int(depth_s) + 1, int(root_start_s)
-        if depth > self.config.max_trace_depth or rec.start - root_start > self.config.max_trace_duration_ns:
+        if depth > self._max_depth or rec.start - root_start > self._max_duration:
             self.stats.trace_splits += 1
             return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|split"
         return f"{trace}|{depth}|{root_start}|"
@@ -731,18 +733,19 @@ class Engine:
         """Give decided spans their trace when their parent's is known; emit what got one."""
         if not decided:
             return []
-        parents: dict[str, tuple[str, str]] = {}
+        parents: dict[str, tuple[str, str, str]] = {}     # sid → (its key, parent, ext)
         for sid in decided:
-            parent, _, ext, _ = txn.hash(span_key(sid))["dec"].split("|")
-            parents[sid] = (parent, ext)
+            key = span_key(sid)
+            parent, _, ext, _ = txn.hash(key)["dec"].split("|")
+            parents[sid] = (key, parent, ext)
         if txn.batched:
-            txn.load(hashes=[span_key(p) for p, ext in parents.values() if p and not ext])
+            txn.load(hashes=[span_key(p) for _, p, ext in parents.values() if p and not ext])
         traced: list[str] = []
         for sid in decided:
             rec = self._event(txn, sid)
             if rec is None:
                 continue
-            parent, ext = parents[sid]
+            key, parent, ext = parents[sid]
             own = parse_traceparent(rec.injected) if rec.injected else None  # WEFT-INJECT
             if not parent:
                 root_trace = own[0] if own else root_trace_id(bytes.fromhex(sid)).hex()
@@ -758,7 +761,7 @@ class Engine:
                 tr = self._trace_below(sid, rec, parent_tr)
             if parent and rec.injected:
                 self._check_own_trace(rec, tr)
-            txn.hsetnx(span_key(sid), "tr", tr)
+            txn.hsetnx(key, "tr", tr)
             traced.append(sid)
         frontier = traced
         while frontier:
@@ -766,10 +769,11 @@ class Engine:
                 txn.load(sets=[kids_key(p) for p in frontier])
             pairs: list[tuple[str, str]] = []
             for p in frontier:
-                kids = txn.members(kids_key(p))
+                kids_of = kids_key(p)
+                kids = txn.members(kids_of)
                 if kids:
                     pairs.extend((p, k) for k in sorted(kids))
-                    txn.delete(kids_key(p))      # finished: later children find p's trace
+                    txn.delete(kids_of)          # finished: later children find p's trace
             if not pairs:
                 break
             if txn.batched:
