@@ -12,6 +12,17 @@ so Redis orders them exactly as Python orders str, as the contract requires.
 `namespace` is put in front of every key (outside the hash tag, so slots do not change): a
 replay or a test can stitch into the same Redis without meeting the live state.
 
+Node-local sorted sets (keys tagged `{p:<node>|<pid>}`: a node's thread lineage and the
+requests each of its threads served) are read again and again — a pool thread's lane at every
+call it makes — so a worker keeps a mirror of those it reads (`_NodeMirror`) and answers floor
+queries from it. Redis stays the only source of truth (every write still goes there), and the
+mirror answers only what it provably holds: each `apply` that touches a node's keys bumps that
+node's counter in `w:{g}:nodever` in the same Lua call, and a worker trusts its copy of a
+node only while the counter equals the value its own last write (or read) returned — another
+worker's write, a flush or an expiry makes it read Redis again. While the frame lease is held
+no other worker writes, so the counters are checked once per lease acquisition (without a lease,
+at every load). Not on Cluster (the counters would live in another slot than the keys).
+
 `FrameLease` serialises whole engine frames across workers. The engine's merges are safe in any
 order, but a frame also *reads* shared state (the watermarks, the due schedule, a parent's
 trace, the emitted flag) and then writes based on it; two workers doing that at once could both
@@ -24,10 +35,12 @@ worker's (fencing), so a worker that stalled past the expiry cannot write with s
 from __future__ import annotations
 
 import binascii
+import bisect
 import json
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -46,6 +59,7 @@ from stitcher.engine.store import (
     SRem,
     StateStore,
     ZAdd,
+    keys_of,
 )
 from weft.config import RedisSettings
 
@@ -117,6 +131,15 @@ end
 for key in pairs(touched) do
   redis.call('EXPIRE', key, ttl)
 end
+if ARGV[4] ~= nil and ARGV[4] ~= '' then
+  -- node groups written by this batch: bump their counters (see _NodeMirror)
+  local vkey = KEYS[tonumber(ARGV[4])]
+  local groups = cjson.decode(ARGV[5])
+  local out = {}
+  for j = 1, #groups do out[j] = redis.call('HINCRBY', vkey, groups[j], 1) end
+  redis.call('EXPIRE', vkey, ttl)
+  return out
+end
 return 1
 """
 
@@ -132,6 +155,7 @@ def hash_slot(key: str) -> int:
 
 
 _OP_TYPES = (HMin, HMax, HSetNX, SAdd, ZAdd, SRem, Delete)
+NODE_VERSIONS = "w:{g}:nodever"   # hash: node → counter of batches that wrote its keys
 
 
 # One round trip for a whole `load`: KEYS = hashes, then sets, then floor keys; ARGV[1] = number
@@ -148,6 +172,45 @@ for i = 1, #KEYS do
     out[i] = redis.call('ZREVRANGEBYSCORE', KEYS[i], ARGV[i - nh - ns + 3], '-inf',
                         'WITHSCORES', 'LIMIT', 0, limit)
   end
+end
+return out
+"""
+
+# `load` with the node mirror on: KEYS = hashes, sets, plain floors, tail floors, then the
+# version hash when groups are read. ARGV[1..7] = counts (hashes, sets, floor limit, plain
+# floors, tail floors, largest tail, groups), then the plain floors' scores, the tail floors'
+# scores, the group names. A tail floor returns {above, pttl, entries}: every entry above the
+# score plus the floor itself, highest first ({-1, -1, floor} when more than `largest tail` lie
+# above: then it is only a floor). The last reply is HMGET of the groups' counters.
+_MIRROR_LOAD_LUA = """
+local nh, ns, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local np, nt, tmax, ng = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local out = {}
+for i = 1, nh + ns + np + nt do
+  local k = KEYS[i]
+  if i <= nh then
+    out[i] = redis.call('HGETALL', k)
+  elseif i <= nh + ns then
+    out[i] = redis.call('SMEMBERS', k)
+  else
+    local s = ARGV[7 + i - nh - ns]
+    if i <= nh + ns + np then
+      out[i] = redis.call('ZREVRANGEBYSCORE', k, s, '-inf', 'WITHSCORES', 'LIMIT', 0, limit)
+    else
+      local above = redis.call('ZCOUNT', k, '(' .. s, '+inf')
+      if above > tmax then
+        out[i] = {-1, -1, redis.call('ZREVRANGEBYSCORE', k, s, '-inf', 'WITHSCORES', 'LIMIT', 0, limit)}
+      else
+        out[i] = {above, redis.call('PTTL', k),
+                  redis.call('ZREVRANGEBYSCORE', k, '+inf', '-inf', 'WITHSCORES', 'LIMIT', 0, above + limit)}
+      end
+    end
+  end
+end
+if ng > 0 then
+  local groups = {}
+  for j = 1, ng do groups[j] = ARGV[7 + np + nt + j] end
+  out[nh + ns + np + nt + 1] = redis.call('HMGET', KEYS[nh + ns + np + nt + 1], unpack(groups))
 end
 return out
 """
@@ -176,14 +239,19 @@ class LeaseLostError(RuntimeError):
     """This worker's frame lease expired while it worked; the frame must be done again."""
 
 
-def _encode(ops: Sequence[Op], ttl_s: int, ns: str = "",
-            fence: tuple[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV for one script call running `ops` in order."""
+def _encode(ops: Sequence[Op], ttl_s: int, ns: str = "", fence: tuple[str, str] | None = None,
+            versions: tuple[str, Sequence[str]] | None = None) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV for one script call running `ops` in order (and bumping the counters of
+    `versions` = (counter hash key, groups))."""
     index: dict[str, int] = {}
     token = ""
     if fence is not None:
         index[fence[0]] = 1
         token = fence[1]
+    version_args = ["", ""]
+    if versions is not None and versions[1]:
+        index[versions[0]] = len(index) + 1
+        version_args = [str(index[versions[0]]), json.dumps(list(versions[1]), ensure_ascii=False)]
     records: list[str | int] = []
     add = records.extend
     for op in ops:  # a few hundred ops per frame: exact type tests and casts, no isinstance
@@ -200,7 +268,8 @@ def _encode(ops: Sequence[Op], ttl_s: int, ns: str = "",
             add(("z", k, str(z.score), z.member))
         else:
             add(("d", k))
-    return list(index), [str(ttl_s), token, json.dumps(records, ensure_ascii=False, separators=(",", ":"))]
+    return list(index), [str(ttl_s), token, json.dumps(records, ensure_ascii=False, separators=(",", ":")),
+                         *version_args]
 
 
 def _pairs(reply: Any) -> dict[str, str]:
@@ -218,15 +287,147 @@ def _scored(reply: Any) -> list[tuple[int, str]]:
     return list(zip(map(int, reply[1::2]), reply[::2], strict=True))
 
 
+_TOP = "\U0010ffff"           # sorts after every member: (score, _TOP) ends a score's run
+MIRROR_TAIL_MAX = 256         # entries above a floor worth copying to start a key's mirror
+MIRROR_KEEP = 64              # newest entries kept per mirrored key (older floors read Redis)
+MIRROR_MAX_KEYS = 100_000     # then the whole mirror is dropped (it is only a cache)
+
+
+def node_group(key: str) -> str | None:
+    """The node whose mirror may hold `key` ("w:{p:<node>|<pid>}..." → node), else None."""
+    if not key.startswith("w:{p:"):
+        return None
+    end = key.find("}", 5)
+    if end < 0:
+        return None
+    node, bar, _ = key[5:end].rpartition("|")
+    return node if bar else None
+
+
+class _Mirrored:
+    """One mirrored sorted set: `entries` ascending by (score, member) hold every entry Redis
+    has with score >= `lo` (all of them when `lo` is None); trusted until `deadline` (monotonic
+    seconds), well inside the TTL Redis gave the key at its last write we know of."""
+
+    __slots__ = ("deadline", "entries", "lo")
+
+    def __init__(self, entries: list[tuple[int, str]], lo: int | None, deadline: float) -> None:
+        self.entries = entries
+        self.lo = lo
+        self.deadline = deadline
+
+
+class _NodeMirror:
+    """Worker-local copies of node-local sorted sets, grouped by node, each group valid only
+    while the node's counter in Redis is the one last seen here (see the module docstring)."""
+
+    def __init__(self, ttl_s: int) -> None:
+        self.keep_s = ttl_s / 2
+        self.keys: dict[str, _Mirrored] = {}
+        self.by_group: dict[str, set[str]] = {}
+        self.known: dict[str, int] = {}        # node → counter value this mirror is valid for
+
+    def floor(self, key: str, score: int, now: float) -> list[tuple[int, str]] | None:
+        """The floor query's answer if the mirror provably holds it, else None."""
+        m = self.keys.get(key)
+        if m is None:
+            return None
+        if now >= m.deadline:
+            self._forget(key)
+            return None
+        entries = m.entries
+        end = bisect.bisect_right(entries, (score, _TOP))
+        if m.lo is not None and end - bisect.bisect_left(entries, (m.lo, "")) < FLOOR_LIMIT:
+            return None
+        return entries[max(0, end - FLOOR_LIMIT):end][::-1]
+
+    def install(self, key: str, group: str, above: int, pttl_ms: int,
+                highest_first: list[tuple[int, str]], now: float) -> None:
+        """A tail read: every entry above the floor's score, then the floor (highest first)."""
+        if len(self.keys) >= MIRROR_MAX_KEYS:
+            self.clear()
+        complete = len(highest_first) < above + FLOOR_LIMIT
+        # a tie at the last entry may continue past the LIMIT: trust only scores above it
+        lo = None if complete else highest_first[-1][0] + 1
+        life = self.keep_s if pttl_ms < 0 else min(self.keep_s, pttl_ms / 2000)
+        self.keys[key] = _Mirrored(highest_first[::-1], lo, now + life)
+        self.by_group.setdefault(group, set()).add(key)
+        self._trim(key)
+
+    def wrote(self, ops: Iterable[Op], now: float) -> None:
+        """Ops that Redis applied: the mirrored keys among them get the same changes."""
+        keys = self.keys
+        for op in ops:
+            m = keys.get(op.key)
+            if m is None:
+                continue
+            if now >= m.deadline:     # Redis may have expired it before this write recreated it
+                self._forget(op.key)
+                continue
+            if type(op) is ZAdd:
+                entry = (op.score, op.member)
+                entries = m.entries
+                if not entries or entry > entries[-1]:
+                    entries.append(entry)
+                else:
+                    i = bisect.bisect_left(entries, entry)
+                    if i == len(entries) or entries[i] != entry:
+                        entries.insert(i, entry)
+                m.deadline = now + self.keep_s
+                if len(entries) > 2 * MIRROR_KEEP:
+                    self._trim(op.key)
+            elif type(op) is Delete:
+                m.entries, m.lo, m.deadline = [], None, now + self.keep_s
+            else:  # not a sorted-set op: the key is not what the mirror thought
+                self._forget(op.key)
+
+    def seen(self, group: str, value: int) -> None:
+        """Redis says the group's counter is `value` (a read)."""
+        if self.known.get(group) != value:
+            self.drop(group)
+            self.known[group] = value
+
+    def bumped(self, group: str, value: int) -> None:
+        """Our own write moved the group's counter to `value`: still ours if nobody else
+        wrote in between."""
+        if self.known.get(group) != value - 1:
+            self.drop(group)
+        self.known[group] = value
+
+    def drop(self, group: str) -> None:
+        for key in self.by_group.pop(group, ()):
+            self.keys.pop(key, None)
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.by_group.clear()
+
+    def _forget(self, key: str) -> None:
+        self.keys.pop(key, None)
+        group = node_group(key)
+        if group is not None:
+            self.by_group.get(group, set()).discard(key)
+
+    def _trim(self, key: str) -> None:
+        m = self.keys[key]
+        if len(m.entries) > MIRROR_KEEP:
+            del m.entries[:-MIRROR_KEEP]
+            # entries tied with the oldest kept one may be gone: trust only scores above it
+            m.lo = max(m.lo or 0, m.entries[0][0] + 1)
+
+
 class RedisStateStore(StateStore):
     """StateStore on Redis (standalone, or Cluster with `cluster=True`)."""
 
     def __init__(self, settings: RedisSettings, *, cluster: bool = False, namespace: str = "",
-                 client: Any | None = None, timeout_s: float = 10.0) -> None:
+                 client: Any | None = None, timeout_s: float = 10.0, mirror: bool = True) -> None:
+        """`mirror`: keep the node mirror (module docstring); never on Cluster."""
         self.settings = settings
         self.cluster = cluster
         self.namespace = namespace
-        self.fence: tuple[str, str] | None = None  # (lease key, token) while a FrameLease is held
+        self._mirror = _NodeMirror(settings.key_ttl_s) if mirror and not cluster else None
+        self._verified = False     # the mirror's counters were checked under the current fence
+        self.fence = None          # (lease key, token) while a FrameLease is held
         # A hung server must surface as an error (then retry / exit), never as a silent hang.
         timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         if client is not None:
@@ -240,16 +441,30 @@ class RedisStateStore(StateStore):
                                                **settings.client_kwargs(), **timeouts)
         self._sha = self._redis.script_load(_APPLY_LUA)
         self._load_sha = self._redis.script_load(_LOAD_LUA)
+        self._mirror_sha = self._redis.script_load(_MIRROR_LOAD_LUA) if self._mirror else ""
         self.batches = 0
+        self.mirror_hits = 0       # floor queries the mirror answered
 
     @property
     def client(self) -> Any:
         return self._redis
 
+    @property
+    def fence(self) -> tuple[str, str] | None:
+        return self._fence
+
+    @fence.setter
+    def fence(self, value: tuple[str, str] | None) -> None:
+        # a new holding of the lease (or none): other workers may have written since
+        self._fence = value
+        self._verified = False
+
     def load(self, hashes: Sequence[str] = (), sets: Sequence[str] = (),
              floors: Sequence[Floor] = ()) -> Snapshot:
         if not hashes and not sets and not floors:
             return Snapshot()
+        if self._mirror is not None:
+            return self._load_mirrored(hashes, sets, floors, self._mirror)
         ns = self.namespace
         if self.cluster:  # keys of many slots: one pipeline of plain reads
             replies = self._load_pipelined(hashes, sets, floors)
@@ -266,6 +481,71 @@ class RedisStateStore(StateStore):
                         sets={k: set(v) for k, v in zip(sets, replies[n:m], strict=True)},
                         floors={f: _scored(v) for f, v in zip(floors, replies[m:], strict=True)})
 
+    def _load_mirrored(self, hashes: Sequence[str], sets: Sequence[str], floors: Sequence[Floor],
+                       mirror: _NodeMirror) -> Snapshot:
+        """`load` with node-local floors answered by the mirror where it provably can, the
+        others read with their tails (to start mirroring them), the counters checked."""
+        now = time.monotonic()
+        served: dict[Floor, list[tuple[int, str]]] = {}
+        served_group: dict[Floor, str] = {}
+        plain: list[Floor] = []
+        tails: list[tuple[Floor, str]] = []
+        for f in floors:
+            group = node_group(f[0])
+            if group is None:
+                plain.append(f)
+                continue
+            answer = mirror.floor(f[0], f[1], now)
+            if answer is None:
+                tails.append((f, group))
+            else:
+                served[f] = answer
+                served_group[f] = group
+        verify = self._fence is None or not self._verified
+        groups = set(mirror.known) if verify else set()
+        groups.update(g for _, g in tails if g not in mirror.known)
+        if not hashes and not sets and not plain and not tails and not groups:
+            self.mirror_hits += len(served)
+            return Snapshot(floors=served)
+        ns = self.namespace
+        names = sorted(groups)
+        keys = [ns + k for k in hashes] + [ns + k for k in sets] + [ns + k for k, _ in plain] + \
+            [ns + f[0] for f, _ in tails] + ([ns + NODE_VERSIONS] if names else [])
+        args = [len(hashes), len(sets), FLOOR_LIMIT, len(plain), len(tails), MIRROR_TAIL_MAX, len(names),
+                *(score for _, score in plain), *(f[1] for f, _ in tails), *names]
+        try:
+            replies = self._redis.evalsha(self._mirror_sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._mirror_sha = self._redis.script_load(_MIRROR_LOAD_LUA)
+            replies = self._redis.evalsha(self._mirror_sha, len(keys), *keys, *args)
+        n, m, p = len(hashes), len(hashes) + len(sets), len(hashes) + len(sets) + len(plain)
+        out = Snapshot(hashes={k: _pairs(v) for k, v in zip(hashes, replies[:n], strict=True)},
+                       sets={k: set(v) for k, v in zip(sets, replies[n:m], strict=True)},
+                       floors={f: _scored(v) for f, v in zip(plain, replies[m:p], strict=True)})
+        dropped: set[str] = set()
+        if names:
+            for group, value in zip(names, replies[p + len(tails)], strict=True):
+                if mirror.known.get(group) != int(value or 0):
+                    dropped.add(group)
+                mirror.seen(group, int(value or 0))
+        if verify:
+            self._verified = True
+        for (f, group), (above, pttl, flat) in zip(tails, replies[p:p + len(tails)], strict=True):
+            entries = _scored(flat)
+            if above < 0:      # too much above the floor to copy: a plain floor
+                out.floors[f] = entries
+                continue
+            out.floors[f] = entries[above:above + FLOOR_LIMIT]
+            mirror.install(f[0], group, above, pttl, entries, now)
+        stale = [f for f, group in served_group.items() if group in dropped]
+        for f in stale:
+            del served[f]
+        self.mirror_hits += len(served)
+        out.floors.update(served)
+        if stale:     # another worker wrote those nodes since: read them again
+            out.floors.update(self._load_mirrored((), (), stale, mirror).floors)
+        return out
+
     def _load_pipelined(self, hashes: Sequence[str], sets: Sequence[str],
                         floors: Sequence[Floor]) -> list[Any]:
         ns = self.namespace
@@ -279,9 +559,10 @@ class RedisStateStore(StateStore):
         replies: list[Any] = pipe.execute()
         return replies
 
-    def _calls(self, ops: Sequence[Op]) -> list[tuple[list[str], list[str]]]:
+    def _calls(self, ops: Sequence[Op], groups: Sequence[str] = ()) -> list[tuple[list[str], list[str]]]:
         if not self.cluster:
-            return [_encode(ops, self.settings.key_ttl_s, self.namespace, self.fence)]
+            return [_encode(ops, self.settings.key_ttl_s, self.namespace, self.fence,
+                            (self.namespace + NODE_VERSIONS, groups))]
         by_slot: dict[int, list[Op]] = {}
         for op in ops:  # ops on one key stay in order; different slots are independent keys
             by_slot.setdefault(hash_slot(op.key), []).append(op)
@@ -293,29 +574,41 @@ class RedisStateStore(StateStore):
         for op in ops:
             if type(op) not in _OP_TYPES:
                 raise TypeError(f"unknown store op {op!r}")
-        calls = self._calls(ops)
+        mirror = self._mirror
+        groups: list[str] = []
+        if mirror is not None:
+            groups = sorted({g for g in map(node_group, keys_of(ops)) if g is not None})
+        calls = self._calls(ops, groups)
         try:
-            self._run(calls)
-        except redis.ResponseError as exc:
-            if not isinstance(exc, NoScriptError):
-                if "WEFTLEASE" in str(exc):
-                    raise LeaseLostError(str(exc)) from None
-                raise
-            # Redis restarted or SCRIPT FLUSH: load again and re-run; every op is idempotent.
-            logger.info("Lua merge script missing on the server; loading it again")
-            self._sha = self._redis.script_load(_APPLY_LUA)
-            self._run(calls)
+            try:
+                replies = self._run(calls)
+            except redis.ResponseError as exc:
+                if not isinstance(exc, NoScriptError):
+                    if "WEFTLEASE" in str(exc):
+                        raise LeaseLostError(str(exc)) from None
+                    raise
+                # Redis restarted or SCRIPT FLUSH: load again and re-run; every op is idempotent.
+                logger.info("Lua merge script missing on the server; loading it again")
+                self._sha = self._redis.script_load(_APPLY_LUA)
+                replies = self._run(calls)
+        except Exception:
+            self._verified = False    # whether it was applied is unknown: check the counters
+            raise
+        if mirror is not None and groups:
+            mirror.wrote(ops, time.monotonic())
+            for group, value in zip(groups, replies[0], strict=True):
+                mirror.bumped(group, int(value))
         self.batches += 1
 
-    def _run(self, calls: list[tuple[list[str], list[str]]]) -> None:
+    def _run(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
         if len(calls) == 1:
             keys, argv = calls[0]
-            self._redis.evalsha(self._sha, len(keys), *keys, *argv)
-            return
+            return [self._redis.evalsha(self._sha, len(keys), *keys, *argv)]
         pipe = self._redis.pipeline(transaction=False)
         for keys, argv in calls:
             pipe.evalsha(self._sha, len(keys), *keys, *argv)
-        pipe.execute()
+        replies: list[Any] = pipe.execute()
+        return replies
 
     def lease(self, name: str = "frames", *, ttl_ms: int = 10_000) -> FrameLease:
         return FrameLease(self, name, ttl_ms=ttl_ms)

@@ -20,6 +20,9 @@ numeric order in every backend.
     w:{q:<seq>}              set   client requests with that TCP seq
     w:{c:<canon tuple>}      zset  score start µs, "<start>|<end>|<sid>|<has seq>": client requests
     w:{i:<span id hex>}      set   client requests that injected that traceparent span id
+
+(The Redis store adds `w:{g}:nodever`, node → count of batches that wrote its `{p:...}` keys,
+for its worker-local mirror; the engine never reads it.)
 """
 
 from __future__ import annotations

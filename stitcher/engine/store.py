@@ -110,7 +110,8 @@ class Snapshot:
 
 class StateStore(ABC):
     """Where the engine keeps join state between frames. Implementations must not interpret
-    keys or values beyond the op semantics above."""
+    keys or values beyond the op semantics above (the Redis store groups keys by hash tag for
+    Cluster slots and for its node mirror; neither changes what a load returns)."""
 
     @abstractmethod
     def load(self, hashes: Sequence[str] = (), sets: Sequence[str] = (),
