@@ -94,6 +94,8 @@ class BatchedMemoryStateStore(StateStore):
     (Redis): it runs the engine's batched path (preloads, read-your-writes, one batch per
     frame) without a server. Loads return copies, like a network store."""
 
+    fresh_loads = True
+
     def __init__(self) -> None:
         self.inner = MemoryStateStore()
         self.loads = 0

@@ -419,6 +419,8 @@ class _NodeMirror:
 class RedisStateStore(StateStore):
     """StateStore on Redis (standalone, or Cluster with `cluster=True`)."""
 
+    fresh_loads = True    # every reply is parsed into new dicts and sets
+
     def __init__(self, settings: RedisSettings, *, cluster: bool = False, namespace: str = "",
                  client: Any | None = None, timeout_s: float = 10.0, mirror: bool = True) -> None:
         """`mirror`: keep the node mirror (module docstring); never on Cluster."""
@@ -480,6 +482,15 @@ class RedisStateStore(StateStore):
         return Snapshot(hashes={k: _pairs(v) for k, v in zip(hashes, replies[:n], strict=True)},
                         sets={k: set(v) for k, v in zip(sets, replies[n:m], strict=True)},
                         floors={f: _scored(v) for f, v in zip(floors, replies[m:], strict=True)})
+
+    def local_floor(self, key: str, score: int) -> list[tuple[int, str]] | None:
+        # only under a lease whose holding was checked: then no other worker writes meanwhile
+        if self._mirror is None or self._fence is None or not self._verified:
+            return None
+        answer = self._mirror.floor(key, score, time.monotonic())
+        if answer is not None:
+            self.mirror_hits += 1
+        return answer
 
     def _load_mirrored(self, hashes: Sequence[str], sets: Sequence[str], floors: Sequence[Floor],
                        mirror: _NodeMirror) -> Snapshot:

@@ -113,6 +113,10 @@ class StateStore(ABC):
     keys or values beyond the op semantics above (the Redis store groups keys by hash tag for
     Cluster slots and for its node mirror; neither changes what a load returns)."""
 
+    # True when every `load` returns hashes and sets made for that call alone (a network store
+    # parses fresh ones): the caller may then write into them instead of copying them first.
+    fresh_loads = False
+
     @abstractmethod
     def load(self, hashes: Sequence[str] = (), sets: Sequence[str] = (),
              floors: Sequence[Floor] = ()) -> Snapshot:
@@ -122,6 +126,11 @@ class StateStore(ABC):
     @abstractmethod
     def apply(self, ops: Sequence[Op]) -> None:
         """Apply one batch of merge ops; raise on failure (the caller must not ack the frame)."""
+
+    def local_floor(self, key: str, score: int) -> list[tuple[int, str]] | None:
+        """A floor query's answer if the store has it at hand without a round trip (as a
+        `load` would return it now), else None; default: never."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; default: nothing to release."""

@@ -3,7 +3,7 @@
 The engine reads what it needs in a few batched `load` calls, and every write is recorded as a
 merge op (sent to the store in one batch by `commit`) and also applied to the cached copy so
 later reads in the same frame see it. Loaded containers are the store's (read-only by contract):
-they are copied on the first write.
+they are copied on the first write, unless the store made them for this load (`fresh_loads`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class Txn:
         h.update(snap.hashes)
         s.update(snap.sets)
         f.update(snap.floors)
+        if self.store.fresh_loads:      # ours to write into: no copy on the first write
+            self._owned.update(snap.hashes)
+            self._owned.update(snap.sets)
         if self._pending:
             for key in (*need_h, *need_s):
                 for op in self._pending.pop(key, ()):
@@ -90,10 +93,14 @@ class Txn:
         """Highest (score, member) entries with score ≤ `score`, this batch's writes included."""
         found = self._f.get((key, score))
         if found is None:
-            if self.only_loaded:
+            found = self.store.local_floor(key, score)
+            if found is not None:
+                self._f[(key, score)] = found
+            elif self.only_loaded:
                 raise NotLoadedError((key, score))
-            self.load(floors=((key, score),))
-            found = self._f[(key, score)]
+            else:
+                self.load(floors=((key, score),))
+                found = self._f[(key, score)]
         if key not in self._z:
             return found
         # A batch of frames writes many entries to one lane or tuple key, and the sweep asks

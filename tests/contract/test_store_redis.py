@@ -210,6 +210,9 @@ def test_node_mirror_answers_exactly_what_redis_holds(redis_settings: RedisSetti
             got = store.load(floors=floors).floors
             want = truth.load(floors=floors).floors
             assert got == want
+            for f in floors:   # what the Txn asks between loads, without a round trip
+                local = store.local_floor(*f)
+                assert local is None or local == want[f]
         else:
             truth.client.flushdb()
     # both workers write every node here, so the copies are dropped often: still, some answer
