@@ -288,8 +288,11 @@ def _scored(reply: Any) -> list[tuple[int, str]]:
 
 
 _TOP = "\U0010ffff"           # sorts after every member: (score, _TOP) ends a score's run
-MIRROR_TAIL_MAX = 256         # entries above a floor worth copying to start a key's mirror
-MIRROR_KEEP = 64              # newest entries kept per mirrored key (older floors read Redis)
+# Entries above a floor worth copying to start a key's mirror: a worker catching up ingests
+# far ahead of the floors it decides by, and copying a long tail per read would cost more
+# than the plain floor it replaces (then it stays a plain floor).
+MIRROR_TAIL_MAX = 48
+MIRROR_KEEP = 1024            # newest entries kept per mirrored key (older floors read Redis)
 MIRROR_MAX_KEYS = 100_000     # then the whole mirror is dropped (it is only a cache)
 
 
@@ -319,13 +322,16 @@ class _Mirrored:
 
 class _NodeMirror:
     """Worker-local copies of node-local sorted sets, grouped by node, each group valid only
-    while the node's counter in Redis is the one last seen here (see the module docstring)."""
+    while the node's counter in Redis is the one last seen here (see the module docstring).
+    Only the nodes this worker wrote last (`mine`: the ones whose frames it ingests) are
+    copied; another worker's nodes keep changing under it, so their floors stay plain reads."""
 
     def __init__(self, ttl_s: int) -> None:
         self.keep_s = ttl_s / 2
         self.keys: dict[str, _Mirrored] = {}
         self.by_group: dict[str, set[str]] = {}
         self.known: dict[str, int] = {}        # node → counter value this mirror is valid for
+        self.mine: set[str] = set()            # nodes whose counter our own write set last
 
     def floor(self, key: str, score: int, now: float) -> list[tuple[int, str]] | None:
         """The floor query's answer if the mirror provably holds it, else None."""
@@ -385,14 +391,16 @@ class _NodeMirror:
         """Redis says the group's counter is `value` (a read)."""
         if self.known.get(group) != value:
             self.drop(group)
+            self.mine.discard(group)
             self.known[group] = value
 
     def bumped(self, group: str, value: int) -> None:
         """Our own write moved the group's counter to `value`: still ours if nobody else
         wrote in between."""
         if self.known.get(group) != value - 1:
-            self.drop(group)
+            self.drop(group)     # someone else wrote in between: copies from before are stale
         self.known[group] = value
+        self.mine.add(group)
 
     def drop(self, group: str) -> None:
         for key in self.by_group.pop(group, ()):
@@ -503,7 +511,7 @@ class RedisStateStore(StateStore):
         tails: list[tuple[Floor, str]] = []
         for f in floors:
             group = node_group(f[0])
-            if group is None:
+            if group is None or group not in mirror.mine:
                 plain.append(f)
                 continue
             answer = mirror.floor(f[0], f[1], now)

@@ -15,6 +15,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from stitcher import state_redis
 from stitcher.engine.store import Delete, HMax, HMin, HSetNX, Op, SAdd, SRem, StateStore, ZAdd
 from stitcher.state_memory import MemoryStateStore
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore, hash_slot
@@ -175,10 +176,14 @@ def _hold(lease: FrameLease) -> None:
 
 
 @pytest.mark.parametrize("leased", [False, True], ids=["no-lease", "lease"])
-def test_node_mirror_answers_exactly_what_redis_holds(redis_settings: RedisSettings, leased: bool) -> None:
+def test_node_mirror_answers_exactly_what_redis_holds(redis_settings: RedisSettings, leased: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers write and read node-local sorted sets (the mirrored kind) in random turns,
     with ties, deletes, other node-local keys and (without a lease) a flush of Redis; every
-    floor either worker reads equals what a store without a mirror reads from Redis."""
+    floor either worker reads equals what a store without a mirror reads from Redis. Small
+    copy limits make trimming and too-long tails happen here too."""
+    monkeypatch.setattr(state_redis, "MIRROR_KEEP", 12)
+    monkeypatch.setattr(state_redis, "MIRROR_TAIL_MAX", 20)
     rng = random.Random(11 if leased else 5)
     workers = [RedisStateStore(redis_settings), RedisStateStore(redis_settings)]
     truth = RedisStateStore(redis_settings, mirror=False)
