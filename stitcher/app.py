@@ -24,6 +24,9 @@ Rules from DESIGN.md ("Facts about the stream pieces here") and how they are kep
   most `batch_wait_ms` for more): one store load and one `apply` per batch instead of per
   frame. take_events acks a batch only after the agent's body returned, so the rules above
   hold per batch; the engine's output does not depend on how the stream is cut.
+* Each worker mirrors the node-local sorted sets (thread lineage, per-thread requests) it
+  reads; Redis stays the source of truth and a copy is used only while no other worker wrote
+  that node (`stitch.node_mirror`, see stitcher/state_redis.py).
 * concurrency=1, no Tables, no group_by, web server off, session timeout configurable (~10 s
   in tests, where Tansu takes about half of it to form a group).
 """
@@ -81,6 +84,7 @@ class StitchSettings:
     hold_timeouts_lag: int = 20           # unread messages on a partition that hold node timeouts
     batch_frames: int = 32                # frames handed to the engine together (one load, one apply)
     batch_wait_ms: int = 20               # longest wait for a batch to fill (adds to export latency)
+    node_mirror: bool = True              # keep node-local sorted sets read from Redis in memory
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -498,7 +502,8 @@ def _highwater(app: Any, tp: Any) -> int | None:
 
 def build_stitcher(kafka: KafkaSettings, redis_settings: RedisSettings, settings: StitchSettings,
                    engine_config: EngineConfig, sink: SpanSink) -> FrameStitcher:
-    store = RedisStateStore(redis_settings, cluster=settings.cluster, namespace=settings.namespace)
+    store = RedisStateStore(redis_settings, cluster=settings.cluster, namespace=settings.namespace,
+                            mirror=settings.node_mirror)
     engine = Engine(store, engine_config)
     engine.outbox = True
     if settings.expected():
