@@ -16,12 +16,14 @@ Node-local sorted sets (keys tagged `{p:<node>|<pid>}`: a node's thread lineage 
 requests each of its threads served) are read again and again — a pool thread's lane at every
 call it makes — so a worker keeps a mirror of those it reads (`_NodeMirror`) and answers floor
 queries from it. Redis stays the only source of truth (every write still goes there), and the
-mirror answers only what it provably holds: each `apply` that touches a node's keys bumps that
-node's counter in `w:{g}:nodever` in the same Lua call, and a worker trusts its copy of a
-node only while the counter equals the value its own last write (or read) returned — another
-worker's write, a flush or an expiry makes it read Redis again. While the frame lease is held
-no other worker writes, so the counters are checked once per lease acquisition (without a lease,
-at every load). Not on Cluster (the counters would live in another slot than the keys).
+mirror answers only what it provably holds: each `apply` that touches a node's keys stamps that
+node in `w:{g}:nodever` with a value unique to that write (and reads the stamp it replaces) in
+the same Lua call, and a worker trusts its copy of a node only while the stamp is still the one
+its own last write put there — another worker's write, a flush or an expiry makes it read Redis
+again (unique stamps, not counters: a counter reset by a flush could count back to a value seen
+before). While the frame lease is held no other worker writes, so the stamps are checked once
+per lease acquisition (without a lease, at every load). Not on Cluster (the stamps would live in
+another slot than the keys).
 
 `FrameLease` serialises whole engine frames across workers. The engine's merges are safe in any
 order, but a frame also *reads* shared state (the watermarks, the due schedule, a parent's
@@ -132,11 +134,14 @@ for key in pairs(touched) do
   redis.call('EXPIRE', key, ttl)
 end
 if ARGV[4] ~= nil and ARGV[4] ~= '' then
-  -- node groups written by this batch: bump their counters (see _NodeMirror)
+  -- node groups written by this batch: stamp them, return the stamps replaced (see _NodeMirror)
   local vkey = KEYS[tonumber(ARGV[4])]
   local groups = cjson.decode(ARGV[5])
   local out = {}
-  for j = 1, #groups do out[j] = redis.call('HINCRBY', vkey, groups[j], 1) end
+  for j = 1, #groups do
+    out[j] = redis.call('HGET', vkey, groups[j])
+    redis.call('HSET', vkey, groups[j], ARGV[6])
+  end
   redis.call('EXPIRE', vkey, ttl)
   return out
 end
@@ -155,7 +160,7 @@ def hash_slot(key: str) -> int:
 
 
 _OP_TYPES = (HMin, HMax, HSetNX, SAdd, ZAdd, SRem, Delete)
-NODE_VERSIONS = "w:{g}:nodever"   # hash: node → counter of batches that wrote its keys
+NODE_VERSIONS = "w:{g}:nodever"   # hash: node → stamp of the last batch that wrote its keys
 
 
 # One round trip for a whole `load`: KEYS = hashes, then sets, then floor keys; ARGV[1] = number
@@ -181,7 +186,7 @@ return out
 # floors, tail floors, largest tail, groups), then the plain floors' scores, the tail floors'
 # scores, the group names. A tail floor returns {above, pttl, entries}: every entry above the
 # score plus the floor itself, highest first ({-1, -1, floor} when more than `largest tail` lie
-# above: then it is only a floor). The last reply is HMGET of the groups' counters.
+# above: then it is only a floor). The last reply is HMGET of the groups' stamps.
 _MIRROR_LOAD_LUA = """
 local nh, ns, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local np, nt, tmax, ng = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -240,18 +245,19 @@ class LeaseLostError(RuntimeError):
 
 
 def _encode(ops: Sequence[Op], ttl_s: int, ns: str = "", fence: tuple[str, str] | None = None,
-            versions: tuple[str, Sequence[str]] | None = None) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV for one script call running `ops` in order (and bumping the counters of
-    `versions` = (counter hash key, groups))."""
+            versions: tuple[str, Sequence[str], str] | None = None) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV for one script call running `ops` in order (and stamping the groups of
+    `versions` = (stamp hash key, groups, stamp))."""
     index: dict[str, int] = {}
     token = ""
     if fence is not None:
         index[fence[0]] = 1
         token = fence[1]
-    version_args = ["", ""]
+    version_args = ["", "", ""]
     if versions is not None and versions[1]:
         index[versions[0]] = len(index) + 1
-        version_args = [str(index[versions[0]]), json.dumps(list(versions[1]), ensure_ascii=False)]
+        version_args = [str(index[versions[0]]), json.dumps(list(versions[1]), ensure_ascii=False),
+                        versions[2]]
     records: list[str | int] = []
     add = records.extend
     for op in ops:  # a few hundred ops per frame: exact type tests and casts, no isinstance
@@ -322,7 +328,7 @@ class _Mirrored:
 
 class _NodeMirror:
     """Worker-local copies of node-local sorted sets, grouped by node, each group valid only
-    while the node's counter in Redis is the one last seen here (see the module docstring).
+    while the node's stamp in Redis is the one last seen here (see the module docstring).
     Only the nodes this worker wrote last (`mine`: the ones whose frames it ingests) are
     copied; another worker's nodes keep changing under it, so their floors stay plain reads."""
 
@@ -330,8 +336,8 @@ class _NodeMirror:
         self.keep_s = ttl_s / 2
         self.keys: dict[str, _Mirrored] = {}
         self.by_group: dict[str, set[str]] = {}
-        self.known: dict[str, int] = {}        # node → counter value this mirror is valid for
-        self.mine: set[str] = set()            # nodes whose counter our own write set last
+        self.known: dict[str, str | None] = {}  # node → the stamp this mirror is valid for
+        self.mine: set[str] = set()            # nodes whose stamp our own write set last
 
     def floor(self, key: str, score: int, now: float) -> list[tuple[int, str]] | None:
         """The floor query's answer if the mirror provably holds it, else None."""
@@ -387,19 +393,19 @@ class _NodeMirror:
             else:  # not a sorted-set op: the key is not what the mirror thought
                 self._forget(op.key)
 
-    def seen(self, group: str, value: int) -> None:
-        """Redis says the group's counter is `value` (a read)."""
+    def seen(self, group: str, value: str | None) -> None:
+        """Redis says the group's stamp is `value` (a read)."""
         if self.known.get(group) != value:
             self.drop(group)
             self.mine.discard(group)
             self.known[group] = value
 
-    def bumped(self, group: str, value: int) -> None:
-        """Our own write moved the group's counter to `value`: still ours if nobody else
-        wrote in between."""
-        if self.known.get(group) != value - 1:
+    def stamped(self, group: str, replaced: str | None, stamp: str) -> None:
+        """Our own write stamped the group, replacing `replaced`: the copies stay good if that
+        was the stamp they were good for (nobody else wrote in between)."""
+        if self.known.get(group) != replaced:
             self.drop(group)     # someone else wrote in between: copies from before are stale
-        self.known[group] = value
+        self.known[group] = stamp
         self.mine.add(group)
 
     def drop(self, group: str) -> None:
@@ -436,7 +442,9 @@ class RedisStateStore(StateStore):
         self.cluster = cluster
         self.namespace = namespace
         self._mirror = _NodeMirror(settings.key_ttl_s) if mirror and not cluster else None
-        self._verified = False     # the mirror's counters were checked under the current fence
+        self._verified = False     # the mirror's stamps were checked under the current fence
+        self._stamp_prefix = uuid.uuid4().hex[:16]
+        self._stamps = 0
         self.fence = None          # (lease key, token) while a FrameLease is held
         # A hung server must surface as an error (then retry / exit), never as a silent hang.
         timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
@@ -503,7 +511,7 @@ class RedisStateStore(StateStore):
     def _load_mirrored(self, hashes: Sequence[str], sets: Sequence[str], floors: Sequence[Floor],
                        mirror: _NodeMirror) -> Snapshot:
         """`load` with node-local floors answered by the mirror where it provably can, the
-        others read with their tails (to start mirroring them), the counters checked."""
+        others read with their tails (to start mirroring them), the stamps checked."""
         now = time.monotonic()
         served: dict[Floor, list[tuple[int, str]]] = {}
         served_group: dict[Floor, str] = {}
@@ -521,7 +529,8 @@ class RedisStateStore(StateStore):
                 served[f] = answer
                 served_group[f] = group
         verify = self._fence is None or not self._verified
-        groups = set(mirror.known) if verify else set()
+        # only the nodes copies are kept for need checking (a few per worker, not every node)
+        groups = set(mirror.mine) if verify else set()
         groups.update(g for _, g in tails if g not in mirror.known)
         if not hashes and not sets and not plain and not tails and not groups:
             self.mirror_hits += len(served)
@@ -544,9 +553,9 @@ class RedisStateStore(StateStore):
         dropped: set[str] = set()
         if names:
             for group, value in zip(names, replies[p + len(tails)], strict=True):
-                if mirror.known.get(group) != int(value or 0):
+                if mirror.known.get(group) != value:
                     dropped.add(group)
-                mirror.seen(group, int(value or 0))
+                mirror.seen(group, value)
         if verify:
             self._verified = True
         for (f, group), (above, pttl, flat) in zip(tails, replies[p:p + len(tails)], strict=True):
@@ -555,7 +564,8 @@ class RedisStateStore(StateStore):
                 out.floors[f] = entries
                 continue
             out.floors[f] = entries[above:above + FLOOR_LIMIT]
-            mirror.install(f[0], group, above, pttl, entries, now)
+            if group in mirror.mine:   # else another worker wrote it meanwhile: no copy
+                mirror.install(f[0], group, above, pttl, entries, now)
         stale = [f for f, group in served_group.items() if group in dropped]
         for f in stale:
             del served[f]
@@ -578,10 +588,11 @@ class RedisStateStore(StateStore):
         replies: list[Any] = pipe.execute()
         return replies
 
-    def _calls(self, ops: Sequence[Op], groups: Sequence[str] = ()) -> list[tuple[list[str], list[str]]]:
+    def _calls(self, ops: Sequence[Op], groups: Sequence[str] = (),
+               stamp: str = "") -> list[tuple[list[str], list[str]]]:
         if not self.cluster:
             return [_encode(ops, self.settings.key_ttl_s, self.namespace, self.fence,
-                            (self.namespace + NODE_VERSIONS, groups))]
+                            (self.namespace + NODE_VERSIONS, groups, stamp))]
         by_slot: dict[int, list[Op]] = {}
         for op in ops:  # ops on one key stay in order; different slots are independent keys
             by_slot.setdefault(hash_slot(op.key), []).append(op)
@@ -597,7 +608,11 @@ class RedisStateStore(StateStore):
         groups: list[str] = []
         if mirror is not None:
             groups = sorted({g for g in map(node_group, keys_of(ops)) if g is not None})
-        calls = self._calls(ops, groups)
+        stamp = ""
+        if groups:
+            self._stamps += 1
+            stamp = f"{self._stamp_prefix}:{self._stamps}"
+        calls = self._calls(ops, groups, stamp)
         try:
             try:
                 replies = self._run(calls)
@@ -611,12 +626,12 @@ class RedisStateStore(StateStore):
                 self._sha = self._redis.script_load(_APPLY_LUA)
                 replies = self._run(calls)
         except Exception:
-            self._verified = False    # whether it was applied is unknown: check the counters
+            self._verified = False    # whether it was applied is unknown: check the stamps
             raise
         if mirror is not None and groups:
             mirror.wrote(ops, time.monotonic())
-            for group, value in zip(groups, replies[0], strict=True):
-                mirror.bumped(group, int(value))
+            for group, replaced in zip(groups, replies[0], strict=True):
+                mirror.stamped(group, replaced, stamp)
         self.batches += 1
 
     def _run(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:

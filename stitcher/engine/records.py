@@ -21,7 +21,7 @@ numeric order in every backend.
     w:{c:<canon tuple>}      zset  score start µs, "<start>|<end>|<sid>|<has seq>": client requests
     w:{i:<span id hex>}      set   client requests that injected that traceparent span id
 
-(The Redis store adds `w:{g}:nodever`, node → count of batches that wrote its `{p:...}` keys,
+(The Redis store adds `w:{g}:nodever`, node → a stamp of the last batch that wrote its `{p:...}` keys,
 for its worker-local mirror; the engine never reads it.)
 """
 

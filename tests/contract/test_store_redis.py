@@ -175,16 +175,17 @@ def _hold(lease: FrameLease) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("seed", [5, 21])   # 21: a flush, then another worker writes the node again
 @pytest.mark.parametrize("leased", [False, True], ids=["no-lease", "lease"])
 def test_node_mirror_answers_exactly_what_redis_holds(redis_settings: RedisSettings, leased: bool,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers write and read node-local sorted sets (the mirrored kind) in random turns,
     with ties, deletes, other node-local keys and (without a lease) a flush of Redis; every
     floor either worker reads equals what a store without a mirror reads from Redis. Small
     copy limits make trimming and too-long tails happen here too."""
     monkeypatch.setattr(state_redis, "MIRROR_KEEP", 12)
     monkeypatch.setattr(state_redis, "MIRROR_TAIL_MAX", 20)
-    rng = random.Random(11 if leased else 5)
+    rng = random.Random(seed)
     workers = [RedisStateStore(redis_settings), RedisStateStore(redis_settings)]
     truth = RedisStateStore(redis_settings, mirror=False)
     leases = [w.lease(ttl_ms=10_000) for w in workers]
