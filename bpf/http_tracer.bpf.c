@@ -70,6 +70,7 @@ enum http_stat {
     HST_UNPARSED = 3, /* socket calls outside read/write/send/recv syscalls (io_uring, mmsg) */
     HST_ADOPTED = 4,
     HST_NOT_HTTP = 5,
+    HST_CONN_RING_FULL = 6, /* connection records lost (their own ring was full) */
 };
 
 enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
@@ -335,7 +336,7 @@ static __always_inline void emit_conn(struct conn *c, u16 kind, u64 pid_tgid, u6
 {
     struct conn_rec *r = conn_events.ringbuf_reserve(sizeof(struct conn_rec));
     if (!r) {
-        weft_stat(HST_RING_FULL);
+        weft_stat(HST_CONN_RING_FULL);
         return;
     }
     weft_fill_hdr(&r->hdr, kind, pid_tgid, now);
@@ -362,7 +363,9 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, char *sk, u8 role, u8
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
-    if (!read_tuple(sk, &c->t)) {
+    if (!read_tuple(sk, &c->t) || !c->t.lport) {
+        /* not TCP, or already closed (unhashed, port 0: a read of what a reset left queued): an
+         * entry now would never see its CLOSE */
         conns.delete(&key);
         return 0;
     }
@@ -1080,12 +1083,14 @@ static __always_inline void check_chunked_end(struct conn *c, u64 buf, u64 bufle
         response_done(c, now);
 }
 
-/* The sock still has the ports recorded for it (a freed sock's address can come back). */
+/* The sock still has the ports recorded for it: a freed sock's address comes back for new
+ * connections, and an entry whose CLOSE was never seen must not lend them its state. One read:
+ * skc_dport and skc_num are adjacent (skc_portpair; the loader checks). */
 static __always_inline int same_ports(struct conn *c, char *sk)
 {
-    u16 dport = 0, lport = 0;
-    bpf_probe_read_kernel(&dport, 2, sk + WEFT_SKC_DPORT_OFF);
-    bpf_probe_read_kernel(&lport, 2, sk + WEFT_SKC_NUM_OFF);
+    u32 pair = 0;
+    bpf_probe_read_kernel(&pair, 4, sk + WEFT_SKC_DPORT_OFF);
+    u16 dport = (u16)pair, lport = (u16)(pair >> 16);
     return c->t.lport == lport && c->t.rport == (u16)((dport >> 8) | (dport << 8));
 }
 
@@ -1127,6 +1132,10 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     u64 key = (u64)sk;
     struct sysargs a = {};
     struct conn *c = conns.lookup(&key);
+    if (c && !same_ports(c, sk)) {
+        conns.delete(&key); /* another connection's state (see same_ports) */
+        c = 0;
+    }
     if (!c) {
         c = adopt(pid_tgid, sk, &a, is_write, bpf_ktime_get_ns());
         if (!c)
@@ -1142,8 +1151,8 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     u32 tgid = pid_tgid >> 32;
     if (c->owner != tgid) {
         /* another process uses this connection (a passed or inherited fd), unless it must not
-         * be traced or the entry outlived its sock */
-        if (weft_skip_task(pid_tgid) || !same_ports(c, sk))
+         * be traced */
+        if (weft_skip_task(pid_tgid))
             return 0;
         c->owner = tgid;
         c->cgroup = bpf_get_current_cgroup_id();

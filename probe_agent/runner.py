@@ -584,6 +584,18 @@ class AgentRunner:
                                loaded.probe.name, lost)
         self.metrics.process_cache.set(len(self.processes))
 
+    def _log_kernel_counters(self) -> None:
+        """At exit, one line per probe with its non-zero kernel counters (drops and their causes)."""
+        for loaded in self._loaded:
+            try:
+                totals = read_stats(loaded.bpf, loaded.probe)
+            except Exception as exc:
+                logger.debug("probe %s: cannot read counters: %s", loaded.probe.name, exc)
+                continue
+            shown = ", ".join(f"{name} {n}" for name, n in totals.items() if n)
+            if shown:
+                logger.info("probe %s kernel counters: %s", loaded.probe.name, shown)
+
     def read_map_fill(self) -> None:
         for loaded in self._loaded:
             for name in loaded.hash_maps:
@@ -622,6 +634,7 @@ class AgentRunner:
                 logger.warning("stopping with records still unread in the ring buffers")
                 break
         self.read_kernel_counters()
+        self._log_kernel_counters()
         frames += self.framer.flush(now, self.clock.to_unix_ns(self._drained_at))
         for frame in frames:
             self.sink.send(frame)

@@ -91,7 +91,8 @@ class HttpProbe:
         RingSpec("conn_events", decode_conn, passthrough=CONN_KINDS),
     )
     stats_map = "stats"
-    stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http")
+    stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http",
+                                 "conn_ring_full")
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         if platform.machine() != "x86_64":
@@ -101,6 +102,9 @@ class HttpProbe:
                  f"-DWEFT_CONN_RING_PAGES={conn_pages}"]
         for name, (struct_name, member) in _OFFSETS.items():
             flags.append(f"-D{name}={member_offset(struct_name, member, ctx.btf_path)}")
+        dport, num = (member_offset("sock_common", m, ctx.btf_path) for m in ("skc_dport", "skc_num"))
+        if num != dport + 2:
+            raise ValueError(f"sock_common skc_dport/skc_num are not adjacent here ({dport}, {num})")
         regs = [member_offset("pt_regs", r, ctx.btf_path) for r in _SYSARGS]
         if regs != list(range(regs[0], regs[0] + 8 * len(regs), 8)):
             raise ValueError(f"pt_regs {', '.join(_SYSARGS)} are not adjacent here (offsets {regs})")

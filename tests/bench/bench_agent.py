@@ -391,7 +391,8 @@ def long_run(say: Callable[[str], None], work: Path, srv: Server, cgroup: Path,
     surplus = sum(max(0, seen[f"/long/{i}"] - n) for i, n in enumerate(counts))
     rate = done / (len(counts) * slice_s)
     say(f"long run: {done} requests in {len(counts)} slices of {slice_s:g} s at {rate:.0f} req/s "
-        f"(per slice {counts})")
+        f"(per slice {counts}; server records per slice "
+        f"{[seen[f'/long/{i}'] for i in range(len(counts))]})")
     say("  agent RSS MB after N requests: "
         + ", ".join(f"{n // 1000}k {mb:.1f}" for n, mb in samples) + f"; drained {end_rss:.1f}")
     say(f"  agent captured {sum(seen[f'/long/{i}'] for i in range(len(counts)))} server records: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import multiprocessing
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -313,6 +314,31 @@ def test_a_socket_closed_by_process_exit_is_forgotten_and_flushed(probe: LoadedP
                 and e.conn_close.sock_cookie == client.sock_cookie]
     assert close.role == pb.ROLE_CLIENT and close.pid == client.pid and close.bytes_received > 0
     assert client.status == 200 and client.path == "/no-close"
+
+
+def _serve_after_reset(listener: socket.socket) -> None:
+    """Accept, let the client's reset arrive, then read what it had sent (still queued)."""
+    conn, _ = listener.accept()
+    time.sleep(0.3)
+    assert conn.recv(65536).startswith(b"GET /reset")
+
+
+def test_a_read_after_a_reset_leaves_no_connection_state(probe: LoadedProbe) -> None:
+    """A sock already CLOSEd (a reset) can still hand queued bytes to a read; it is unhashed (port
+    0) and will see no further CLOSE, so no state may be made for it: a later connection at the
+    same sock address would inherit it (seen as a whole connection's records with port 0)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = multiprocessing.get_context("fork").Process(target=_serve_after_reset, args=(listener,))
+    server.start()
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # RST
+    server.join(10)
+    assert server.exitcode == 0
+    listener.close()
+    conns = probe.bpf[b"conns"]
+    assert not [v for v in conns.values() if v.t.lport == 0], "state kept for an unhashed sock"
 
 
 def _scatter_gather_client(host: str, port: int) -> None:
