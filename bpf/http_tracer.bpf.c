@@ -389,6 +389,8 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
 {
     struct req *q = &c->q[idx & (NQ - 1)];
     struct http_rec *r = http_events.ringbuf_reserve(sizeof(struct http_rec));
+    if (!r) /* measured: a reservation now and then fails with the ring nearly empty, and a */
+        r = http_events.ringbuf_reserve(sizeof(struct http_rec)); /* second try mostly succeeds */
     if (!r) {
         weft_stat(HST_RING_FULL);
         return;
