@@ -39,10 +39,20 @@ def produce_paced(run: StitchRun, frames: list[Any], seconds: float) -> threadin
     return thread
 
 
-def wait_for_outbox(client: redis.Redis, key: str, timeout_s: float) -> None:
+def kill_with_outbox(client: redis.Redis, key: str, pid: int, timeout_s: float) -> None:
+    """SIGKILL the worker at a moment its outbox holds spans. It is stopped (SIGSTOP) before the
+    outbox is looked at, so it cannot acknowledge them between the look and the kill; the pause
+    lets a command it sent just before the stop reach Redis."""
     deadline = time.monotonic() + timeout_s
-    while not client.scard(key):
+    while True:
         assert time.monotonic() < deadline, "the worker never had unacknowledged spans"
+        if client.scard(key):
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.05)
+            if client.scard(key):
+                os.kill(pid, signal.SIGKILL)
+                return
+            os.kill(pid, signal.SIGCONT)
         time.sleep(0.005)
 
 
@@ -85,8 +95,7 @@ def test_worker_sigkilled_mid_stream_then_restarted_loses_no_span(
             # ... and inside the window: spans stitched (marked emitted in Redis) whose export
             # is not acknowledged yet, i.e. the engine's outbox is not empty.
             outbox = redis.Redis.from_url(private_redis)
-            wait_for_outbox(outbox, f"{run.namespace}{OUTBOX}", timeout_s=60)
-            os.kill(first.proc.pid, signal.SIGKILL)
+            kill_with_outbox(outbox, f"{run.namespace}{OUTBOX}", first.proc.pid, timeout_s=60)
             assert first.proc.wait(10) == -signal.SIGKILL
             at_kill = len(rx.spans)
             second = run.start_worker(tmp_path / "second.log", rx.endpoint)
