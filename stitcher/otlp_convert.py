@@ -141,26 +141,20 @@ def _attrs_json(pairs: Iterable[tuple[str, AttrValue]]) -> str:
 
 
 def _span_json(span: Span) -> str:
-    """One span object, its keys in sorted order, fields at their default left out."""
-    fields = [_attrs_json(span.attributes)]
-    if span.end_ns:
-        fields.append(f'"endTimeUnixNano":"{span.end_ns:d}"')
-    fields.append('"flags":257')                           # has-is-remote-known | sampled
-    fields.append(_KIND_JSON[span.kind])
-    if span.name:
-        fields.append(f'"name":{_quote(span.name)}')
-    if span.parent_span_id:
-        fields.append(f'"parentSpanId":"{span.parent_span_id.hex()}"')
-    if span.span_id:
-        fields.append(f'"spanId":"{span.span_id.hex()}"')
-    if span.start_ns:
-        fields.append(f'"startTimeUnixNano":"{span.start_ns:d}"')
-    text = ",".join(f for f in fields if f)
-    if span.error:
-        text += _ERROR_JSON
-    if span.trace_id:
-        text += f',"traceId":"{span.trace_id.hex()}"'
-    return f"{{{text}}}"
+    """One span object, its keys in sorted order, fields at their default left out. Built as
+    one f-string of optional pieces ("" when left out): this runs once per span written."""
+    trace_id, span_id, parent_span_id, kind, name, start_ns, end_ns, attributes, _, error = span
+    attrs = _attrs_json(attributes)
+    head = f"{attrs}," if attrs else ""
+    end = f'"endTimeUnixNano":"{end_ns:d}",' if end_ns else ""
+    named = f',"name":{_quote(name)}' if name else ""
+    parent = f',"parentSpanId":"{parent_span_id.hex()}"' if parent_span_id else ""
+    own = f',"spanId":"{span_id.hex()}"' if span_id else ""
+    start = f',"startTimeUnixNano":"{start_ns:d}"' if start_ns else ""
+    status = _ERROR_JSON if error else ""
+    trace = f',"traceId":"{trace_id.hex()}"' if trace_id else ""
+    # "flags": has-is-remote-known | sampled
+    return f'{{{head}{end}"flags":257,{_KIND_JSON[kind]}{named}{parent}{own}{start}{status}{trace}}}'
 
 
 def request_from_json(line: str) -> ExportTraceServiceRequest:

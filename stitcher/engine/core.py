@@ -58,7 +58,7 @@ from functools import lru_cache
 
 from schemas import weft_events_pb2 as pb
 from stitcher.engine.config import EngineConfig
-from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id
+from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id_hex
 from stitcher.engine.lineage import (
     Hop,
     ended_by,
@@ -122,6 +122,9 @@ class EngineStats:
 
 # one HTTP event of a frame: (span id, record, message)
 _FrameHttp = tuple[str, Http, pb.HttpRequest]
+# a span just decided: (span id, record, parent span id, external trace id) — what its `dec`
+# field says, handed on so that trace resolution need not read and split it again
+_Decided = tuple[str, Http, str, str]
 
 
 @lru_cache(maxsize=65536)
@@ -180,7 +183,7 @@ class Engine:
         if txn.batched:
             txn.load(hashes=[WM, META, EXPECT, *(span_key(x[0]) for xs in frame_https for x in xs if x)])
         swept = int(txn.hash(META).get("swept", "0"))
-        late: list[str] = []
+        late: list[_Decided] = []
         due: dict[int, list[str]] = {}     # this batch's scheduled questions, by due bucket
         marks: dict[str, int] = {}
         for frame, https in zip(frames, frame_https, strict=True):
@@ -230,12 +233,12 @@ class Engine:
             else:
                 sent = h.injected_traceparent
                 own = parse_traceparent(sent) if sent else None
-            out.append((own[1] if own else span_id(node, rec.pid, rec.cookie, rec.role, rec.start).hex(),
+            out.append((own[1] if own else span_id_hex(node, rec.pid, rec.cookie, rec.role, rec.start),
                         rec, h))
         return out
 
     def _ingest_frame(self, txn: Txn, node: str, events: Sequence[pb.Event],
-                      https: list[_FrameHttp | None], swept: int, late: list[str],
+                      https: list[_FrameHttp | None], swept: int, late: list[_Decided],
                       due: dict[int, list[str]]) -> int:
         """Record one frame's events; returns the frame's newest watermark (0: none)."""
         stats = self.stats
@@ -290,19 +293,21 @@ class Engine:
         if txn.batched:
             txn.load(hashes=[span_key(sid) for sid in stuck])
         roots = [sid for sid in stuck if "tr" not in txn.hash(span_key(sid))]
+        cut: list[tuple[str, Http]] = []
         for sid in roots:
             rec = self._event(txn, sid)
             if rec is not None:
                 trace = root_trace_id(bytes.fromhex(sid)).hex()
                 txn.hsetnx(span_key(sid), "tr", f"{trace}|0|{rec.start}|cut")
+                cut.append((sid, rec))
         txn.srem(WAITING, tuple(stuck))
         self.stats.unresolved += len(roots)
-        return self._emit(txn, roots)
+        return self._emit(txn, cut)
 
     def _ingest_http(self, txn: Txn, node: str, sid: str, rec: Http, h: pb.HttpRequest, swept: int,
-                     late: list[str], due: dict[int, list[str]]) -> None:
+                     late: list[_Decided], due: dict[int, list[str]]) -> None:
         stats = self.stats
-        rec_key = span_key(sid)
+        rec_key = f"w:{{s:{sid}}}"          # span_key(sid), inlined: once per request
         if "ev" in txn.hash(rec_key):
             stats.duplicates += 1
             return
@@ -317,16 +322,16 @@ class Engine:
         if end <= swept:
             stats.late += 1
             txn.hsetnx(rec_key, "dec", "|orphan||late")
-            late.append(sid)
+            late.append((sid, rec, "", ""))
             return
         if role == ROLE_SERVER:
             lane = f"g{rec.goid}" if rec.goid else f"t{rec.tid}"
             txn.zadd(f"{proc_prefix(node, rec.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
             threshold = end + self._link_wait
         else:
-            canon = rec.canon_tuple()
+            canon = f"{rec.laddr}:{rec.lport}>{rec.raddr}:{rec.rport}"     # rec.canon_tuple()
             if rec.has_seq:
-                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.fingerprint}",))
+                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.method} {rec.path}",))
             txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(rec.has_seq)}")
             if rec.injected:
                 tp = parse_traceparent(rec.injected)
@@ -391,7 +396,7 @@ class Engine:
 
     # -------------------------------------------------------------------------------- sweep
 
-    def _sweep(self, txn: Txn, low: int, swept: int) -> list[str]:
+    def _sweep(self, txn: Txn, low: int, swept: int) -> list[_Decided]:
         """Settle the scheduled questions of every due bucket that `low` has completed (so a
         question is settled at its threshold rounded up to the bucket end); returns the newly
         decided span ids. `swept` is the last threshold already settled."""
@@ -406,7 +411,7 @@ class Engine:
             items.extend(txn.members(due_key(b)))
         items.sort()
         upto = ready * width - 1
-        decided: list[str] = []
+        decided: list[_Decided] = []
         todo = [(int(f[0]), f[1], len(f) > 2) for f in (m.split("|") for m in items)]
         while todo:
             now, deferred = self._decide(txn, todo)
@@ -440,7 +445,7 @@ class Engine:
         return rec
 
     def _decide(self, txn: Txn, items: list[tuple[int, str, bool]]
-                ) -> tuple[list[str], list[tuple[int, str]]]:
+                ) -> tuple[list[_Decided], list[tuple[int, str]]]:
         """Settle the questions `items` (threshold, span id, early?); returns the span ids
         decided and the early questions deferred to their full threshold."""
         if txn.batched:
@@ -468,7 +473,7 @@ class Engine:
         if txn.batched:
             self._preload_candidates(txn, [x for x in todo if x[1] not in threadless], chains, early_sids)
         answers = self._answers(txn, [x for x in todo if x[1] not in threadless], chains, early_sids)
-        decided: list[str] = []
+        decided: list[_Decided] = []
         deferred: list[tuple[int, str]] = []
         stats = self.stats
         for _, sid, rec in todo:
@@ -486,7 +491,7 @@ class Engine:
             stats.links[link] += 1
             stats.decided += 1
             txn.hsetnx(span_key(sid), "dec", f"{parent}|{link}|{ext}|{flag}")
-            decided.append(sid)
+            decided.append((sid, rec, parent, ext))
         return decided, deferred
 
     def _answers(self, txn: Txn, todo: list[tuple[int, str, Http]], chains: dict[str, list[Hop]],
@@ -729,23 +734,15 @@ class Engine:
             return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|split"
         return f"{trace}|{depth}|{root_start}|"
 
-    def _resolve_traces(self, txn: Txn, decided: list[str]) -> list[Span]:
+    def _resolve_traces(self, txn: Txn, decided: list[_Decided]) -> list[Span]:
         """Give decided spans their trace when their parent's is known; emit what got one."""
         if not decided:
             return []
-        parents: dict[str, tuple[str, str, str]] = {}     # sid → (its key, parent, ext)
-        for sid in decided:
-            key = span_key(sid)
-            parent, _, ext, _ = txn.hash(key)["dec"].split("|")
-            parents[sid] = (key, parent, ext)
         if txn.batched:
-            txn.load(hashes=[span_key(p) for _, p, ext in parents.values() if p and not ext])
-        traced: list[str] = []
-        for sid in decided:
-            rec = self._event(txn, sid)
-            if rec is None:
-                continue
-            key, parent, ext = parents[sid]
+            txn.load(hashes=[span_key(p) for _, _, p, ext in decided if p and not ext])
+        traced: list[tuple[str, Http]] = []
+        for sid, rec, parent, ext in decided:
+            key = span_key(sid)
             own = parse_traceparent(rec.injected) if rec.injected else None  # WEFT-INJECT
             if not parent:
                 root_trace = own[0] if own else root_trace_id(bytes.fromhex(sid)).hex()
@@ -762,8 +759,8 @@ class Engine:
             if parent and rec.injected:
                 self._check_own_trace(rec, tr)
             txn.hsetnx(key, "tr", tr)
-            traced.append(sid)
-        frontier = traced
+            traced.append((sid, rec))
+        frontier = [sid for sid, _ in traced]
         while frontier:
             if txn.batched:
                 txn.load(sets=[kids_key(p) for p in frontier])
@@ -778,7 +775,7 @@ class Engine:
                 break
             if txn.batched:
                 txn.load(hashes=[span_key(k) for _, k in pairs])
-            following: list[str] = []
+            following: list[tuple[str, Http]] = []
             for p, kid in pairs:
                 kid_rec = txn.hash(span_key(kid))
                 if "tr" in kid_rec or kid_rec.get("dec", "|").split("|")[0] != p:
@@ -791,11 +788,11 @@ class Engine:
                 if ev.injected:
                     self._check_own_trace(ev, kid_tr)
                 txn.hsetnx(span_key(kid), "tr", kid_tr)
-                following.append(kid)
+                following.append((kid, ev))
             if following:
-                txn.srem(WAITING, tuple(following))
+                txn.srem(WAITING, tuple(kid for kid, _ in following))
             traced.extend(following)
-            frontier = following
+            frontier = [kid for kid, _ in following]
         return self._emit(txn, traced)
 
     def _check_own_trace(self, rec: Http, tr: str) -> None:
@@ -805,15 +802,13 @@ class Engine:
         if own is not None and not tr.startswith(own[0]):
             self.stats.trace_mismatch += 1
 
-    def _emit(self, txn: Txn, sids: Iterable[str]) -> list[Span]:
+    def _emit(self, txn: Txn, traced: Iterable[tuple[str, Http]]) -> list[Span]:
+        """Emit these traced spans (span id, record) unless already out."""
         ready: list[tuple[str, str, Http, Mapping[str, str]]] = []
-        for sid in sids:
+        for sid, ev in traced:
             key = span_key(sid)
             rec_fields = txn.hash(key)
-            if "out" in rec_fields:
-                continue
-            ev = self._event(txn, sid)
-            if ev is not None:
+            if "out" not in rec_fields:
                 ready.append((sid, key, ev, rec_fields))
         if txn.batched:
             txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, _, ev, _ in ready])
@@ -887,11 +882,16 @@ def _runtime(proc: Mapping[str, str], known_by_ns: int) -> str:
     only the one current at the request: "go" is sticky, because the safe error is a missed
     link (a pid that exec'd from Go into something else), never a wrong one (a later, partial
     record hiding an earlier "go"). No record by then: "" (thread rules)."""
-    bound = n20(known_by_ns)
+    bound = ""     # n20(known_by_ns), formatted only when a record says "go" (few do)
     for ts, value in proc.items():
-        if ts <= bound and value.count(SEP) >= 2 and value.rsplit(SEP, 1)[1] == "go":
-            return "go"
+        if value.endswith(_GO_TAIL) and value.count(SEP) >= 2:
+            bound = bound or n20(known_by_ns)
+            if ts <= bound:
+                return "go"
     return ""
+
+
+_GO_TAIL = SEP + "go"   # a record whose last field (the runtime, given 2 separators) is "go"
 
 
 def _overlapping(intervals: list[tuple[int, int]]) -> bool:

@@ -13,6 +13,11 @@ def span_id(node: str, pid: int, sock_cookie: int, role: int, start_ns: int) -> 
     return blake2b(f"{node}|{pid}|{sock_cookie}|{role}|{start_ns}".encode(), digest_size=8).digest()
 
 
+def span_id_hex(node: str, pid: int, sock_cookie: int, role: int, start_ns: int) -> str:
+    """`span_id(...).hex()` in one step (the engine keys its state by the hex form)."""
+    return blake2b(f"{node}|{pid}|{sock_cookie}|{role}|{start_ns}".encode(), digest_size=8).hexdigest()
+
+
 def root_trace_id(root_span_id: bytes) -> bytes:
     """16 bytes naming the trace that a root span starts."""
     return blake2b(b"weft-trace|" + root_span_id, digest_size=16).digest()
