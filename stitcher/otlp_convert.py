@@ -110,7 +110,7 @@ def spans_to_json_line(spans: Sequence[Span]) -> str:
 _SCOPE_JSON = f'{{"name":{_quote(SCOPE_NAME)},"version":{_quote(SCOPE_VERSION)}}}'
 _KIND_JSON = {"SERVER": '"kind":"SPAN_KIND_SERVER"', "CLIENT": '"kind":"SPAN_KIND_CLIENT"'}
 _ERROR_JSON = ',"status":{"code":"STATUS_CODE_ERROR"}'
-_kv_json_cache: dict[tuple[str, AttrValue, bool], str] = {}
+_kv_json_cache: dict[str, dict[AttrValue, str]] = {}   # key → value → JSON
 
 
 def _kv_json(key: str, value: AttrValue) -> str:
@@ -126,16 +126,23 @@ def _kv_json(key: str, value: AttrValue) -> str:
 
 def _attrs_json(pairs: Iterable[tuple[str, AttrValue]]) -> str:
     """`"attributes":[...]`, or "" when there are none (an empty repeated field is left out).
-    Attributes repeat heavily (methods, paths, peers, link types): each is built once."""
+    Attributes repeat heavily (methods, paths, peers, link types): each is built once, cached
+    per key then per value (no tuple to build per attribute). Bools (weft.* flags, rare) are
+    not cached: True == 1 as a dict key."""
     cache = _kv_json_cache
     out = []
     for k, v in pairs:
-        cache_key = (k, v, v is True or v is False)   # True == 1 as a dict key
-        text = cache.get(cache_key)
+        if v is True or v is False:
+            out.append(_kv_json(k, v))
+            continue
+        by_value = cache.get(k)
+        if by_value is None:
+            by_value = cache[k] = {}
+        text = by_value.get(v)
         if text is None:
-            if len(cache) >= 65536:
-                cache.clear()
-            text = cache[cache_key] = _kv_json(k, v)
+            if len(by_value) >= 65536:
+                by_value.clear()
+            text = by_value[v] = _kv_json(k, v)
         out.append(text)
     return f'"attributes":[{",".join(out)}]' if out else ""
 

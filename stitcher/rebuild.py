@@ -114,7 +114,8 @@ def rebuild(paths: Sequence[str | Path], config: EngineConfig | None = None,
 def write_json_lines(spans: Sequence[Span], out: TextIO) -> int:
     lines = 0
     for i in range(0, len(spans), SPANS_PER_LINE):
-        out.write(spans_to_json_line(spans[i:i + SPANS_PER_LINE]) + "\n")
+        out.write(spans_to_json_line(spans[i:i + SPANS_PER_LINE]))
+        out.write("\n")                # not appended: that would copy the long line
         lines += 1
     return lines
 

@@ -51,7 +51,9 @@ class MemoryStateStore(DirectStateStore):
         if not entries:
             return []
         end = bisect.bisect_right(entries, (score, "\U0010ffff"))
-        return entries[max(0, end - FLOOR_LIMIT):end][::-1]
+        if end > FLOOR_LIMIT:                  # one reversed slice (no copy to reverse)
+            return entries[end - 1:end - FLOOR_LIMIT - 1:-1]
+        return entries[end - 1::-1] if end else []
 
     def hsetnx(self, key: str, field: str, value: str) -> None:
         current = self.hashes.get(key)

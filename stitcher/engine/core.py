@@ -615,11 +615,12 @@ class Engine:
             # floor at x add any
             if len(latest) >= FLOOR_LIMIT and x // 1000 != t1 // 1000:
                 latest = [*txn.floor(lane, x // 1000), *latest]
+            since = hop.since_ns
             for _, member in latest:
                 s, e, ssid = entries.get(member) or self._lane_entry(member)
                 if e <= t1:          # later ones may or may not have arrived: never look at them
                     served = True
-                    if s >= hop.since_ns:
+                    if s >= since:
                         seen[ssid] = (s, e)
             found = [ssid for ssid, (s, e) in seen.items() if s <= x <= e and (
                 hop.level == 0 or s <= hop.spawned_at_ns)]

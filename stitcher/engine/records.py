@@ -75,6 +75,8 @@ def inj_key(span_hex: str) -> str:
 
 
 _new_tuple = tuple.__new__   # builds a NamedTuple from its values without the keyword-handling __new__
+# Http.encode's format: str fields %s, int fields (and has_seq, a bool) %d, in field order
+_ENCODING = SEP.join(("%s", *["%d"] * 7, "%s", "%d", "%s", *["%d"] * 3, *["%s"] * 5, "%d"))
 
 
 class Http(NamedTuple):
@@ -121,11 +123,9 @@ class Http(NamedTuple):
                                 h.has_seq, h.tcp_seq, method, path, host, tp, inj, h.status))
 
     def encode(self) -> str:
-        (node, role, pid, tid, goid, start, end, cookie, laddr, lport, raddr, rport, has_seq, seq,
-         method, path, host, tp, inj, status) = self
-        return (f"{node}\x1f{role}\x1f{pid}\x1f{tid}\x1f{goid}\x1f{start}\x1f{end}\x1f{cookie}\x1f{laddr}"
-                f"\x1f{lport}\x1f{raddr}\x1f{rport}\x1f{'1' if has_seq else '0'}\x1f{seq}\x1f{method}"
-                f"\x1f{path}\x1f{host}\x1f{tp}\x1f{inj}\x1f{status}")
+        # the fields in order, SEP-separated (has_seq as 1/0): %-formatting the tuple as it is
+        # costs half an f-string over its 20 unpacked fields, and runs once per request
+        return _ENCODING % self
 
     @classmethod
     def decode(cls, text: str) -> Http:
