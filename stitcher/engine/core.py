@@ -260,11 +260,11 @@ class Engine:
             elif kind == "thread_spawn":
                 t = ev.thread_spawn
                 if not t.new_process and t.child_pid == t.parent_pid and t.child_tid != t.parent_tid:
-                    txn.zadd(f"{proc_prefix(node, t.child_pid)}:lin:{t.child_tid}",
+                    txn.zadd(f"w:{{p:{node}|{t.child_pid}}}:lin:{t.child_tid}",   # proc_prefix inlined
                              *lineage_member(t.ts_ns, t.parent_tid))
             elif kind == "task_exit":
                 x = ev.task_exit
-                txn.zadd(f"{proc_prefix(node, x.pid)}:lin:{x.tid}", *lineage_member(x.ts_ns, None))
+                txn.zadd(f"w:{{p:{node}|{x.pid}}}:lin:{x.tid}", *lineage_member(x.ts_ns, None))
             elif kind == "goroutine_spawn":
                 g = ev.goroutine_spawn
                 txn.hsetnx(f"{proc_prefix(node, g.pid)}:go:{g.child_goid}", "p",
