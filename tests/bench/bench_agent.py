@@ -258,6 +258,29 @@ def http_records(capture: Path, port: int) -> tuple[Counter[str], int]:
     return paths, clients
 
 
+def agent_window(capture: Path, cgroup: Path | None, servers: dict[str, Server], seconds: float,
+                 into: dict[str, list[float]], starts: list[tuple[float, float]],
+                 then: Callable[[], dict[str, float]] | None = None) -> dict[str, float] | None:
+    """One agent (scoped to `cgroup`, or tracing every process) for a window: wrk for `seconds` on
+    each server once the agent has settled, its req/s appended to `into`; then `then` under the
+    same agent. Its start-up (wall s, CPU s) goes to `starts`; it is stopped whatever happens."""
+    agent = Agent(capture, cgroup)
+    try:
+        starts.append((agent.start_s, agent.start_cpu_s))
+        for kind, srv in servers.items():
+            agent.settle()
+            into[kind].append(wrk(srv.url(PATHS[kind]), seconds)[0])
+            agent.check()
+        if then is None:
+            return None
+        agent.settle()
+        result = then()
+        agent.check()
+        return result
+    finally:
+        agent.stop()
+
+
 def median_ratio(off: list[float], on: list[float]) -> tuple[float, list[float]]:
     pairs = [b / a for a, b in zip(off, on, strict=True)]
     return statistics.median(pairs), pairs
@@ -316,31 +339,14 @@ def measure(say: Callable[[str], None], work: Path, quick: bool) -> dict[str, fl
             say(f"round {round_} no agent: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in off.items())
                 + f" req/s; paced {show_paced(r)}; other BPF tracing programs loaded: {foreign}")
 
-            agent = Agent(work / f"scoped-{round_}.wcap", cgroup)
-            try:
-                starts.append((agent.start_s, agent.start_cpu_s))
-                for kind, srv in servers.items():
-                    agent.settle()
-                    scoped[kind].append(wrk(srv.url(PATHS[kind]), seconds)[0])
-                    agent.check()
-                agent.settle()
-                r = paced(client, servers["go"], paced_s, paced_conns)
-                agent.check()
-                p_on.append(r["p99_us"])
-            finally:
-                agent.stop()
+            r_on = agent_window(work / f"scoped-{round_}.wcap", cgroup, servers, seconds, scoped, starts,
+                                then=lambda: paced(client, servers["go"], paced_s, paced_conns))
+            assert r_on is not None
+            p_on.append(r_on["p99_us"])
             say(f"round {round_} agent scoped: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in scoped.items())
-                + f" req/s; paced {show_paced(r)}")
+                + f" req/s; paced {show_paced(r_on)}")
 
-            agent = Agent(work / f"all-{round_}.wcap", None)
-            try:
-                starts.append((agent.start_s, agent.start_cpu_s))
-                for kind, srv in servers.items():
-                    agent.settle()
-                    every[kind].append(wrk(srv.url(PATHS[kind]), seconds)[0])
-                    agent.check()
-            finally:
-                agent.stop()
+            agent_window(work / f"all-{round_}.wcap", None, servers, seconds, every, starts)
             say(f"round {round_} agent on all: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in every.items())
                 + " req/s")
         for kind in PATHS:
