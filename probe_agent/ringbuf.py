@@ -31,6 +31,12 @@ _HEADER = 8
 _COMMIT_EVERY = 256  # hand space back to the kernel while a long batch is read
 
 
+def framed_size(record_size: int) -> int:
+    """Bytes a record takes in the ring: the 8-byte header and the record, padded to 8 (the
+    per-record loops below spell this out inline: a call per record would cost more)."""
+    return (record_size + _HEADER + 7) & ~7
+
+
 def usable() -> bool:
     """Plain loads are ordered enough to read a ring the kernel writes (x86 only)."""
     return platform.machine() in ("x86_64", "AMD64", "i686")
@@ -117,7 +123,7 @@ class MappedRing:
         arithmetic and the length words are checked as one array, so the cost does not grow with
         the number of records in Python. Falls back to `read_span` when the ring holds anything
         else (a record of another size, or a discarded one)."""
-        stride = (record_size + _HEADER + 7) & ~7
+        stride = framed_size(record_size)
         consumer, data, page, mask, data_end = (self._consumer, self._data, self._page, self._mask,
                                                 self._end)
         (pos,) = _U64.unpack_from(consumer, 0)

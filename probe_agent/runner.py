@@ -42,7 +42,7 @@ from probe_agent.enrich import ProcessInfoCache
 from probe_agent.framer import Framer
 from probe_agent.metrics import AgentMetrics
 from probe_agent.probes.base import Probe, ProbeContext, RingSpec, read_stats
-from probe_agent.ringbuf import MappedRing, usable
+from probe_agent.ringbuf import MappedRing, framed_size, usable
 from probe_agent.sinks import FrameSink
 from schemas import records
 from schemas import weft_events_pb2 as pb
@@ -409,17 +409,17 @@ class AgentRunner:
         event. False (nothing done) where the per-record path is needed: a record of another
         kind or ABI version, or records to leave out (the agent's own, `--pid` filtering)."""
         blob, offset_ns = span.blob, span.offset_ns
-        stride = (span.record_size + 15) & ~7  # ring framing (8 bytes) + record, padded to 8
+        stride = framed_size(span.record_size)
         words, halves = stride // 8, stride // 2
         n = len(blob) // stride
-        kinds = array.array("H", blob)[_KIND_AT // 2 :: halves]
+        halfwords = array.array("H", blob)
+        kinds = halfwords[_KIND_AT // 2 :: halves]
         kind = kinds[0] if n else 0
         if (not n or kinds.count(kind) != n or span.sizes.get(kind) != span.record_size or
-                array.array("H", blob)[_VERSION_AT // 2 :: halves].count(records.ABI_VERSION) != n):
+                halfwords[_VERSION_AT // 2 :: halves].count(records.ABI_VERSION) != n):
             return False
         pids = array.array("I", blob)[_PID_AT // 4 :: stride // 4]
-        seen = set(pids)
-        if self._pid_filter is not None or self.ctx.self_pid in seen:
+        if self._pid_filter is not None or self.ctx.self_pid in pids:
             return False
         times = array.array("Q", blob)[_TS_AT // 8 :: words]
         counts[kind] = counts.get(kind, 0) + n
