@@ -260,11 +260,11 @@ class Engine:
             elif kind == "thread_spawn":
                 t = ev.thread_spawn
                 if not t.new_process and t.child_pid == t.parent_pid and t.child_tid != t.parent_tid:
-                    txn.zadd(f"w:{{p:{node}|{t.child_pid}}}:lin:{t.child_tid}",   # proc_prefix inlined
+                    txn.zadd(f"{proc_prefix(node, t.child_pid)}:lin:{t.child_tid}",
                              *lineage_member(t.ts_ns, t.parent_tid))
             elif kind == "task_exit":
                 x = ev.task_exit
-                txn.zadd(f"w:{{p:{node}|{x.pid}}}:lin:{x.tid}", *lineage_member(x.ts_ns, None))
+                txn.zadd(f"{proc_prefix(node, x.pid)}:lin:{x.tid}", *lineage_member(x.ts_ns, None))
             elif kind == "goroutine_spawn":
                 g = ev.goroutine_spawn
                 txn.hsetnx(f"{proc_prefix(node, g.pid)}:go:{g.child_goid}", "p",
@@ -307,12 +307,12 @@ class Engine:
     def _ingest_http(self, txn: Txn, node: str, sid: str, rec: Http, h: pb.HttpRequest, swept: int,
                      late: list[_Decided], due: dict[int, list[str]]) -> None:
         stats = self.stats
-        rec_key = f"w:{{s:{sid}}}"          # span_key(sid), inlined: once per request
+        rec_key = span_key(sid)
         if "ev" in txn.hash(rec_key):
             stats.duplicates += 1
             return
         role = rec.role
-        if (role != ROLE_SERVER and role != ROLE_CLIENT) or rec.end < rec.start:  # invalid_http(h)
+        if invalid_reason(role, rec.start, rec.end):
             stats.invalid += 1
             return
         stats.http += 1
@@ -329,9 +329,9 @@ class Engine:
             txn.zadd(f"{proc_prefix(node, rec.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
             threshold = end + self._link_wait
         else:
-            canon = f"{rec.laddr}:{rec.lport}>{rec.raddr}:{rec.rport}"     # rec.canon_tuple()
+            canon = rec.canon_tuple()
             if rec.has_seq:
-                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.method} {rec.path}",))
+                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.fingerprint}",))
             txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(rec.has_seq)}")
             if rec.injected:
                 tp = parse_traceparent(rec.injected)
@@ -818,7 +818,7 @@ class Engine:
         for sid, key, ev, rec_fields in ready:
             txn.hsetnx(key, "out", "1")
             node, pid = ev.node, ev.pid
-            proc = txn.hash(f"w:{{p:{node}|{pid}}}:proc")      # proc_prefix(node, pid) + ":proc"
+            proc = txn.hash(proc_prefix(node, pid) + ":proc")
             if len(proc) == 1:   # the usual case: one ProcessInfo, one Resource object
                 (only,) = proc.items()
                 resource = resources.get((node, pid, only))
@@ -865,10 +865,15 @@ class Engine:
 def invalid_http(h: pb.HttpRequest) -> str:
     """Why this HTTP event cannot become a span ("" when it can). The engine skips (and counts)
     such events; `weft stitch` also sends each to the dead-letter topic with this reason."""
-    if h.role not in (ROLE_SERVER, ROLE_CLIENT):
+    return invalid_reason(h.role, h.start_ns, h.end_ns)
+
+
+def invalid_reason(role: int, start_ns: int, end_ns: int) -> str:
+    """`invalid_http` on the fields it judges (the engine has them decoded)."""
+    if role not in (ROLE_SERVER, ROLE_CLIENT):
         return "invalid event: HTTP request without a role (neither accepted nor connected socket)"
-    if h.end_ns < h.start_ns:
-        return f"invalid event: HTTP request ends before it starts ({h.end_ns} < {h.start_ns})"
+    if end_ns < start_ns:
+        return f"invalid event: HTTP request ends before it starts ({end_ns} < {start_ns})"
     return ""
 
 
