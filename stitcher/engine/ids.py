@@ -8,14 +8,19 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
+def _span_hash(node: str, pid: int, sock_cookie: int, role: int, start_ns: int) -> blake2b:
+    """What names one request side: where it ran, on which socket, when it started."""
+    return blake2b(f"{node}|{pid}|{sock_cookie}|{role}|{start_ns}".encode(), digest_size=8)
+
+
 def span_id(node: str, pid: int, sock_cookie: int, role: int, start_ns: int) -> bytes:
-    """8 bytes naming one request side: where it ran, on which socket, when it started."""
-    return blake2b(f"{node}|{pid}|{sock_cookie}|{role}|{start_ns}".encode(), digest_size=8).digest()
+    """8 bytes naming one request side (see `_span_hash`)."""
+    return _span_hash(node, pid, sock_cookie, role, start_ns).digest()
 
 
 def span_id_hex(node: str, pid: int, sock_cookie: int, role: int, start_ns: int) -> str:
     """`span_id(...).hex()` in one step (the engine keys its state by the hex form)."""
-    return blake2b(f"{node}|{pid}|{sock_cookie}|{role}|{start_ns}".encode(), digest_size=8).hexdigest()
+    return _span_hash(node, pid, sock_cookie, role, start_ns).hexdigest()
 
 
 def root_trace_id(root_span_id: bytes) -> bytes:
