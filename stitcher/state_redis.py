@@ -4,7 +4,9 @@ One `apply(ops)` is one Lua call (EVALSHA, loaded again on NOSCRIPT) that runs t
 of merge ops atomically and sets the TTL (`RedisSettings.key_ttl_s`) on every key it wrote.
 On Redis Cluster (`cluster=True`) a script may only touch keys of one hash slot, so the batch is
 split by slot (the engine's `{tag}` keys keep each decision inside one slot) and the per-slot
-calls go out in one pipeline. `load()` is one pipeline of HGETALL/SMEMBERS.
+calls go out in one pipeline per primary; there `load()` is one pipeline of HGETALL/SMEMBERS/
+ZREVRANGEBYSCORE (tests/integration/test_stitch_redis_cluster.py runs the engine on a real
+three-primary cluster).
 
 Values are compared bytewise in Lua (not with `<`, which uses the server's collation locale)
 so Redis orders them exactly as Python orders str, as the contract requires.
@@ -635,6 +637,8 @@ class RedisStateStore(StateStore):
         self.batches += 1
 
     def _run(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+        if self.cluster:
+            return self._run_on_primaries(calls)
         if len(calls) == 1:
             keys, argv = calls[0]
             return [self._redis.evalsha(self._sha, len(keys), *keys, *argv)]
@@ -642,6 +646,32 @@ class RedisStateStore(StateStore):
         for keys, argv in calls:
             pipe.evalsha(self._sha, len(keys), *keys, *argv)
         replies: list[Any] = pipe.execute()
+        return replies
+
+    def _run_on_primaries(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+        """Cluster: one script call per slot (see `_calls`), pipelined to the primary that owns
+        it. redis-py's cluster pipeline refuses EVALSHA, and one call at a time would cost a
+        round trip per slot (a batch touches thousands). A slot that moved (MOVED/ASK while
+        the cluster reshards) fails the batch: the slot map is read again and the caller
+        retries the whole batch, which is safe because every op is a merge."""
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, (keys, _) in enumerate(calls):
+            node = self._redis.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
+        for node, indexes in by_node.values():
+            pipe = node.redis_connection.pipeline(transaction=False)
+            for i in indexes:
+                keys, argv = calls[i]
+                pipe.evalsha(self._sha, len(keys), *keys, *argv)
+            try:
+                answers = pipe.execute()
+            except redis.ResponseError as exc:
+                if str(exc).startswith(("MOVED", "ASK")):
+                    self._redis.nodes_manager.initialize()
+                raise
+            for i, answer in zip(indexes, answers, strict=True):
+                replies[i] = answer
         return replies
 
     def lease(self, name: str = "frames", *, ttl_ms: int = 10_000) -> FrameLease:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra.services import LocalInfra
+from tests.redis_cluster import running_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # A test that uses the real broker/Redis is an `infra` test, marked or not, so that
     # `-m "not infra"` deselects it rather than starting servers behind the user's back.
     for item in items:
-        if "infra" in getattr(item, "fixturenames", ()):
+        if {"infra", "redis_cluster"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.infra)
 
 
@@ -30,6 +31,13 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """A real three-primary Redis Cluster for the session (client ports of its primaries)."""
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
+        yield ports
 
 
 @pytest.fixture

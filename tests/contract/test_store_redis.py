@@ -20,6 +20,7 @@ from stitcher.engine.store import Delete, HMax, HMin, HSetNX, Op, SAdd, SRem, St
 from stitcher.state_memory import MemoryStateStore
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore, hash_slot
 from tests.contract.store_contract import StoreContract
+from tests.redis_cluster import flush_all
 from weft.config import RedisSettings
 
 pytestmark = pytest.mark.infra
@@ -46,16 +47,17 @@ class TestRedisStore(StoreContract):
         return RedisStateStore(self.settings)
 
 
-class TestRedisClusterSplitStore(StoreContract):
-    """The same contract with batches split by hash slot, as on Redis Cluster."""
+class TestRedisClusterStore(StoreContract):
+    """The same contract on a real three-primary Redis Cluster: batches split by hash slot,
+    each slot's script call sent to the primary that owns it."""
 
     @pytest.fixture(autouse=True)
-    def _settings(self, redis_settings: RedisSettings) -> None:
-        self.settings = redis_settings
+    def _cluster(self, redis_cluster: list[int]) -> None:
+        flush_all(redis_cluster)
+        self.settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0", key_ttl_s=120)
 
     def make_store(self) -> StateStore:
-        return RedisStateStore(self.settings, cluster=True,
-                               client=redis.Redis.from_url(self.settings.url, decode_responses=True))
+        return RedisStateStore(self.settings, cluster=True)
 
 
 def test_every_written_key_has_the_ttl(redis_settings: RedisSettings) -> None:
@@ -89,9 +91,10 @@ def test_script_is_reloaded_after_script_flush(redis_settings: RedisSettings) ->
     assert store.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"a"}
 
 
-def test_cluster_split_keeps_each_call_in_one_slot(redis_settings: RedisSettings) -> None:
-    store = RedisStateStore(redis_settings, cluster=True,
-                            client=redis.Redis.from_url(redis_settings.url, decode_responses=True))
+def test_cluster_split_keeps_each_call_in_one_slot(redis_cluster: list[int]) -> None:
+    flush_all(redis_cluster)
+    settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0", key_ttl_s=120)
+    store = RedisStateStore(settings, cluster=True)
     ops: list[Op] = [SAdd(f"w:{{n{i % 9}}}:s{i}", (str(i),)) for i in range(40)]
     calls = store._calls(ops)
     assert len(calls) == len({hash_slot(op.key) for op in ops})
@@ -102,6 +105,22 @@ def test_cluster_split_keeps_each_call_in_one_slot(redis_settings: RedisSettings
     assert hash_slot("a{user1000}b") == hash_slot("{user1000}")
     store.apply(ops)
     assert store.load(sets=["w:{n3}:s12"]).sets["w:{n3}:s12"] == {"12"}
+    owners = {store.client.get_node_from_key(op.key).name for op in ops}
+    assert len(owners) == len(redis_cluster)   # the batch really spanned every primary
+    for op in ops:
+        assert 0 < store.client.ttl(op.key) <= settings.key_ttl_s, op.key
+
+
+def test_cluster_script_is_reloaded_after_script_flush(redis_cluster: list[int]) -> None:
+    """A primary that lost the script (restart, SCRIPT FLUSH) gets it again; the batch lands."""
+    flush_all(redis_cluster)
+    store = RedisStateStore(RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0"), cluster=True)
+    for port in redis_cluster:
+        redis.Redis(port=port).script_flush()
+    ops: list[Op] = [HSetNX(f"w:{{k{i}}}:h", "f", str(i)) for i in range(30)]
+    store.apply(ops)
+    loaded = store.load(hashes=[op.key for op in ops]).hashes
+    assert loaded == {op.key: {"f": op.value} for op in ops if isinstance(op, HSetNX)}
 
 
 def test_racing_claims_have_exactly_one_winner(redis_settings: RedisSettings) -> None:

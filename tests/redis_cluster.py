@@ -1,0 +1,92 @@
+"""A real Redis Cluster for tests: three primaries (Debian's redis-server, cluster mode) on free
+loopback ports, the 16384 slots split between them, no replicas, no persistence.
+
+Set up with CLUSTER ADDSLOTSRANGE / CLUSTER MEET through redis-py rather than
+`redis-cli --cluster create`, so it needs nothing beyond the redis-server package.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from infra.redis_server import HOST, redis_bin
+from tests.workloads.servers import free_port
+
+SLOTS = 16384
+
+
+@contextmanager
+def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) -> Iterator[list[int]]:
+    """Start the cluster; yields the primaries' client ports (any one is a seed for clients)."""
+    ports = [(free_port(HOST), free_port(HOST)) for _ in range(primaries)]  # (client, cluster bus)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for port, bus in ports:
+            node_dir = workdir / f"redis-cluster-{port}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            procs.append(subprocess.Popen(
+                [redis_bin(), "--bind", HOST, "--port", str(port), "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus), "--cluster-config-file", str(node_dir / "nodes.conf"),
+                 "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+                 "--logfile", str(node_dir / "log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        clients = [redis.Redis(host=HOST, port=port, socket_timeout=5) for port, _ in ports]
+        _until(lambda: all(_pings(c) for c in clients), timeout_s, procs, "cluster nodes did not start")
+        share = SLOTS // primaries
+        for i, client in enumerate(clients):
+            last = SLOTS - 1 if i == primaries - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        for port, bus in ports[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", HOST, port, bus)
+        _until(lambda: all(_ready(c, primaries) for c in clients), timeout_s, procs, "cluster did not form")
+        for client in clients:
+            client.close()
+        yield [port for port, _ in ports]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def flush_all(ports: list[int]) -> None:
+    """Empty every primary (a test's fresh, empty store)."""
+    for port in ports:
+        client = redis.Redis(host=HOST, port=port)
+        client.flushall()
+        client.close()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _ready(client: redis.Redis, primaries: int) -> bool:
+    info = client.execute_command("CLUSTER", "INFO")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+    return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(primaries)
+
+
+def _until(check: Callable[[], bool], timeout_s: float, procs: list[subprocess.Popen[bytes]],
+           what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"{what}: a redis-server exited")
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} within {timeout_s:g} s")
