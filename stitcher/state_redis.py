@@ -33,7 +33,10 @@ trace, the emitted flag) and then writes based on it; two workers doing that at 
 emit a span, or each miss the child the other just parked. The lease is a Redis key with an
 expiry; while it is held, every `apply` checks in the same Lua call that the lease is still this
 worker's (fencing), so a worker that stalled past the expiry cannot write with stale reads.
-(On Cluster the lease key lives in its own slot, so there the check is skipped.)
+On Cluster the lease key lives in its own slot, so no script can check it with the writes:
+there `apply` reads the lease just before sending them, which catches a worker that stalled
+while it computed the batch, but not one that stalls in the milliseconds between that read and
+its writes.
 """
 
 from __future__ import annotations
@@ -615,6 +618,10 @@ class RedisStateStore(StateStore):
             self._stamps += 1
             stamp = f"{self._stamp_prefix}:{self._stamps}"
         calls = self._calls(ops, groups, stamp)
+        if self.cluster and self._fence is not None:
+            lease_key, token = self._fence
+            if self._redis.get(lease_key) != token:
+                raise LeaseLostError("WEFTLEASE the frame lease was lost; reload and redo the frame")
         try:
             try:
                 replies = self._run(calls)
@@ -699,8 +706,7 @@ class FrameLease:
     def try_acquire(self) -> bool:
         if self._acquire(keys=[self.key, self.key + ":want"], args=[self._token, self.ttl_ms]):
             self.held = True
-            if not self._store.cluster:
-                self._store.fence = (self.key, self._token)
+            self._store.fence = (self.key, self._token)
         return self.held
 
     def release(self) -> None:

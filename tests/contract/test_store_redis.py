@@ -187,6 +187,29 @@ def test_lease_is_exclusive_and_fences_writes(redis_settings: RedisSettings) -> 
     waiter.release()
 
 
+def test_cluster_lease_is_exclusive_and_refuses_a_stalled_holder(redis_cluster: list[int]) -> None:
+    """On Cluster the lease is read just before a batch is written (no script can check it with
+    the writes): a holder that stalled past its expiry while computing is refused."""
+    flush_all(redis_cluster)
+    settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0")
+    a, b = RedisStateStore(settings, cluster=True), RedisStateStore(settings, cluster=True)
+    lease_a, lease_b = a.lease(ttl_ms=200), b.lease(ttl_ms=5000)
+    assert lease_a.try_acquire()
+    assert not lease_b.try_acquire()
+    ops: list[Op] = [SAdd(f"w:{{n{i}}}:s", ("a1",)) for i in range(20)]   # keys on every primary
+    a.apply(ops)
+    deadline = time.monotonic() + 5
+    while not lease_b.try_acquire():  # a stalls past its expiry; b takes over
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(LeaseLostError):
+        a.apply([SAdd("w:{n3}:s", ("a2-stale",))])
+    lease_a.release()  # must not free b's lease
+    b.apply([SAdd("w:{n3}:s", ("b1",))])
+    lease_b.release()
+    assert a.load(sets=["w:{n3}:s"]).sets["w:{n3}:s"] == {"a1", "b1"}
+
+
 def _hold(lease: FrameLease) -> None:
     deadline = time.monotonic() + 5
     while not lease.try_acquire():
