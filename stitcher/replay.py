@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
-from stitcher.app import FrameStitcher, JsonLinesSink, SpanSink, Where
+from stitcher.app import FrameStitcher, JsonLinesSink, SpanSink, StitchSettings, Where
 from stitcher.engine import Engine, EngineConfig, StateStore
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
@@ -202,7 +202,8 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         ns = namespace if namespace is not None else f"replay-{uuid.uuid4().hex[:8]}:"
         if not ns:
             raise ConfigError("--namespace must not be empty: a replay never writes the live keys")
-        state = RedisStateStore(redis_settings, namespace=ns)
+        cluster = load_section(StitchSettings, "stitch", config_file=config_file).cluster  # as `weft stitch`
+        state = RedisStateStore(redis_settings, namespace=ns, cluster=cluster)
         click.echo(f"replay state in Redis under namespace {ns!r}", err=True)
     else:
         state = MemoryStateStore()

@@ -63,3 +63,21 @@ def test_replay_cli_with_redis_over_otlp(infra: Any, topic_with_frames: Frames) 
     assert keys, "replay state should be in its own namespace"
     assert all(client.ttl(k) > 0 for k in keys[:50])
     assert f"{len(expected)} spans" in proc.stdout
+
+
+def test_replay_cli_on_redis_cluster(infra: Any, redis_cluster: list[int], topic_with_frames: Frames) -> None:
+    """With `stitch.cluster` on (as the workers run), `weft replay --store redis` keeps its state
+    on the Redis Cluster too."""
+    run, expected = topic_with_frames
+    url = f"redis://127.0.0.1:{redis_cluster[0]}/0"
+    with OtlpReceiver() as rx:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "WEFT_STITCH_CLUSTER": "true"}
+        proc = subprocess.run([WEFT, "replay", "--bootstrap", run.bootstrap, "--topic", run.raw_topic,
+                               "--store", "redis", "--redis-url", url, "--namespace", "replay-cl:", "--otlp"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert received_bytes(rx.requests) == expected
+    for port in redis_cluster:
+        node = redis.Redis(port=port)
+        assert node.keys("replay-cl:w:*"), f"primary {port} holds none of the replay's state"
+        node.close()
