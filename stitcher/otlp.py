@@ -32,8 +32,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import requests
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _GrpcSdkExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _HttpSdkExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -126,11 +127,26 @@ class OtlpSettings:
         return self
 
 
+class _SessionCaWins(requests.Session):
+    """The SDK puts the collector's CA (OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE) on its requests
+    session, but requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's own
+    `verify` (psf/requests#3829, #4726), and many base images set those: there the collector's
+    CA was ignored and every HTTPS export failed verification. Here a CA the session was given
+    wins; without one the environment's bundle still applies, as do its proxy settings."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> dict[str, Any]:
+        merged: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and self.verify is not True:
+            merged["verify"] = self.verify
+        return merged
+
+
 def _make_transport(settings: OtlpSettings) -> _Transport:
     if settings.protocol == "grpc":
         return _GrpcTransport(endpoint=settings.endpoint)
     endpoint = settings.endpoint.rstrip("/") + "/v1/traces" if settings.endpoint else None
-    return _HttpTransport(endpoint=endpoint)
+    return _HttpTransport(endpoint=endpoint, session=_SessionCaWins())
 
 
 @dataclass

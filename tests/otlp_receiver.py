@@ -12,11 +12,13 @@ exporter's retry. Everything received is kept (thread-safe), including the raw r
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -122,12 +124,17 @@ class _Collector:
 class OtlpReceiver(_Collector):
     """In-process OTLP/gRPC TraceService on a free loopback port."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: tuple[bytes, bytes] | None = None) -> None:
+        """`tls`: (certificate chain PEM, private key PEM) to serve TLS only (endpoint https://)."""
         super().__init__()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:0")
-        self.endpoint = f"http://{host}:{self.port}"
+        if tls is None:
+            self.port = self._server.add_insecure_port(f"{host}:0")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(f"{host}:0", credentials)
+        self.endpoint = f"{'https' if tls else 'http'}://{host}:{self.port}"
         self._server.start()
 
     def _on_export(self, request: trace_service_pb2.ExportTraceServiceRequest,
@@ -156,7 +163,8 @@ class OtlpReceiver(_Collector):
 class OtlpHttpReceiver(_Collector):
     """In-process OTLP/HTTP (binary protobuf) trace receiver: POST /v1/traces."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate PEM file, key PEM file) to serve HTTPS only."""
         super().__init__()
         collector = self
 
@@ -182,8 +190,12 @@ class OtlpHttpReceiver(_Collector):
                 return
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls[0], tls[1])
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.endpoint = f"http://{host}:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

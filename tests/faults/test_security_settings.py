@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 import redis
 
@@ -28,9 +29,11 @@ from infra.procs import free_port, port_open, stop_pid
 from probe_agent.sinks import producer_config
 from stitcher.app import _credentials
 from stitcher.deadletter import DeadLetterProducer
+from stitcher.otlp import OtlpSettings, OtlpSpanExporter
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.state_redis import RedisStateStore
-from tests.integration.stitch_harness import WEFT, StitchRun
+from tests.integration.stitch_harness import WEFT, StitchRun, rebuild_spans
+from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
 
 PASSWORD = "tls-and-auth-5e1f"
@@ -58,13 +61,24 @@ def _signed_pair(tmp_path: Path, name: str, ca: Path, ca_key: Path, subject: str
     return cert, key
 
 
-def _tls_redis(tmp_path: Path, auth_clients: str) -> Iterator[TlsRedis]:
-    """redis-server speaking only TLS (certificate for 127.0.0.1 signed by a CA made here),
-    requiring a password, and a client certificate when auth_clients is "yes"."""
+def _ca(tmp_path: Path) -> tuple[Path, Path]:
+    """A CA of this test's own: (certificate, key)."""
     ca_key, ca = tmp_path / "ca.key", tmp_path / "ca.crt"
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
              "-days", "1", "-subj", "/CN=weft-test-ca")
-    cert, key = _signed_pair(tmp_path, "srv", ca, ca_key, "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n")
+    return ca, ca_key
+
+
+def _server_pair(tmp_path: Path, ca: Path, ca_key: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 signed by `ca`: (certificate, key)."""
+    return _signed_pair(tmp_path, "srv", ca, ca_key, "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n")
+
+
+def _tls_redis(tmp_path: Path, auth_clients: str) -> Iterator[TlsRedis]:
+    """redis-server speaking only TLS (certificate for 127.0.0.1 signed by a CA made here),
+    requiring a password, and a client certificate when auth_clients is "yes"."""
+    ca, ca_key = _ca(tmp_path)
+    cert, key = _server_pair(tmp_path, ca, ca_key)
     client_cert, client_key = _signed_pair(tmp_path, "client", ca, ca_key, "/CN=weft-stitch",
                                            "extendedKeyUsage=clientAuth\n")
     port = free_port()
@@ -158,3 +172,44 @@ def test_kafka_security_settings_reach_every_client(tmp_path: Path) -> None:
                                                           "WEFT_KAFKA_SASL_MECHANISM": ""})
     assert _credentials(plain_ssl).context.get_ca_certs()
     assert _credentials(load_section(KafkaSettings, "kafka", env={})) is None
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_otlp_export_over_tls_trusts_only_the_ca_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          protocol: str) -> None:
+    """A collector that speaks only TLS, with a certificate from a private CA: the stitcher's
+    exporter reaches it with OTEL_EXPORTER_OTLP_CERTIFICATE (the standard variable) even where
+    REQUESTS_CA_BUNDLE is set, and without it refuses the server (the spans are counted as
+    failed; none is sent in clear)."""
+    ca, ca_key = _ca(tmp_path)
+    cert, key = _server_pair(tmp_path, ca, ca_key)
+    sim = Simulation(SimConfig(nodes=2, rps=10, seconds=1, seed=3))
+    sim.run()
+    spans = rebuild_spans(interleaved_frames(sim), sim.node_names)
+    assert spans
+
+    def receiver() -> OtlpReceiver | OtlpHttpReceiver:
+        if protocol == "grpc":
+            return OtlpReceiver(tls=(cert.read_bytes(), key.read_bytes()))
+        return OtlpHttpReceiver(tls=(cert, key))
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "3")       # seconds: bounds the refused case
+    # as many base images do: requests would let this bundle replace the collector's CA
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    with receiver() as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca))
+        with OtlpSpanExporter(OtlpSettings.from_env()) as exporter:
+            exporter.export(spans)
+            got = rx.wait_for(len(spans), timeout=30)
+        assert sorted(r.span_id for r in got) == sorted(sp.span_id for sp in spans)
+        assert (exporter.stats.exported, exporter.stats.failed) == (len(spans), 0)
+    with receiver() as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_CERTIFICATE")
+        exporter = OtlpSpanExporter(OtlpSettings.from_env())
+        exporter.export(spans)
+        exporter.shutdown(timeout_s=60)
+        assert (exporter.stats.exported, exporter.stats.failed) == (0, len(spans))
+        assert rx.spans == []
