@@ -51,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, TryAgainError
 
 from stitcher.engine.store import (
     FLOOR_LIMIT,
@@ -673,9 +673,8 @@ class RedisStateStore(StateStore):
                 pipe.evalsha(self._sha, len(keys), *keys, *argv)
             try:
                 answers = pipe.execute()
-            except redis.ResponseError as exc:
-                if str(exc).startswith(("MOVED", "ASK")):
-                    self._redis.nodes_manager.initialize()
+            except (AskError, TryAgainError, ClusterDownError):   # AskError includes MovedError
+                self._redis.nodes_manager.initialize()
                 raise
             for i, answer in zip(indexes, answers, strict=True):
                 replies[i] = answer

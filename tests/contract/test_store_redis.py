@@ -187,6 +187,33 @@ def test_lease_is_exclusive_and_fences_writes(redis_settings: RedisSettings) -> 
     waiter.release()
 
 
+def test_cluster_batch_after_a_slot_moved_fails_once_then_lands(redis_cluster: list[int]) -> None:
+    """A slot moves to another primary (resharding) after the store read the slot map: the batch
+    fails with a store error (the worker retries a failed batch whole, and merges are safe to
+    redo), the store reads the map again, and the retry lands on the new owner."""
+    flush_all(redis_cluster)
+    store = RedisStateStore(RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0"), cluster=True)
+    key = "w:{moving}:s"
+    store.apply([SAdd(key, ("before",))])
+    slot = key_slot(key.encode())
+    clients = {port: redis.Redis(port=port, decode_responses=True) for port in redis_cluster}
+    ids = {port: c.execute_command("CLUSTER", "MYID") for port, c in clients.items()}
+    source = next(p for p, c in clients.items() if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+    target = next(p for p in redis_cluster if p != source)
+    clients[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    clients[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", key)
+    for c in clients.values():
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    with pytest.raises(redis.RedisError):
+        store.apply([SAdd(key, ("after",))])
+    store.apply([SAdd(key, ("after",))])
+    assert clients[target].smembers(key) == {"before", "after"}
+    assert store.load(sets=[key]).sets[key] == {"before", "after"}
+    for c in clients.values():
+        c.close()
+
+
 def test_cluster_lease_is_exclusive_and_refuses_a_stalled_holder(redis_cluster: list[int]) -> None:
     """On Cluster the lease is read just before a batch is written (no script can check it with
     the writes): a holder that stalled past its expiry while computing is refused."""
