@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra.services import LocalInfra
-from tests.redis_cluster import running_cluster
+from tests.redis_cluster import LocalCluster, running_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,10 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
-    """A real three-primary Redis Cluster for the session (client ports of its primaries)."""
-    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
-        yield ports
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-primary, password-protected Redis Cluster for the session."""
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

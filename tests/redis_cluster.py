@@ -1,5 +1,6 @@
 """A real Redis Cluster for tests: three primaries (Debian's redis-server, cluster mode) on free
-loopback ports, the 16384 slots split between them, no replicas, no persistence.
+loopback ports, the 16384 slots split between them, no replicas, no persistence, and a password
+(`requirepass`, `masterauth`), so Weft's clients reach it only with the auth settings.
 
 Set up with CLUSTER ADDSLOTSRANGE / CLUSTER MEET through redis-py rather than
 `redis-cli --cluster create`, so it needs nothing beyond the redis-server package.
@@ -11,19 +12,48 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from infra.redis_server import HOST, redis_bin
 from tests.workloads.servers import free_port
+from weft.config import RedisSettings
 
 SLOTS = 16384
+PASSWORD = "cluster-auth-77c1"
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    ports: list[int]          # the primaries' client ports; any one is a seed for clients
+    password: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.ports[0]}/0"
+
+    def settings(self, **overrides: Any) -> RedisSettings:
+        """Weft's Redis settings for this cluster (the password as `redis.password`)."""
+        return RedisSettings(url=self.url, password=self.password, **overrides)
+
+    def node(self, port: int, decode: bool = True) -> redis.Redis:
+        """A plain client of one primary (keys it does not own answer MOVED)."""
+        return redis.Redis(host=HOST, port=port, password=self.password, decode_responses=decode)
+
+    def flush(self) -> None:
+        """Empty every primary (a test's fresh, empty store)."""
+        for port in self.ports:
+            client = self.node(port)
+            client.flushall()
+            client.close()
 
 
 @contextmanager
-def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) -> Iterator[list[int]]:
-    """Start the cluster; yields the primaries' client ports (any one is a seed for clients)."""
+def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) -> Iterator[LocalCluster]:
+    """Start the cluster and yield it; stopped (exactly the processes started) on exit."""
     ports = [(free_port(HOST), free_port(HOST)) for _ in range(primaries)]  # (client, cluster bus)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -34,9 +64,11 @@ def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) 
                 [redis_bin(), "--bind", HOST, "--port", str(port), "--cluster-enabled", "yes",
                  "--cluster-port", str(bus), "--cluster-config-file", str(node_dir / "nodes.conf"),
                  "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+                 "--requirepass", PASSWORD, "--masterauth", PASSWORD,
                  "--logfile", str(node_dir / "log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        clients = [redis.Redis(host=HOST, port=port, socket_timeout=5) for port, _ in ports]
+        clients = [redis.Redis(host=HOST, port=port, password=PASSWORD, socket_timeout=5)
+                   for port, _ in ports]
         _until(lambda: all(_pings(c) for c in clients), timeout_s, procs, "cluster nodes did not start")
         share = SLOTS // primaries
         for i, client in enumerate(clients):
@@ -47,7 +79,7 @@ def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) 
         _until(lambda: all(_ready(c, primaries) for c in clients), timeout_s, procs, "cluster did not form")
         for client in clients:
             client.close()
-        yield [port for port, _ in ports]
+        yield LocalCluster([port for port, _ in ports], PASSWORD)
     finally:
         for proc in procs:
             proc.terminate()
@@ -58,18 +90,10 @@ def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) 
                 proc.kill()
 
 
-def flush_all(ports: list[int]) -> None:
-    """Empty every primary (a test's fresh, empty store)."""
-    for port in ports:
-        client = redis.Redis(host=HOST, port=port)
-        client.flushall()
-        client.close()
-
-
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
-    except redis.ConnectionError:
+    except (redis.ConnectionError, redis.AuthenticationError):
         return False
 
 

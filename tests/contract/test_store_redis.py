@@ -20,7 +20,7 @@ from stitcher.engine.store import Delete, HMax, HMin, HSetNX, Op, SAdd, SRem, St
 from stitcher.state_memory import MemoryStateStore
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore, hash_slot
 from tests.contract.store_contract import StoreContract
-from tests.redis_cluster import flush_all
+from tests.redis_cluster import LocalCluster
 from weft.config import RedisSettings
 
 pytestmark = pytest.mark.infra
@@ -52,9 +52,9 @@ class TestRedisClusterStore(StoreContract):
     each slot's script call sent to the primary that owns it."""
 
     @pytest.fixture(autouse=True)
-    def _cluster(self, redis_cluster: list[int]) -> None:
-        flush_all(redis_cluster)
-        self.settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0", key_ttl_s=120)
+    def _cluster(self, redis_cluster: LocalCluster) -> None:
+        redis_cluster.flush()
+        self.settings = redis_cluster.settings(key_ttl_s=120)
 
     def make_store(self) -> StateStore:
         return RedisStateStore(self.settings, cluster=True)
@@ -91,9 +91,9 @@ def test_script_is_reloaded_after_script_flush(redis_settings: RedisSettings) ->
     assert store.load(sets=["w:{t}:s"]).sets["w:{t}:s"] == {"a"}
 
 
-def test_cluster_split_keeps_each_call_in_one_slot(redis_cluster: list[int]) -> None:
-    flush_all(redis_cluster)
-    settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0", key_ttl_s=120)
+def test_cluster_split_keeps_each_call_in_one_slot(redis_cluster: LocalCluster) -> None:
+    redis_cluster.flush()
+    settings = redis_cluster.settings(key_ttl_s=120)
     store = RedisStateStore(settings, cluster=True)
     ops: list[Op] = [SAdd(f"w:{{n{i % 9}}}:s{i}", (str(i),)) for i in range(40)]
     calls = store._calls(ops)
@@ -106,17 +106,17 @@ def test_cluster_split_keeps_each_call_in_one_slot(redis_cluster: list[int]) -> 
     store.apply(ops)
     assert store.load(sets=["w:{n3}:s12"]).sets["w:{n3}:s12"] == {"12"}
     owners = {store.client.get_node_from_key(op.key).name for op in ops}
-    assert len(owners) == len(redis_cluster)   # the batch really spanned every primary
+    assert len(owners) == len(redis_cluster.ports)   # the batch really spanned every primary
     for op in ops:
         assert 0 < store.client.ttl(op.key) <= settings.key_ttl_s, op.key
 
 
-def test_cluster_script_is_reloaded_after_script_flush(redis_cluster: list[int]) -> None:
+def test_cluster_script_is_reloaded_after_script_flush(redis_cluster: LocalCluster) -> None:
     """A primary that lost the script (restart, SCRIPT FLUSH) gets it again; the batch lands."""
-    flush_all(redis_cluster)
-    store = RedisStateStore(RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0"), cluster=True)
-    for port in redis_cluster:
-        redis.Redis(port=port).script_flush()
+    redis_cluster.flush()
+    store = RedisStateStore(redis_cluster.settings(), cluster=True)
+    for port in redis_cluster.ports:
+        redis_cluster.node(port).script_flush()
     ops: list[Op] = [HSetNX(f"w:{{k{i}}}:h", "f", str(i)) for i in range(30)]
     store.apply(ops)
     loaded = store.load(hashes=[op.key for op in ops]).hashes
@@ -187,22 +187,23 @@ def test_lease_is_exclusive_and_fences_writes(redis_settings: RedisSettings) -> 
     waiter.release()
 
 
-def test_cluster_batch_after_a_slot_moved_fails_once_then_lands(redis_cluster: list[int]) -> None:
+def test_cluster_batch_after_a_slot_moved_fails_once_then_lands(redis_cluster: LocalCluster) -> None:
     """A slot moves to another primary (resharding) after the store read the slot map: the batch
     fails with a store error (the worker retries a failed batch whole, and merges are safe to
     redo), the store reads the map again, and the retry lands on the new owner."""
-    flush_all(redis_cluster)
-    store = RedisStateStore(RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0"), cluster=True)
+    redis_cluster.flush()
+    store = RedisStateStore(redis_cluster.settings(), cluster=True)
     key = "w:{moving}:s"
     store.apply([SAdd(key, ("before",))])
     slot = key_slot(key.encode())
-    clients = {port: redis.Redis(port=port, decode_responses=True) for port in redis_cluster}
+    clients = {port: redis_cluster.node(port) for port in redis_cluster.ports}
     ids = {port: c.execute_command("CLUSTER", "MYID") for port, c in clients.items()}
     source = next(p for p, c in clients.items() if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
-    target = next(p for p in redis_cluster if p != source)
+    target = next(p for p in redis_cluster.ports if p != source)
     clients[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
     clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-    clients[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", key)
+    clients[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "AUTH", redis_cluster.password, "KEYS", key)
     for c in clients.values():
         c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
     with pytest.raises(redis.RedisError):
@@ -214,11 +215,11 @@ def test_cluster_batch_after_a_slot_moved_fails_once_then_lands(redis_cluster: l
         c.close()
 
 
-def test_cluster_lease_is_exclusive_and_refuses_a_stalled_holder(redis_cluster: list[int]) -> None:
+def test_cluster_lease_is_exclusive_and_refuses_a_stalled_holder(redis_cluster: LocalCluster) -> None:
     """On Cluster the lease is read just before a batch is written (no script can check it with
     the writes): a holder that stalled past its expiry while computing is refused."""
-    flush_all(redis_cluster)
-    settings = RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0")
+    redis_cluster.flush()
+    settings = redis_cluster.settings()
     a, b = RedisStateStore(settings, cluster=True), RedisStateStore(settings, cluster=True)
     lease_a, lease_b = a.lease(ttl_ms=200), b.lease(ttl_ms=5000)
     assert lease_a.try_acquire()

@@ -7,25 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from stitcher.engine import Engine, Span
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.state_redis import RedisStateStore
 from tests.integration.stitch_harness import StitchRun, rebuild_spans, received_bytes, span_bytes
 from tests.otlp_receiver import OtlpReceiver
-from tests.redis_cluster import flush_all
-from weft.config import RedisSettings
+from tests.redis_cluster import LocalCluster
 
 
-def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_cluster: list[int]) -> None:
-    flush_all(redis_cluster)
+def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_cluster: LocalCluster) -> None:
+    redis_cluster.flush()
     sim = Simulation(SimConfig(nodes=4, rps=120, seconds=3.0, seed=11))
     sim.run()
     frames = list(interleaved_frames(sim))
     expected = rebuild_spans(frames, sim.node_names)
-    store = RedisStateStore(RedisSettings(url=f"redis://127.0.0.1:{redis_cluster[0]}/0"), cluster=True,
-                            namespace="cl:")
+    store = RedisStateStore(redis_cluster.settings(), cluster=True, namespace="cl:")
     lease = store.lease(ttl_ms=30_000)
     assert lease.try_acquire()
     engine = Engine(store)
@@ -40,8 +37,8 @@ def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_clust
     assert len(expected) > 1000
     assert span_bytes(spans) == span_bytes(expected)
     # the state really was spread: every primary holds some of the engine's keys, each with a TTL
-    for port in redis_cluster:
-        node = redis.Redis(port=port, decode_responses=True)
+    for port in redis_cluster.ports:
+        node = redis_cluster.node(port)
         keys = node.keys("cl:w:*")
         assert keys, f"primary {port} holds none of the join state"
         assert all(node.ttl(k) > 0 for k in keys[:50])
@@ -51,19 +48,21 @@ def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_clust
 @pytest.mark.infra
 @pytest.mark.slow
 def test_two_stitch_workers_on_redis_cluster_export_exactly_the_rebuild(
-        infra: Any, redis_cluster: list[int], tmp_path: Path) -> None:
+        infra: Any, redis_cluster: LocalCluster, tmp_path: Path) -> None:
     """`weft stitch` with `stitch.cluster` on: two Faust workers, the real broker, the state on the
-    cluster, a real OTLP/gRPC receiver; each span exactly once, as the offline rebuild gives it."""
-    flush_all(redis_cluster)
+    password-protected cluster, a real OTLP/gRPC receiver; each span exactly once, as the offline
+    rebuild gives it."""
+    redis_cluster.flush()
     sim = Simulation(SimConfig(nodes=4, rps=25, seconds=3, seed=23))
     sim.run()
     expected = span_bytes(rebuild_spans(interleaved_frames(sim), sim.node_names))
     run = StitchRun.fresh(infra, sim.node_names, partitions=4)
-    run.redis_url = f"redis://127.0.0.1:{redis_cluster[0]}/0"
+    run.redis_url = redis_cluster.url
     with OtlpReceiver() as rx:
         try:
+            env = {"WEFT_STITCH_CLUSTER": "true", "WEFT_REDIS_PASSWORD": redis_cluster.password}
             for i in range(2):
-                run.start_worker(tmp_path / f"worker{i}.log", rx.endpoint, {"WEFT_STITCH_CLUSTER": "true"})
+                run.start_worker(tmp_path / f"worker{i}.log", rx.endpoint, env)
             run.wait_assigned(4)
             sent = run.produce(interleaved_frames(sim))
             rx.wait_for(len(expected), timeout=90)
@@ -74,7 +73,7 @@ def test_two_stitch_workers_on_redis_cluster_export_exactly_the_rebuild(
     assert codes == [0, 0], [w.tail() for w in run.workers]
     assert len(expected) > 300
     assert received == expected
-    for port in redis_cluster:     # the workers' join state is on every primary
-        node = redis.Redis(port=port)
+    for port in redis_cluster.ports:     # the workers' join state is on every primary
+        node = redis_cluster.node(port)
         assert node.keys(f"{run.namespace}w:*"), f"primary {port} holds none of the join state"
         node.close()

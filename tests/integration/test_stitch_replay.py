@@ -18,6 +18,7 @@ from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.state_memory import MemoryStateStore
 from tests.integration.stitch_harness import WEFT, StitchRun, rebuild_spans, received_bytes, span_bytes
 from tests.otlp_receiver import OtlpReceiver
+from tests.redis_cluster import LocalCluster
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
@@ -65,19 +66,21 @@ def test_replay_cli_with_redis_over_otlp(infra: Any, topic_with_frames: Frames) 
     assert f"{len(expected)} spans" in proc.stdout
 
 
-def test_replay_cli_on_redis_cluster(infra: Any, redis_cluster: list[int], topic_with_frames: Frames) -> None:
+def test_replay_cli_on_redis_cluster(infra: Any, redis_cluster: LocalCluster,
+                                     topic_with_frames: Frames) -> None:
     """With `stitch.cluster` on (as the workers run), `weft replay --store redis` keeps its state
     on the Redis Cluster too."""
     run, expected = topic_with_frames
-    url = f"redis://127.0.0.1:{redis_cluster[0]}/0"
     with OtlpReceiver() as rx:
-        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "WEFT_STITCH_CLUSTER": "true"}
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "WEFT_STITCH_CLUSTER": "true",
+               "WEFT_REDIS_PASSWORD": redis_cluster.password}
         proc = subprocess.run([WEFT, "replay", "--bootstrap", run.bootstrap, "--topic", run.raw_topic,
-                               "--store", "redis", "--redis-url", url, "--namespace", "replay-cl:", "--otlp"],
+                               "--store", "redis", "--redis-url", redis_cluster.url,
+                               "--namespace", "replay-cl:", "--otlp"],
                               env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert received_bytes(rx.requests) == expected
-    for port in redis_cluster:
-        node = redis.Redis(port=port)
+    for port in redis_cluster.ports:
+        node = redis_cluster.node(port)
         assert node.keys("replay-cl:w:*"), f"primary {port} holds none of the replay's state"
         node.close()
