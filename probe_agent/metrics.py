@@ -37,6 +37,9 @@ class AgentMetrics:
                                       "Kafka delivery or produce errors").labels(node)
         self.spool_bytes = gauge("weft_agent_spool_bytes", "bytes waiting in the spool").labels(node)
         self.spool_frames = gauge("weft_agent_spool_frames", "frames waiting in the spool").labels(node)
+        self.late_rounds = counter("weft_agent_late_rounds",
+                                   "poll rounds that started over 250 ms late: the agent was not "
+                                   "scheduled (CPU starved), and its rings filled meanwhile").labels(node)
         self.process_cache = gauge("weft_agent_process_cache_entries",
                                    "enrichment cache size").labels(node)
         self._kernel_seen: dict[tuple[str, str], int] = {}

@@ -69,6 +69,7 @@ _RAW_BAD = 1 << 62  # sentinel "record size" of kinds a ring does not carry
 # Raw spans are large (up to a whole ring after a burst) and are copied a few times on their
 # way out; glibc keeps such freed blocks in its heap. Hand them back after this many bytes.
 _TRIM_AFTER_BYTES = 8 << 20
+_LATE_ROUND_S = 0.25   # a round starting this late is logged and counted (late_rounds)
 
 
 @dataclass
@@ -293,9 +294,17 @@ class AgentRunner:
         """Poll until stopped, then shut down cleanly (see close())."""
         interval = self.settings.poll_interval_ms / 1000
         next_stats = next_fill = 0.0
+        due = time.monotonic()
         try:
             while not self._stop:
                 started = time.monotonic()
+                # A round that starts long after its time means the agent was not scheduled (a
+                # starved CPU): the kernel kept filling the rings meanwhile, so say so, as the
+                # likely cause of any loss the next counter read reports.
+                if started - due > _LATE_ROUND_S:
+                    self.metrics.late_rounds.inc()
+                    logger.warning("agent was not scheduled for %.0f ms (CPU starved); ring buffers "
+                                   "fill meanwhile", (started - due) * 1000)
                 self.step()
                 if started >= next_stats:
                     self.read_kernel_counters()
@@ -307,6 +316,7 @@ class AgentRunner:
                 if took > 2 * interval:
                     logger.info("slow round: %.0f ms", took * 1000)
                 time.sleep(max(0.0, interval - took))
+                due = started + max(interval, took)
         finally:
             self.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,3 +93,33 @@ def test_agent_publishes_frames_to_kafka_and_never_traces_its_own_traffic(infra:
     for e in events:
         body = getattr(e, str(e.WhichOneof("kind")))
         assert agent.pid not in (getattr(body, "pid", None), getattr(body, "parent_pid", None)), e
+
+
+def test_an_agent_that_was_not_scheduled_says_so(tmp_path: Path) -> None:
+    """A starved agent (here: stopped for a second) logs and counts the gap on its next round, the
+    likely cause of any ring-buffer loss it reports next."""
+    log = tmp_path / "agent.log"
+    env = {**os.environ, "WEFT_RUN_DIR": str(tmp_path / "run")}
+    with open(log, "wb") as fh:
+        argv = [*WEFT, "-v", "agent", "--node", "starved", "--capture", str(tmp_path / "c.wcap")]
+        agent = subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "weft agent starved:" not in log.read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        agent.send_signal(signal.SIGSTOP)
+        time.sleep(1.2)
+        agent.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not _gaps(log) or max(_gaps(log)) < 1000:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert max(_gaps(log)) < 10_000
+
+
+def _gaps(log: Path) -> list[int]:
+    return [int(ms) for ms in re.findall(r"agent was not scheduled for (\d+) ms", log.read_text())]
