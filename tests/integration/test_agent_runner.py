@@ -164,10 +164,11 @@ def test_budgeted_rounds_lose_nothing_and_hold_the_watermark_until_the_rings_are
 @pytest.mark.parametrize("reader", ["mmap", "bcc"])
 def test_both_ring_readers_deliver_every_record_through_many_wrap_arounds(
         tmp_path: Path, reader: str) -> None:
-    # A 16 KiB ring: 200 children (spawn, exec and exit records, ~270 bytes each) wrap it three
-    # times; a round per millisecond keeps it from filling (the whole machine's processes
-    # write to it too).
-    settings = AgentSettings(node="r3", ring_pages=4, poll_interval_ms=1, ring_reader=reader)
+    # A 32 KiB ring: 200 children (spawn, exec and exit records, ~270 bytes each: ~160 KiB) wrap
+    # it about five times; a round per millisecond keeps it from filling. (The whole machine's
+    # processes write to it too: at 16 KiB a 10 ms hiccup of this thread under `make test` lost
+    # a record once.)
+    settings = AgentSettings(node="r3", ring_pages=8, poll_interval_ms=1, ring_reader=reader)
     metrics = AgentMetrics("r3")
     capture = tmp_path / "r3.wcap"
     runner = AgentRunner(settings, CaptureSink(capture, "r3", metrics), metrics,
