@@ -23,6 +23,7 @@ enum weft_kind {
     WEFT_KIND_CONN_CLOSE = 5,
     WEFT_KIND_HTTP = 6,
     WEFT_KIND_GO_SPAWN = 7, /* bpf/go_runtime.bpf.c */
+    WEFT_KIND_HTTP_LOST = 8, /* an HTTP record the ring had no room for: its thread and times */
 };
 
 struct weft_hdr {

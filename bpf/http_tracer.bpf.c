@@ -71,6 +71,7 @@ enum http_stat {
     HST_ADOPTED = 4,
     HST_NOT_HTTP = 5,
     HST_CONN_RING_FULL = 6, /* connection records lost (their own ring was full) */
+    HST_UNMARKED = 7,       /* HTTP records lost with no lost-request marker either (both rings full) */
 };
 
 enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
@@ -141,6 +142,22 @@ struct conn_rec {
     struct tuple t;
 };
 _Static_assert(sizeof(struct conn_rec) == 96, "conn_rec layout changed: update probe_agent/probes/http.py");
+
+/* What is left of a request whose record the HTTP ring had no room for, sent through the
+ * connection ring: enough for the stitcher to know the request existed on its thread (or
+ * goroutine) and connection at those times, so that it never links a call to the wrong one of
+ * two concurrent requests because the right one went missing. */
+struct lost_rec {
+    struct weft_hdr hdr; /* ts_ns = the request's start, pid/tid = its thread */
+    u64 cookie;
+    u64 end_ns;
+    u64 goid;
+    u32 seq;
+    u8 has_seq;
+    u8 pad[3];
+    struct tuple t;
+};
+_Static_assert(sizeof(struct lost_rec) == 104, "lost_rec layout changed: update schemas/records.py");
 
 struct conn {
     u64 cookie;
@@ -385,14 +402,66 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, char *sk, u8 role, u8
 
 /* ---------- requests ---------- */
 
+static __always_inline void emit_lost(struct conn *c, struct req *q, u64 end_ns)
+{
+    struct lost_rec *l = conn_events.ringbuf_reserve(sizeof(struct lost_rec));
+    if (!l) {
+        weft_stat(HST_UNMARKED);
+        return;
+    }
+    l->hdr.ts_ns = q->start_ns;
+    l->hdr.cgroup_id = c->cgroup;
+    l->hdr.pid = q->pid;
+    l->hdr.tid = q->tid;
+    l->hdr.kind = WEFT_KIND_HTTP_LOST;
+    l->hdr.version = WEFT_ABI_VERSION;
+    l->hdr.reserved = 0;
+    l->cookie = c->cookie;
+    l->end_ns = end_ns;
+    l->goid = q->goid;
+    l->seq = q->seq;
+    l->has_seq = q->has_seq;
+    __builtin_memset(l->pad, 0, sizeof(l->pad));
+    __builtin_memcpy(&l->t, &c->t, sizeof(struct tuple));
+    conn_events.ringbuf_submit(l, 0);
+}
+
+#if WEFT_INJECT
+/* WEFT-INJECT: a finished server request's context leaves its thread (kind NONE, the slot kept
+ * for the thread's next request: no LRU free + alloc per request) — whether or not its record
+ * found room in the ring, or the thread's next calls would carry a stale context. */
+static __always_inline void end_ctx(struct weft_tpctx *x, u32 owner)
+{
+    if (x->kind != WEFT_CTX_ASSIGNED)
+        return;
+    struct weft_tpctx *live = weft_ctx.lookup(&owner);
+    if (live && live->kind == WEFT_CTX_AMBIGUOUS) {
+        if (live->open <= 1) {
+            live->kind = WEFT_CTX_NONE;
+            live->open = 0;
+        } else {
+            live->open--;
+        }
+    } else if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial) {
+        live->kind = WEFT_CTX_NONE;
+        live->open = 0;
+    }
+}
+#endif
+
 static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u64 end_ns)
 {
     struct req *q = &c->q[idx & (NQ - 1)];
+#if WEFT_INJECT
+    struct weft_tpctx *x = &c->qctx[idx & (NQ - 1)];
+    end_ctx(x, q->tid);
+#endif
     struct http_rec *r = http_events.ringbuf_reserve(sizeof(struct http_rec));
     if (!r) /* measured: a reservation now and then fails with the ring nearly empty, and a */
         r = http_events.ringbuf_reserve(sizeof(struct http_rec)); /* second try mostly succeeds */
     if (!r) {
         weft_stat(HST_RING_FULL);
+        emit_lost(c, q, end_ns);
         return;
     }
     r->hdr.ts_ns = q->start_ns;
@@ -405,26 +474,8 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
     r->cookie = c->cookie;
     __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
     __builtin_memcpy(&r->r, q, sizeof(struct req));
-    /* WEFT-INJECT: the request's ids; a finished server request's context is cleared (kind
-     * NONE, the slot kept for the thread's next request: no LRU free + alloc per request) */
 #if WEFT_INJECT
-    struct weft_tpctx *x = &c->qctx[idx & (NQ - 1)];
-    __builtin_memcpy(&r->inj, x, sizeof(struct weft_tpctx));
-    if (x->kind == WEFT_CTX_ASSIGNED) {
-        u32 owner = q->tid;
-        struct weft_tpctx *live = weft_ctx.lookup(&owner);
-        if (live && live->kind == WEFT_CTX_AMBIGUOUS) {
-            if (live->open <= 1) {
-                live->kind = WEFT_CTX_NONE;
-                live->open = 0;
-            } else {
-                live->open--;
-            }
-        } else if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial) {
-            live->kind = WEFT_CTX_NONE;
-            live->open = 0;
-        }
-    }
+    __builtin_memcpy(&r->inj, x, sizeof(struct weft_tpctx)); /* the request's ids */
 #else
     __builtin_memset(&r->inj, 0, sizeof(struct weft_tpctx));
 #endif

@@ -46,6 +46,7 @@ from probe_agent.ringbuf import MappedRing, framed_size, usable
 from probe_agent.sinks import FrameSink
 from schemas import records
 from schemas import weft_events_pb2 as pb
+from schemas.codec import REQUEST_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class AgentRunner:
         self._raw_bytes = 0  # passthrough bytes read since the heap was last trimmed
         self._libc: Any = None
         self.lost_records = 0
+        self._unmarked_seen: dict[str, int] = {}  # probe -> its kernel's "unmarked" counter, last read
 
     # -- start -----------------------------------------------------------------------------
 
@@ -392,7 +394,7 @@ class AgentRunner:
             if kind == "process":
                 self._on_exec(event, batch)
                 continue
-            ts = body.start_ns if kind == "http" else body.ts_ns
+            ts = body.start_ns if kind in REQUEST_KINDS else body.ts_ns
             pid = body.parent_pid if kind == "thread_spawn" else body.pid
             if pid == self_pid:
                 continue  # belt and braces: the kernel side already skips the agent
@@ -587,11 +589,18 @@ class AgentRunner:
                 logger.debug("probe %s: cannot read %s: %s", loaded.probe.name,
                              loaded.probe.stats_map, exc)
                 continue
+            unmarked = totals.get("unmarked", 0) - self._unmarked_seen.get(loaded.probe.name, 0)
+            self._unmarked_seen[loaded.probe.name] = totals.get("unmarked", 0)
             lost = self.metrics.kernel_counters(loaded.probe.name, totals)
             if lost:
                 self.lost_records += lost
-                logger.warning("probe %s: the kernel lost %d records (ring buffer full)",
-                               loaded.probe.name, lost)
+                # an HTTP record lost to a full ring still leaves a LostRequest marker (the
+                # stitcher then declines links it can no longer be sure of) unless that ring
+                # was full as well
+                logger.warning("probe %s: the kernel lost %d records (ring buffer full)%s",
+                               loaded.probe.name, lost,
+                               f"; {unmarked} HTTP requests without even a lost-request marker: "
+                               "links through them may be wrong" if unmarked > 0 else "")
         self.metrics.process_cache.set(len(self.processes))
 
     def _log_kernel_counters(self) -> None:

@@ -78,12 +78,15 @@ _FIELD_BY_TYPE: dict[type, str] = {
 
 
 def event_time_ns(event: pb.Event) -> int:
-    """The time an event is ordered by: its ts_ns, or an HTTP request's start."""
+    """The time an event is ordered by: its ts_ns, or an HTTP request's start (lost or not)."""
     kind = event.WhichOneof("kind")
     if kind is None:
         return 0
     body = getattr(event, kind)
-    return int(body.start_ns if kind == "http" else body.ts_ns)
+    return int(body.start_ns if kind in REQUEST_KINDS else body.ts_ns)
+
+
+REQUEST_KINDS = frozenset({"http", "lost_http"})
 
 
 def make_frame(node: str, events: list[pb.Event], *, agent_instance: int = 0, seq: int = 0) -> pb.Frame:

@@ -18,6 +18,10 @@ record the request's start (= req.start), so a reader orders records by their he
     kind 4/5 conn open/close  header | cookie u64 | bytes_sent u64 | bytes_recv u64 | tuple (96 B)
     kind 6 HTTP           header | cookie u64 | tuple | req | tpctx                      (512 B)
     kind 7 goroutine spawn    header | parent_goid u64 | child_goid u64                  (48 B)
+    kind 8 lost HTTP      header | cookie u64 | end u64 | goid u64 | seq u32 | has_seq u8 | pad[3]
+                          | tuple                                                        (104 B)
+                          (an HTTP record the HTTP ring had no room for, sent through the
+                          connection ring: the request's thread, connection and times only)
 
     tuple := laddr[16] raddr[16] lport u16 rport u16 family u8 role u8 mid_stream u8 pad
     req   := start u64 end u64 pid u32 tid u32 seq u32 status u16 has_seq u8 flags u8
@@ -61,13 +65,14 @@ class Kind(enum.IntEnum):
     CONN_CLOSE = 5
     HTTP = 6
     GO_SPAWN = 7
+    HTTP_LOST = 8
 
 
 # The schema event kind (pb.Event oneof name) each record kind decodes to.
 EVENT_KIND_OF: dict[int, str] = {
     Kind.THREAD_SPAWN: "thread_spawn", Kind.TASK_EXIT: "task_exit", Kind.EXEC: "process",
     Kind.CONN_OPEN: "conn_open", Kind.CONN_CLOSE: "conn_close", Kind.HTTP: "http",
-    Kind.GO_SPAWN: "goroutine_spawn",
+    Kind.GO_SPAWN: "goroutine_spawn", Kind.HTTP_LOST: "lost_http",
 }
 
 
@@ -86,6 +91,7 @@ THREAD_SPAWN_BODY = struct.Struct("<II")  # child_pid, child_tid
 EXEC_FIXED = struct.Struct("<QII")  # start_ns, ppid, filename_len
 FILENAME_MAX = 128
 GO_SPAWN_BODY = struct.Struct("<QQ")  # parent_goid, child_goid
+LOST_BODY = struct.Struct("<QQQIB3x")  # cookie, end_ns, goid, seq, has_seq
 
 
 def _joined(*parts: struct.Struct) -> struct.Struct:
@@ -95,9 +101,11 @@ def _joined(*parts: struct.Struct) -> struct.Struct:
 HTTP_RECORD = _joined(HEADER, COOKIE, TUPLE, REQ, TPCTX)
 CONN_RECORD = _joined(HEADER, CONN_COUNTS, TUPLE)
 GO_SPAWN_RECORD = _joined(HEADER, GO_SPAWN_BODY)
+LOST_RECORD = _joined(HEADER, LOST_BODY, TUPLE)
 HTTP_SIZE = HTTP_RECORD.size  # 512, asserted in the C source
 CONN_SIZE = CONN_RECORD.size  # 96
 GO_SPAWN_SIZE = GO_SPAWN_RECORD.size  # 48
+LOST_SIZE = LOST_RECORD.size  # 104
 THREAD_SPAWN_SIZE = HEADER.size + THREAD_SPAWN_BODY.size  # 40
 EXIT_SIZE = HEADER.size
 EXEC_SIZE = HEADER.size + EXEC_FIXED.size + FILENAME_MAX
@@ -105,7 +113,7 @@ EXEC_SIZE = HEADER.size + EXEC_FIXED.size + FILENAME_MAX
 RECORD_SIZES: dict[int, int] = {
     Kind.THREAD_SPAWN: THREAD_SPAWN_SIZE, Kind.TASK_EXIT: EXIT_SIZE, Kind.EXEC: EXEC_SIZE,
     Kind.CONN_OPEN: CONN_SIZE, Kind.CONN_CLOSE: CONN_SIZE, Kind.HTTP: HTTP_SIZE,
-    Kind.GO_SPAWN: GO_SPAWN_SIZE,
+    Kind.GO_SPAWN: GO_SPAWN_SIZE, Kind.HTTP_LOST: LOST_SIZE,
 }
 
 AF_INET = 2
@@ -203,6 +211,21 @@ def _go_spawn(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
     spawn.pid, spawn.tid, spawn.parent_goid, spawn.child_goid = pid, tid, parent, child
 
 
+def _lost_http(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
+    (start, _cgroup, pid, tid, _kind, _version, _reserved, cookie, end, goid, seq, has_seq,
+     laddr, raddr, lport, rport, family, role, _mid) = LOST_RECORD.unpack_from(buf, off)
+    lost = event.lost_http
+    lost.role = ROLES.get(role, pb.ROLE_UNSPECIFIED)
+    lost.start_ns = start + offset_ns
+    if end:
+        lost.end_ns = end + offset_ns
+    lost.pid, lost.tid, lost.sock_cookie = pid, tid, cookie
+    if goid:
+        lost.goid = goid
+    _fill_tuple(lost.tuple, laddr, raddr, lport, rport, family)
+    lost.tcp_seq, lost.has_seq = seq, bool(has_seq)
+
+
 def _thread_spawn(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
     ts, _cgroup, pid, tid, _kind, _version, _reserved = HEADER.unpack_from(buf, off)
     child_pid, child_tid = THREAD_SPAWN_BODY.unpack_from(buf, off + HEADER.size)
@@ -235,6 +258,7 @@ def _exec(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
 FILLERS: dict[int, Filler] = {
     Kind.THREAD_SPAWN: _thread_spawn, Kind.TASK_EXIT: _task_exit, Kind.EXEC: _exec,
     Kind.CONN_OPEN: _conn, Kind.CONN_CLOSE: _conn, Kind.HTTP: _http, Kind.GO_SPAWN: _go_spawn,
+    Kind.HTTP_LOST: _lost_http,
 }
 
 

@@ -443,6 +443,61 @@ class HttpRequest(_message.Message):
 Global___HttpRequest: _TypeAlias = HttpRequest  # noqa: Y015
 
 @_typing.final
+class LostRequest(_message.Message):
+    """A request the agent knows happened but could not capture (the kernel's HTTP ring had no room
+    for its record): which thread, goroutine and connection it was on, and when. It is never
+    exported; the stitcher counts it as a candidate, so that a call made during it is not linked to
+    another request of the same thread (an event loop serving both) just because this one is
+    missing. Readers that predate it refuse a frame that holds one (an unknown event kind, or
+    record kind 8 in RawRecords): upgrade stitchers before agents.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    START_NS_FIELD_NUMBER: _builtins.int
+    END_NS_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    TID_FIELD_NUMBER: _builtins.int
+    GOID_FIELD_NUMBER: _builtins.int
+    SOCK_COOKIE_FIELD_NUMBER: _builtins.int
+    TUPLE_FIELD_NUMBER: _builtins.int
+    TCP_SEQ_FIELD_NUMBER: _builtins.int
+    HAS_SEQ_FIELD_NUMBER: _builtins.int
+    role: Global___Role.ValueType
+    start_ns: _builtins.int
+    end_ns: _builtins.int
+    pid: _builtins.int
+    tid: _builtins.int
+    goid: _builtins.int
+    sock_cookie: _builtins.int
+    tcp_seq: _builtins.int
+    has_seq: _builtins.bool
+    @_builtins.property
+    def tuple(self) -> Global___Tuple: ...
+    def __init__(
+        self,
+        *,
+        role: Global___Role.ValueType = ...,
+        start_ns: _builtins.int = ...,
+        end_ns: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        tid: _builtins.int = ...,
+        goid: _builtins.int = ...,
+        sock_cookie: _builtins.int = ...,
+        tuple: Global___Tuple | None = ...,
+        tcp_seq: _builtins.int = ...,
+        has_seq: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tuple", b"tuple"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ns", b"end_ns", "goid", b"goid", "has_seq", b"has_seq", "pid", b"pid", "role", b"role", "sock_cookie", b"sock_cookie", "start_ns", b"start_ns", "tcp_seq", b"tcp_seq", "tid", b"tid", "tuple", b"tuple"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostRequest: _TypeAlias = LostRequest  # noqa: Y015
+
+@_typing.final
 class Watermark(_message.Message):
     """"Every event of this node up to ts_ns has been published." """
 
@@ -524,6 +579,7 @@ class Event(_message.Message):
     HTTP_FIELD_NUMBER: _builtins.int
     WATERMARK_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    LOST_HTTP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def process(self) -> Global___ProcessInfo: ...
     @_builtins.property
@@ -544,6 +600,8 @@ class Event(_message.Message):
     def raw(self) -> Global___RawRecords:
         """schema v2; expanded by the codec, never seen by readers"""
 
+    @_builtins.property
+    def lost_http(self) -> Global___LostRequest: ...
     def __init__(
         self,
         *,
@@ -556,12 +614,13 @@ class Event(_message.Message):
         http: Global___HttpRequest | None = ...,
         watermark: Global___Watermark | None = ...,
         raw: Global___RawRecords | None = ...,
+        lost_http: Global___LostRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark", "raw"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark", "raw", "lost_http"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

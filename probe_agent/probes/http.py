@@ -25,6 +25,7 @@ from schemas.records import (  # the layouts, re-exported for tests/unit/test_bp
     COOKIE,
     HTTP_RECORD,
     HTTP_SIZE,
+    LOST_SIZE,
     REQ,
     TP_ASSIGNED,
     TP_INJECTED,
@@ -36,14 +37,15 @@ from schemas.records import (  # the layouts, re-exported for tests/unit/test_bp
 if TYPE_CHECKING:
     from bcc import BPF
 
-__all__ = ["CONN_RECORD", "CONN_SIZE", "COOKIE", "HTTP_RECORD", "HTTP_SIZE", "REQ", "TPCTX",
+__all__ = ["CONN_RECORD", "CONN_SIZE", "COOKIE", "HTTP_RECORD", "HTTP_SIZE", "LOST_SIZE", "REQ", "TPCTX",
            "TP_ASSIGNED", "TP_INJECTED", "TUPLE", "HttpProbe", "decode"]
 
 SCAN_MAX = 1024  # bytes of each read/write the kernel parses (power of two)
 WINDOW = 128  # bytes per parser run; SCAN_MAX / WINDOW tail calls at most (kernel limit 33)
 
 HTTP_KINDS = frozenset({Kind.HTTP})
-CONN_KINDS = frozenset({Kind.CONN_OPEN, Kind.CONN_CLOSE})
+# the connection ring also carries what is left of an HTTP record the HTTP ring had no room for
+CONN_KINDS = frozenset({Kind.CONN_OPEN, Kind.CONN_CLOSE, Kind.HTTP_LOST})
 
 
 def decode(raw: bytes, ktime_offset_ns: int) -> list[pb.Event]:
@@ -92,7 +94,7 @@ class HttpProbe:
     )
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http",
-                                 "conn_ring_full")
+                                 "conn_ring_full", "unmarked")
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         if platform.machine() != "x86_64":

@@ -66,6 +66,9 @@ def sample_events_current() -> list[pb.Event]:
     events = sample_events()
     events[0].process.runtime = "go"    # ProcessInfo.runtime = 8
     events[6].http.assigned_traceparent = "00-0af7651916cd43dd8448eb211c80319c-5fb1c3a6e2d40b17-01"  # = 19
+    events.append(wrap(pb.LostRequest(  # Event.lost_http = 10
+        role=pb.ROLE_SERVER, start_ns=T0 + 7, end_ns=T0 + 707, pid=4242, tid=4245, goid=10,
+        sock_cookie=31338, tuple=_tuple(5, 80), tcp_seq=0xFFFF_FFFD, has_seq=True)))
     return events
 
 

@@ -37,6 +37,7 @@ class LoadedProbe:
         for ring in probe.rings:
             self.bpf[ring.map_name.encode()].open_ring_buffer(self._callback(ring.decode))
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -52,7 +53,20 @@ class LoadedProbe:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
+            if self._paused.is_set():
+                time.sleep(0.01)
+                continue
             self.bpf.ring_buffer_poll(50)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop reading the rings for the block (as a starved agent would): they fill."""
+        self._paused.set()
+        time.sleep(0.2)  # let a poll in progress return
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def snapshot(self) -> list[pb.Event]:
         with self._lock:

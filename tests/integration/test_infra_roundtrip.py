@@ -42,7 +42,7 @@ def _read_values(path: Path) -> list[bytes]:
 
 def _frames() -> list[pb.Frame]:
     """One frame per kind (a lone event of that kind), then one frame with every kind."""
-    events = make_golden.sample_events()
+    events = make_golden.sample_events_current()
     frames = [make_frame("node-rt", [event], agent_instance=7, seq=i) for i, event in enumerate(events)]
     frames.append(make_frame("node-rt", events, agent_instance=7, seq=len(frames)))
     return frames

@@ -39,7 +39,8 @@ def test_header_layout_matches_common_h() -> None:
 
 
 def test_record_sizes_match_c_static_asserts() -> None:
-    assert static_sizes(http.HttpProbe.source) == {"http_rec": http.HTTP_SIZE, "conn_rec": http.CONN_SIZE}
+    assert static_sizes(http.HttpProbe.source) == {"http_rec": http.HTTP_SIZE, "conn_rec": http.CONN_SIZE,
+                                                   "lost_rec": http.LOST_SIZE}
     assert static_sizes(lineage.LineageProbe.source) == {
         "spawn_rec": lineage.SPAWN_SIZE,
         "exit_rec": lineage.EXIT_SIZE,

@@ -98,6 +98,18 @@ def golden_go_spawn_v1() -> bytes:
     return bytes(buf)
 
 
+def golden_lost_http_v1() -> bytes:
+    buf = bytearray(104)
+    header(buf, 8, 7_000, 70, 71)  # header time: the lost request's start
+    put(buf, 32, 0x5678, 8)  # sock cookie
+    put(buf, 40, 7_500, 8)  # end
+    put(buf, 48, 99, 8)  # goid
+    put(buf, 56, 0xFFFFFF00, 4)  # seq
+    put(buf, 60, 1, 1)  # has_seq
+    tuple_at(buf, 64, role=1)
+    return bytes(buf)
+
+
 def golden_thread_spawn_v1() -> bytes:
     buf = bytearray(40)
     header(buf, 1, 4_000, 40, 41)
@@ -143,6 +155,9 @@ GOLDEN: dict[int, list[tuple[str, bytes, str]]] = {
          f'role: ROLE_CLIENT {TUPLE_TEXT} bytes_sent: 300 bytes_received: 400 }}'),
         ("goroutine_spawn", golden_go_spawn_v1(),
          f'goroutine_spawn {{ ts_ns: {OFFSET + 3_000} pid: 30 tid: 31 parent_goid: 1 child_goid: 2 }}'),
+        ("lost_http", golden_lost_http_v1(),
+         f'lost_http {{ role: ROLE_SERVER start_ns: {OFFSET + 7_000} end_ns: {OFFSET + 7_500} pid: 70 '
+         f'tid: 71 goid: 99 sock_cookie: 22136 {TUPLE_TEXT} tcp_seq: 4294967040 has_seq: true }}'),
         ("thread_spawn", golden_thread_spawn_v1(),
          f'thread_spawn {{ ts_ns: {OFFSET + 4_000} parent_pid: 40 parent_tid: 41 child_pid: 42 '
          'child_tid: 43 new_process: true }'),
