@@ -39,6 +39,13 @@ How one frame is handled (`Engine.process`):
    depend on the order decisions happen in, and output must not. A parent cycle (malformed
    input only) is cut at `flush()`: its spans become roots flagged weft.unresolved.
 
+Lost requests: a pb.LostRequest (the kernel had no room for a request's record; the agent
+passes on its thread, connection and times) is indexed as a candidate like any request but is
+never a span. A question it answers alone gets no link (flag weft.parent_lost); beside another
+candidate it makes the question ambiguous. So a lost record costs recall, never precision: an
+event-loop thread serving two requests when a call starts is not taken for serving one because
+the other's record was lost.
+
 Late events: an HTTP request whose end is at or before the point already swept (possible only
 when its node had been timed out, or an agent broke its own watermark promise) cannot join
 decisions already made. It is exported at once as its own root with `weft.link=orphan` and
@@ -69,8 +76,10 @@ from stitcher.engine.lineage import (
 )
 from stitcher.engine.model import AttrValue, Resource, Span
 from stitcher.engine.records import (
+    ANY_FINGERPRINT,
     DUE_INDEX,
     EXPECT,
+    LOST,
     META,
     OUTBOX,
     ROLE_CLIENT,
@@ -79,6 +88,7 @@ from stitcher.engine.records import (
     WAITING,
     WM,
     Http,
+    canonical_tuple,
     due_key,
     inj_key,
     kids_key,
@@ -112,6 +122,8 @@ class EngineStats:
     emitted: int = 0
     nodes_timed_out: int = 0
     trace_mismatch: int = 0  # spans whose Weft-injected trace differs from their parent's
+    lost_requests: int = 0  # requests the agent could not capture (LostRequest): candidates only
+    parent_lost: int = 0    # spans whose parent is one of those: no link (weft.parent_lost)
     links: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
@@ -269,7 +281,32 @@ class Engine:
                 g = ev.goroutine_spawn
                 txn.hsetnx(f"{proc_prefix(node, g.pid)}:go:{g.child_goid}", "p",
                            f"{g.parent_goid}|{g.ts_ns}")
+            elif kind == "lost_http":
+                self._ingest_lost(txn, node, ev.lost_http, swept)
         return watermark
+
+    def _ingest_lost(self, txn: Txn, node: str, lost: pb.LostRequest, swept: int) -> None:
+        """A request the agent knows happened but could not capture goes into the same indexes
+        as a captured one, under a span id marked LOST (never a span itself): a question that
+        finds it as the only answer gets no link, and one that finds it beside another is
+        ambiguous — as it would have been had the record not been lost."""
+        start, end, role = lost.start_ns, lost.end_ns, lost.role
+        if invalid_reason(role, start, end):
+            self.stats.invalid += 1
+            return
+        self.stats.lost_requests += 1
+        if end <= swept:
+            return          # every question it could answer is settled
+        sid = LOST + span_id_hex(node, lost.pid, lost.sock_cookie, role, start)
+        if role == ROLE_SERVER:
+            lane = f"g{lost.goid}" if lost.goid else f"t{lost.tid}"
+            txn.zadd(f"{proc_prefix(node, lost.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
+            return
+        t = lost.tuple
+        canon = canonical_tuple(role, t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port)
+        if lost.has_seq:   # its method and path are lost too: it matches any fingerprint
+            txn.sadd(seq_key(lost.tcp_seq), (f"{start}|{end}|{sid}|{canon}|{ANY_FINGERPRINT}",))
+        txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(lost.has_seq)}")
 
     def flush(self) -> list[Span]:
         """End of input: settle every open question as if all watermarks had passed."""
@@ -486,6 +523,9 @@ class Engine:
                     deferred.append((max(rec.start + self._max_req, rec.end), sid))
                     continue
                 parent, link, ext, flag = answer
+                if parent.startswith(LOST):
+                    parent, link, ext, flag = "", "orphan", "", "parent_lost"
+                    stats.parent_lost += 1
             if flag == "ambiguous":
                 stats.ambiguous += 1
             stats.links[link] += 1
@@ -699,7 +739,8 @@ class Engine:
             matches: list[tuple[str, bool]] = []
             for member in txn.members(seq_key(rec.seq)):
                 s_s, e_s, csid, ccanon, fp = member.split("|", 4)
-                if fp == fingerprint and abs(int(s_s) - start) <= window and int(e_s) <= thr:
+                if fp in (fingerprint, ANY_FINGERPRINT) and abs(int(s_s) - start) <= window \
+                        and int(e_s) <= thr:
                     matches.append((csid, ccanon == canon))
             confirmed = [m for m in matches if m[1]]
             if len(confirmed) == 1:

@@ -30,6 +30,15 @@ def http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
         traceparent=traceparent, status=status, injected_traceparent=injected))
 
 
+def lost_http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
+              local: Endpoint, remote: Endpoint, seq: int | None = None, goid: int = 0) -> pb.Event:
+    """A request the agent could not capture: what the kernel still passed on (pb.LostRequest)."""
+    return wrap(pb.LostRequest(
+        role=pb.ROLE_SERVER if role == "server" else pb.ROLE_CLIENT, start_ns=start, end_ns=end,
+        pid=pid, tid=tid, goid=goid, sock_cookie=cookie, tuple=tuple_of(local, remote),
+        tcp_seq=seq or 0, has_seq=seq is not None))
+
+
 def process(pid: int, service: str, exe: str, ts: int, runtime: str = "") -> pb.Event:
     return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts,
                                runtime=runtime))

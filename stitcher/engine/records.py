@@ -21,6 +21,9 @@ numeric order in every backend.
     w:{c:<canon tuple>}      zset  score start µs, "<start>|<end>|<sid>|<has seq>": client requests
     w:{i:<span id hex>}      set   client requests that injected that traceparent span id
 
+A request the agent could not capture (pb.LostRequest) is indexed like the others under the
+span id LOST + <sid>, with fingerprint ANY_FINGERPRINT in `q:` sets; it has no span record.
+
 (The Redis store adds `w:{g}:nodever`, node → a stamp of the last batch that wrote its `{p:...}` keys,
 for its worker-local mirror; the engine never reads it.)
 """
@@ -40,6 +43,8 @@ WAITING = "w:{g}:waiting"
 OUTBOX = "w:{g}:outbox"      # emitted span ids whose export is not yet acknowledged
 ROLE_SERVER = pb.ROLE_SERVER
 ROLE_CLIENT = pb.ROLE_CLIENT
+LOST = "~"               # span id prefix of a request the agent could not capture (LostRequest)
+ANY_FINGERPRINT = "*"    # the fingerprint a lost client request matches with: its own is lost
 
 
 def n20(value: int) -> str:
@@ -139,7 +144,11 @@ class Http(NamedTuple):
         return f"{self.method} {self.path}"
 
     def canon_tuple(self) -> str:
-        """The connection named from the client's side: client end > server end."""
-        if self.role == ROLE_CLIENT:
-            return f"{self.laddr}:{self.lport}>{self.raddr}:{self.rport}"
-        return f"{self.raddr}:{self.rport}>{self.laddr}:{self.lport}"
+        return canonical_tuple(self.role, self.laddr, self.lport, self.raddr, self.rport)
+
+
+def canonical_tuple(role: int, laddr: str, lport: int, raddr: str, rport: int) -> str:
+    """The connection named from the client's side: client end > server end (addresses hex)."""
+    if role == ROLE_CLIENT:
+        return f"{laddr}:{lport}>{raddr}:{rport}"
+    return f"{raddr}:{rport}>{laddr}:{lport}"

@@ -19,12 +19,36 @@ from stitcher.state_memory import BatchedMemoryStateStore, MemoryStateStore
 NODES = 3
 
 
+LOST_EVERY = 7  # every 7th request of a node reaches the engine as a LostRequest only
+
+
+def _with_losses(frames: list[pb.Frame]) -> tuple[pb.Frame, ...]:
+    """The node's frames with every LOST_EVERY-th request replaced by what a full ring leaves of
+    it (a pb.LostRequest), so that the property covers lost requests too."""
+    out, n = [], 0
+    for frame in frames:
+        copy = pb.Frame()
+        copy.CopyFrom(frame)
+        for event in copy.events:
+            if event.WhichOneof("kind") != "http":
+                continue
+            n += 1
+            if n % LOST_EVERY == 0:
+                h = event.http
+                event.lost_http.CopyFrom(pb.LostRequest(
+                    role=h.role, start_ns=h.start_ns, end_ns=h.end_ns, pid=h.pid, tid=h.tid,
+                    goid=h.goid, sock_cookie=h.sock_cookie, tuple=h.tuple, tcp_seq=h.tcp_seq,
+                    has_seq=h.has_seq))
+        out.append(copy)
+    return tuple(out)
+
+
 @cache
 def _streams() -> tuple[tuple[pb.Frame, ...], ...]:
     # dup_rate=0: the property adds its own duplicates
     sim = Simulation(SimConfig(nodes=NODES, rps=12, seconds=1.0, seed=11, dup_rate=0.0))
     sim.run()
-    return tuple(tuple(sim.frames(n)) for n in range(NODES))
+    return tuple(_with_losses(list(sim.frames(n))) for n in range(NODES))
 
 
 def _stitch(frames: list[pb.Frame], batched: bool = False, cuts: Sequence[int] = ()) -> str:
@@ -86,3 +110,4 @@ def test_any_interleaving_and_duplication_gives_identical_output(
 
 def test_baseline_is_not_trivial() -> None:
     assert _baseline().count('"spanId"') > 30
+    assert '"weft.parent_lost"' in _baseline(), "no call lost its parent: the losses show nothing"

@@ -45,6 +45,19 @@ def cli(path: str, start: float, end: float, *, tid: int = 11, pid: int = 100, g
                   local=local, remote=remote, seq=seq, path=path, injected=injected)
 
 
+def lost_srv(start: float, end: float, *, tid: int = 11, pid: int = 100, goid: int = 0,
+             seq: int | None = None) -> pb.Event:
+    """A server request whose record the kernel could not deliver (pb.LostRequest)."""
+    return E.lost_http("server", pid=pid, tid=tid, goid=goid, start=t(start), end=t(end),
+                       cookie=next(_cookies), local=(A_IP, 80), remote=("192.0.2.1", 5000), seq=seq)
+
+
+def lost_cli(start: float, end: float, *, seq: int | None = None, local: tuple[str, int] = (A_IP, 40000),
+             remote: tuple[str, int] = (B_IP, 80)) -> pb.Event:
+    return E.lost_http("client", pid=100, tid=11, start=t(start), end=t(end), cookie=next(_cookies),
+                       local=local, remote=remote, seq=seq)
+
+
 def label(span: Span) -> str:
     pid = span.resource.pid
     suffix = "" if pid in (100, 200) else f"#{pid}"
@@ -80,6 +93,7 @@ class Case:
     links: dict[str, str] = field(default_factory=dict)   # label → weft.link
     ambiguous: int = 0
     go_unlinked: int = 0
+    parent_lost: int = 0
 
 
 def go_proc(ts_ms: float = -1000, pid: int = 100) -> pb.Event:
@@ -101,6 +115,30 @@ CASES = [
          {"A": [srv("/s1", 0, 100), srv("/s2", 20, 120), cli("/both", 50, 60), cli("/first", 10, 15)]},
          {"S/s1@A": "", "S/s2@A": "", "C/both@A": "", "C/first@A": "S/s1@A"},
          {"C/both@A": "orphan"}, ambiguous=1),
+    # A request whose record the kernel lost still counts as a candidate (pb.LostRequest): a
+    # lost record costs a link, never makes a wrong one.
+    Case("event loop, one of two containing requests lost: ambiguous, not linked to the other",
+         {"A": [srv("/s1", 0, 100), lost_srv(20, 120), cli("/both", 50, 60), cli("/first", 10, 15)]},
+         {"S/s1@A": "", "C/both@A": "", "C/first@A": "S/s1@A"},
+         {"C/both@A": "orphan"}, ambiguous=1),
+    Case("goroutine lane: the lost request is the one containing the call: no link, flagged",
+         {"A": [srv("/s1", 0, 30, goid=7), lost_srv(40, 100, goid=7), cli("/c", 50, 60, goid=7)]},
+         {"S/s1@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, parent_lost=1),
+    Case("a lost request on a spawning thread: the worker's call is not made a root",
+         {"A": [lost_srv(0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12)]},
+         {"C/c@A": ""}, {"C/c@A": "orphan"}, parent_lost=1),
+    Case("a lost request elsewhere on the thread changes nothing",
+         {"A": [lost_srv(0, 30), srv("/s2", 40, 70), cli("/c", 50, 60), lost_srv(80, 90)]},
+         {"S/s2@A": "", "C/c@A": "S/s2@A"}, {"C/c@A": "thread"}),
+    Case("cross-node: the seq matches a lost client only: no link, not the tuple fallback",
+         {"A": [lost_cli(10, 50, seq=777), cli("/b", 5, 60, local=(A_IP, 40000), remote=(B_IP, 80))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": ""}, {"S/b@B": "orphan"}, parent_lost=1),
+    Case("cross-node: the seq matches a captured client and a lost one: ambiguous",
+         {"A": [lost_cli(10, 50, seq=777),
+                cli("/b", 11, 49, seq=777, local=(A_IP, 40000), remote=(B_IP, 80))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
+         {"C/b@A": "", "S/b@B": ""}, {"S/b@B": "orphan"}, ambiguous=1),
     Case("a handler's spawned worker thread calls out",
          {"A": [srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12)]},
          {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "spawned_thread"}),
@@ -192,6 +230,8 @@ def test_rule(case: Case, store: StateStore) -> None:
         assert spans[lab].link == link, lab
     assert engine.stats.ambiguous == case.ambiguous
     assert engine.stats.go_unlinked == case.go_unlinked
+    assert engine.stats.parent_lost == case.parent_lost
+    assert sum(s.attr("weft.parent_lost") is True for s in spans.values()) == case.parent_lost
     # a trace is one tree: every child shares its parent's trace
     for s in spans.values():
         parent = next((p for p in spans.values() if p.span_id == s.parent_span_id), None)
