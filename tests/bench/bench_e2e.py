@@ -4,7 +4,8 @@ broker, Redis, `weft stitch`, six services; at concurrency 1, 8 and 64, each sus
 
 Metrics: e2e.precision and e2e.recall — the minimum over concurrency levels and hop types —
 e2e.recall.<hop type> (minimum over levels), and per level the root requests per second and
-the share of true spans Weft exported (e2e.c<N>.roots_per_s, e2e.c<N>.spans_found).
+the share of true spans Weft exported (e2e.c<N>.roots_per_s, e2e.c<N>.spans_found), and the
+spans left unlinked because the kernel lost their parent's record (e2e.c<N>.parent_lost).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def run(ctx: BenchContext) -> dict[str, float]:
             DemoPipeline.running(infra, Path(tmp)) as pipeline:
         for level in LEVELS:
             result = pipeline.app.drive(concurrency=level, seconds=seconds)
-            report = pipeline.verify(result, timeout_s=180).report
+            verified = pipeline.verify(result, timeout_s=180)
+            report = verified.report
             for hop, score in report.hops.items():
                 if score.produced:
                     precision.append(score.precision)
@@ -41,10 +43,14 @@ def run(ctx: BenchContext) -> dict[str, float]:
             figures[f"e2e.c{level}.spans_found"] = round(
                 1 - report.missing / report.spans_true, 6) if report.spans_true else 0.0
             figures[f"e2e.c{level}.failed_requests"] = result.failed
+            # calls whose parent's record the kernel lost (a LostRequest marker): left unlinked
+            parent_lost = sum(1 for s in verified.spans.values() if s.attributes.get("weft.parent_lost"))
+            figures[f"e2e.c{level}.parent_lost"] = parent_lost
             hops = ", ".join(f"{hop} {score.recall:.4f}" for hop, score in report.hops.items())
             ctx.console.print(f"concurrency {level}: {result.sent} roots in {result.seconds:.0f} s, "
                               f"precision {report.precision:.4%}, recall {report.recall:.4%}, "
                               f"missing {report.missing}, broken traces {report.broken_traces}, "
+                              f"parent lost {parent_lost}, "
                               f"recall per hop: {hops}")
     figures["e2e.precision"] = min(precision, default=1.0)
     figures["e2e.recall"] = min(recall, default=0.0)
