@@ -7,8 +7,9 @@ calls the downstream once from its own thread and once from a thread it spawns, 
 what the downstream saw. `... pooled PORT DOWNSTREAM_PORT`: the same, but every call goes through
 one worker thread created during the first request (a pool). `... client PORT`: sends the test's
 requests (one send, several sends, one with its own traceparent, a POST body, keep-alive) and
-prints one JSON line per request; `edges PORT` sends the fast path's edge cases (one JSON line
-each); `once` / `twice` call the nested / pooled server.
+prints one JSON line per request; `after PORT DOWNSTREAM_PORT`: one thread that calls the
+downstream after answering /call-after (outside any request); `edges PORT` sends the fast
+path's edge cases (one JSON line each); `once` / `twice` call the nested / pooled server.
 """
 
 from __future__ import annotations
@@ -285,6 +286,28 @@ class _Pooled(_JsonHandler):
         self.reply_json({"incoming": self.headers.get_all("traceparent") or [], "pool": reply.get()})
 
 
+def after(port: int, downstream: int) -> None:
+    """One thread serves every request (keep-alive, raw sockets); after answering a request for
+    /call-after it calls the downstream itself, outside any request, and prints what the
+    downstream saw (a new trace may be injected there, never the ended request's)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(8)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        buf = b""
+        with conn:
+            while (got := _read_request(conn, buf)) is not None:
+                raw, buf = got
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                if raw.startswith(b"GET /call-after "):
+                    down, answer = call(downstream, [b"GET /after HTTP/1.1\r\nHost: d\r\n\r\n"])
+                    down.close()
+                    print(json.dumps(answer), flush=True)
+
+
 def pooled(port: int, downstream: int) -> None:
     _Pooled.downstream = downstream
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Pooled)
@@ -311,6 +334,8 @@ if __name__ == "__main__":
         edges(args[0])
     elif mode == "pooled":
         pooled(args[0], args[1])
+    elif mode == "after":
+        after(args[0], args[1])
     elif mode == "once":
         _, answer = call(args[0], [b"GET /nested HTTP/1.1\r\nHost: n\r\n\r\n"])
         print(json.dumps(answer), flush=True)

@@ -33,7 +33,7 @@ from schemas.codec import CodecError, read_capture
 from stitcher.engine.config import EngineConfig
 from stitcher.engine.core import Engine
 from stitcher.state_memory import MemoryStateStore
-from tests.integration.inject_workloads import OWN_TP
+from tests.integration.inject_workloads import OWN_TP, call
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -427,3 +427,43 @@ def test_fast_path_edges(tmp_path: Path, cgroup: Path) -> None:
         else:
             assert row["tp"] == ([OWN_TP] if row["expected"] == "own" else []), row["case"]
             assert row["sha"] == row["sent_sha"], row["case"]
+
+
+def test_a_lost_server_record_leaves_no_context_behind(
+        tmp_path: Path, cgroup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server request whose record the full ring could not take still ends its context: a call
+    its thread makes afterwards, outside any request, is injected as ever, with a trace of its
+    own, not the ended request's. (Before, the context outlived the request: the next request
+    on the thread found it "still serving", marked the thread as an event loop, and nothing it
+    sent was ever injected again.) The agent is stopped (SIGSTOP: a starved agent) with
+    one-page rings, so the records of the requests before fill the ring."""
+    monkeypatch.setenv("WEFT_AGENT_RING_PAGES", "1")
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True)
+    try:
+        down, port = free_port(), free_port()
+        procs.start(python("echo", str(down)))
+        server = procs.start(python("after", str(port), str(down)))
+        assert server.stdout is not None
+        call_after = f"GET /call-after HTTP/1.1\r\nHost: a\r\nTraceparent: {OWN_TP}\r\n\r\n".encode()
+        conn, _ = call(port, [call_after])
+        room = json.loads(server.stdout.readline())   # the ring had room: the context ended
+        agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(12):
+                conn, _ = call(port, [f"GET /fill-{i} HTTP/1.1\r\nHost: a\r\n\r\n".encode()], conn)
+            conn, _ = call(port, [call_after], conn)
+            full = json.loads(server.stdout.readline())
+        finally:
+            agent.proc.send_signal(signal.SIGCONT)
+        conn.close()
+    finally:
+        procs.close()
+        agent.stop()
+    assert len(room["tp"]) == 1 and len(full["tp"]) == 1, "the thread's call was not injected"
+    own_trace = OWN_TP.split("-")[1]   # the ended request came in with it
+    assert room["tp"][0].split("-")[1] != own_trace and full["tp"][0].split("-")[1] != own_trace
+    events = [ev for frame in agent.frames() for ev in frame.events]
+    lost = [ev.lost_http for ev in events if ev.WhichOneof("kind") == "lost_http"
+            and ev.lost_http.role == pb.ROLE_SERVER and ev.lost_http.tuple.local_port == port]
+    assert lost, "the ring did not fill: the test shows nothing"
