@@ -186,7 +186,8 @@ class AgentRunner:
         self._raw_bytes = 0  # passthrough bytes read since the heap was last trimmed
         self._libc: Any = None
         self.lost_records = 0
-        self._unmarked_seen: dict[str, int] = {}  # probe -> its kernel's "unmarked" counter, last read
+        self._blind_seen: dict[tuple[str, int], int] = {}  # (probe, stat index) -> total, last round
+        self._blind_since = self._drained_at                # when they were last read
 
     # -- start -----------------------------------------------------------------------------
 
@@ -331,6 +332,7 @@ class AgentRunner:
         now = ktime_now_ns()
         if self._consume():
             self._drained_at = now
+        self._watch_blind()
         frames: list[pb.Frame] = []
         if self._incoming:
             frames += self._frame(self._prepare(self._take_incoming()), now)
@@ -366,6 +368,37 @@ class AgentRunner:
                 drained = drained and self._round_left > 0
         return drained
 
+    def _watch_blind(self) -> None:
+        """Read, every round, the counters of records the kernel lost without leaving even a
+        marker (`Probe.blind_stats`); when they grew, publish the span of time since the last
+        read as a BlindSpan. It starts after the newest watermark already sent (taken before
+        that read), so the stitcher always has it before deciding anything it covers."""
+        at = ktime_now_ns()
+        lost = 0
+        for loaded in self._loaded:
+            names = getattr(loaded.probe, "blind_stats", ())
+            if not names:
+                continue
+            try:
+                table = loaded.bpf[loaded.probe.stats_map.encode()]
+                for name in names:
+                    index = loaded.probe.stat_names.index(name)
+                    total = int(table.sum(ctypes.c_int(index)).value)
+                    lost += total - self._blind_seen.get((loaded.probe.name, index), 0)
+                    self._blind_seen[(loaded.probe.name, index)] = total
+            except Exception as exc:  # never into the poll loop
+                logger.debug("probe %s: cannot read %s: %s", loaded.probe.name, names, exc)
+        since, self._blind_since = self._blind_since, at
+        if lost <= 0:
+            return
+        event = pb.Event()
+        event.blind.ts_ns = self.clock.to_unix_ns(since)
+        event.blind.until_ns = self.clock.to_unix_ns(at)
+        event.blind.records = lost
+        self._incoming.append(event)
+        logger.warning("%d records lost in the kernel without a trace in the last %.0f ms: the "
+                       "stitcher links no call made then inside its process", lost, (at - since) / 1e6)
+
     def _take_incoming(self) -> list[pb.Event | _RawSpan]:
         events = list(self._incoming)
         self._incoming.clear()  # the callbacks hold this list object: keep it
@@ -391,6 +424,9 @@ class AgentRunner:
                 continue
             counts[kind] = counts.get(kind, 0) + 1
             body = getattr(event, kind)
+            if kind == "blind":   # the node's, not a process's
+                batch.add(event, body.ts_ns)
+                continue
             if kind == "process":
                 self._on_exec(event, batch)
                 continue
@@ -589,18 +625,13 @@ class AgentRunner:
                 logger.debug("probe %s: cannot read %s: %s", loaded.probe.name,
                              loaded.probe.stats_map, exc)
                 continue
-            unmarked = totals.get("unmarked", 0) - self._unmarked_seen.get(loaded.probe.name, 0)
-            self._unmarked_seen[loaded.probe.name] = totals.get("unmarked", 0)
             lost = self.metrics.kernel_counters(loaded.probe.name, totals)
             if lost:
+                # (an HTTP record lost leaves a LostRequest marker; records lost without one
+                # are published as BlindSpans, see _watch_blind)
                 self.lost_records += lost
-                # an HTTP record lost to a full ring still leaves a LostRequest marker (the
-                # stitcher then declines links it can no longer be sure of) unless that ring
-                # was full as well
-                logger.warning("probe %s: the kernel lost %d records (ring buffer full)%s",
-                               loaded.probe.name, lost,
-                               f"; {unmarked} HTTP requests without even a lost-request marker: "
-                               "links through them may be wrong" if unmarked > 0 else "")
+                logger.warning("probe %s: the kernel lost %d records (ring buffer full)",
+                               loaded.probe.name, lost)
         self.metrics.process_cache.set(len(self.processes))
 
     def _log_kernel_counters(self) -> None:
@@ -645,6 +676,7 @@ class AgentRunner:
         deadline = time.monotonic() + 5.0
         while True:
             drained = self._consume()
+            self._watch_blind()
             frames += self._frame(self._prepare(self._take_incoming()), now)
             if drained:
                 self._drained_at = now

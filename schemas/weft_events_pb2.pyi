@@ -498,6 +498,39 @@ class LostRequest(_message.Message):
 Global___LostRequest: _TypeAlias = LostRequest  # noqa: Y015
 
 @_typing.final
+class BlindSpan(_message.Message):
+    """"Between ts_ns and until_ns the kernel lost records of this node that left no trace at all"
+    (an HTTP record with no room for its LostRequest marker either, or a thread lineage record).
+    The stitcher then links no call of this node made in or shortly before that span to a request
+    of its own process (a lost request could have been the one serving it); cross-node links,
+    which need an exact match, stand. The agent sends it before its watermark passes ts_ns.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TS_NS_FIELD_NUMBER: _builtins.int
+    UNTIL_NS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ts_ns: _builtins.int
+    until_ns: _builtins.int
+    records: _builtins.int
+    """records lost in the span (as the kernel's counters said)"""
+    def __init__(
+        self,
+        *,
+        ts_ns: _builtins.int = ...,
+        until_ns: _builtins.int = ...,
+        records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "ts_ns", b"ts_ns", "until_ns", b"until_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlindSpan: _TypeAlias = BlindSpan  # noqa: Y015
+
+@_typing.final
 class Watermark(_message.Message):
     """"Every event of this node up to ts_ns has been published." """
 
@@ -580,6 +613,7 @@ class Event(_message.Message):
     WATERMARK_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     LOST_HTTP_FIELD_NUMBER: _builtins.int
+    BLIND_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def process(self) -> Global___ProcessInfo: ...
     @_builtins.property
@@ -602,6 +636,8 @@ class Event(_message.Message):
 
     @_builtins.property
     def lost_http(self) -> Global___LostRequest: ...
+    @_builtins.property
+    def blind(self) -> Global___BlindSpan: ...
     def __init__(
         self,
         *,
@@ -615,12 +651,13 @@ class Event(_message.Message):
         watermark: Global___Watermark | None = ...,
         raw: Global___RawRecords | None = ...,
         lost_http: Global___LostRequest | None = ...,
+        blind: Global___BlindSpan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blind", b"blind", "conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blind", b"blind", "conn_close", b"conn_close", "conn_open", b"conn_open", "goroutine_spawn", b"goroutine_spawn", "http", b"http", "kind", b"kind", "lost_http", b"lost_http", "process", b"process", "raw", b"raw", "task_exit", b"task_exit", "thread_spawn", b"thread_spawn", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark", "raw", "lost_http"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["process", "thread_spawn", "task_exit", "goroutine_spawn", "conn_open", "conn_close", "http", "watermark", "raw", "lost_http", "blind"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

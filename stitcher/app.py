@@ -471,9 +471,9 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     async def report() -> None:
         c, s = stitcher.counters, stitcher.engine.stats
         logger.info("stitched frames=%d events=%d spans=%d dead_letters=%d lease_waits=%d "
-                    "store_retries=%d late=%d ambiguous=%d lost_requests=%d parent_lost=%d",
-                    c.frames, c.events, c.spans, c.dead_letters, c.lease_waits, c.store_retries,
-                    s.late, s.ambiguous, s.lost_requests, s.parent_lost)
+                    "store_retries=%d late=%d ambiguous=%d lost_requests=%d parent_lost=%d "
+                    "records_lost=%d", c.frames, c.events, c.spans, c.dead_letters, c.lease_waits,
+                    c.store_retries, s.late, s.ambiguous, s.lost_requests, s.parent_lost, s.blind)
 
     app.timer(10.0)(report)
 

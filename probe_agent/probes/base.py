@@ -65,6 +65,9 @@ class Probe(Protocol):
     rings: Sequence[RingSpec]
     stats_map: str  # BPF_PERCPU_ARRAY(u64) of counters, indexed like stat_names
     stat_names: Sequence[str]
+    # Optional attributes, looked up with getattr: `blind_stats` (a Sequence[str] of stat_names
+    # counting records lost with no marker for the stitcher: the runner reads them every round
+    # and publishes a BlindSpan when they grow), `on_process` and `forget` (hooks, see runner).
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         """Compiler flags: include path for common.h and -D constants (BTF offsets, limits)."""

@@ -95,6 +95,7 @@ class HttpProbe:
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http",
                                  "conn_ring_full", "unmarked")
+    blind_stats: Sequence[str] = ("unmarked",)  # an HTTP record lost, its marker too
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         if platform.machine() != "x86_64":

@@ -44,6 +44,7 @@ class LineageProbe:
     rings: Sequence[RingSpec] = (RingSpec("lineage_events", decode),)
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full",)
+    blind_stats: Sequence[str] = ("ring_full",)  # a lost spawn or exit leaves no marker
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         def off(struct_name: str, member: str) -> int:

@@ -44,7 +44,9 @@ passes on its thread, connection and times) is indexed as a candidate like any r
 never a span. A question it answers alone gets no link (flag weft.parent_lost); beside another
 candidate it makes the question ambiguous. So a lost record costs recall, never precision: an
 event-loop thread serving two requests when a call starts is not taken for serving one because
-the other's record was lost.
+the other's record was lost. Records lost with no marker at all come as a pb.BlindSpan (from,
+until) of their node: no call of that node in it or up to max_request_s before it gets an
+in-process link (flag weft.records_lost); cross-node links, exact matches, stand.
 
 Late events: an HTTP request whose end is at or before the point already swept (possible only
 when its node had been timed out, or an agent broke its own watermark promise) cannot join
@@ -77,6 +79,7 @@ from stitcher.engine.lineage import (
 from stitcher.engine.model import AttrValue, Resource, Span
 from stitcher.engine.records import (
     ANY_FINGERPRINT,
+    BLIND,
     DUE_INDEX,
     EXPECT,
     LOST,
@@ -102,6 +105,7 @@ from stitcher.engine.store import FLOOR_LIMIT, HSetNX, StateStore
 from stitcher.engine.txn import NotLoadedError, Txn, open_txn
 
 FOREVER_NS = (1 << 63) - 1
+_IN_PROCESS = frozenset({"thread", "spawned_thread", "goroutine"})
 _ZERO = n20(0)
 _EV_CACHE_MAX = 500_000
 
@@ -124,6 +128,7 @@ class EngineStats:
     trace_mismatch: int = 0  # spans whose Weft-injected trace differs from their parent's
     lost_requests: int = 0  # requests the agent could not capture (LostRequest): candidates only
     parent_lost: int = 0    # spans whose parent is one of those: no link (weft.parent_lost)
+    blind: int = 0          # in-process links refused inside a node's BlindSpan (weft.records_lost)
     links: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
@@ -193,7 +198,8 @@ class Engine:
         txn = open_txn(self.store)
         frame_https = [self._frame_https(frame) for frame in frames]
         if txn.batched:
-            txn.load(hashes=[WM, META, EXPECT, *(span_key(x[0]) for xs in frame_https for x in xs if x)])
+            txn.load(hashes=[WM, META, EXPECT, *(span_key(x[0]) for xs in frame_https for x in xs if x)],
+                     sets=[BLIND])
         swept = int(txn.hash(META).get("swept", "0"))
         late: list[_Decided] = []
         due: dict[int, list[str]] = {}     # this batch's scheduled questions, by due bucket
@@ -283,6 +289,10 @@ class Engine:
                            f"{g.parent_goid}|{g.ts_ns}")
             elif kind == "lost_http":
                 self._ingest_lost(txn, node, ev.lost_http, swept)
+            elif kind == "blind":
+                b = ev.blind
+                if b.until_ns >= b.ts_ns:
+                    txn.sadd(BLIND, (f"{node}|{b.ts_ns}|{b.until_ns}",))
         return watermark
 
     def _ingest_lost(self, txn: Txn, node: str, lost: pb.LostRequest, swept: int) -> None:
@@ -463,7 +473,18 @@ class Engine:
         if buckets:
             txn.srem(DUE_INDEX, tuple(str(b) for b in buckets))
         txn.hmax(META, "swept", n20(min(upto, FOREVER_NS)))
+        self._prune_blind_spans(txn, upto)
         return decided
+
+    def _prune_blind_spans(self, txn: Txn, swept: int) -> None:
+        """Forget BlindSpans that ended max_trace_duration_s before the point swept: no later
+        decision looks at them (see `_in_blind_span`)."""
+        members = txn.members(BLIND)
+        if members:
+            horizon = swept - self._max_duration
+            old = tuple(sorted(m for m in members if int(m.rsplit("|", 1)[1]) < horizon))
+            if old:
+                txn.srem(BLIND, old)
 
     def _lane_entry(self, member: str) -> tuple[int, int, str]:
         """(start, end, span id) of a lane member "<start>|<end>|<sid>", parsed once: floor
@@ -513,7 +534,8 @@ class Engine:
         decided: list[_Decided] = []
         deferred: list[tuple[int, str]] = []
         stats = self.stats
-        for _, sid, rec in todo:
+        blind = self._blind_spans(txn)
+        for thr, sid, rec in todo:
             if sid in threadless:
                 parent, link, ext, flag = "", "orphan", "", "no_goroutine"
                 stats.go_unlinked += 1
@@ -526,6 +548,9 @@ class Engine:
                 if parent.startswith(LOST):
                     parent, link, ext, flag = "", "orphan", "", "parent_lost"
                     stats.parent_lost += 1
+                elif blind and link in _IN_PROCESS and self._in_blind_span(blind, rec, thr):
+                    parent, link, ext, flag = "", "orphan", "", "records_lost"
+                    stats.blind += 1
             if flag == "ambiguous":
                 stats.ambiguous += 1
             stats.links[link] += 1
@@ -533,6 +558,28 @@ class Engine:
             txn.hsetnx(span_key(sid), "dec", f"{parent}|{link}|{ext}|{flag}")
             decided.append((sid, rec, parent, ext))
         return decided, deferred
+
+    def _blind_spans(self, txn: Txn) -> dict[str, list[tuple[int, int]]]:
+        """Each node's BlindSpans, (from, until), if any node reported one."""
+        members = txn.members(BLIND)
+        if not members:
+            return {}
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for member in members:
+            node, lo, hi = member.rsplit("|", 2)
+            spans.setdefault(node, []).append((int(lo), int(hi)))
+        return spans
+
+    def _in_blind_span(self, blind: dict[str, list[tuple[int, int]]], rec: Http, thr: int) -> bool:
+        """Whether a request lost without a trace may have held the call `rec` on its node: one
+        that ended in a BlindSpan (from, until) contains x = rec.start only if x <= until and,
+        lasting at most max_request_s, x >= from - max_request_s. Only spans starting by the
+        decision's threshold count (all of those are in the store by then, whatever the
+        interleaving) and none that ended max_trace_duration_s before it (they may have been
+        pruned), so the answer is always the same."""
+        x, oldest = rec.start, thr - self._max_duration
+        return any(lo <= thr and hi >= oldest and lo - self._max_req <= x <= hi
+                   for lo, hi in blind.get(rec.node, ()))
 
     def _answers(self, txn: Txn, todo: list[tuple[int, str, Http]], chains: dict[str, list[Hop]],
                  early_sids: set[str]) -> dict[str, tuple[str, str, str, str] | None]:

@@ -39,6 +39,11 @@ def lost_http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: in
         tcp_seq=seq or 0, has_seq=seq is not None))
 
 
+def blind(ts: int, until: int, records: int = 1) -> pb.Event:
+    """The node lost `records` records between ts and until without a marker (pb.BlindSpan)."""
+    return wrap(pb.BlindSpan(ts_ns=ts, until_ns=until, records=records))
+
+
 def process(pid: int, service: str, exe: str, ts: int, runtime: str = "") -> pb.Event:
     return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts,
                                runtime=runtime))

@@ -10,6 +10,8 @@ numeric order in every backend.
     w:{g}:due:<bucket>       set   "<threshold>|<sid>[|e]": a parent question to settle then
                                    (|e: the early in-process question)
     w:{g}:waiting            set   decided spans waiting for their parent's trace
+    w:{g}:blind              set   "<node>|<from>|<until>": spans of time a node lost records
+                                   without a marker (pb.BlindSpan)
     w:{s:<sid>}              hash  span record: ev (the request), dec (decision), tr (trace), out
     w:{s:<sid>}:kids         set   decided children waiting for this span's trace
     w:{p:<node>|<pid>}:proc  hash  "<ts>" → "service\\x1fexe[\\x1fruntime]" (ProcessInfo)
@@ -40,6 +42,7 @@ META = "w:{g}:meta"
 EXPECT = "w:{g}:expect"
 DUE_INDEX = "w:{g}:dueidx"
 WAITING = "w:{g}:waiting"
+BLIND = "w:{g}:blind"
 OUTBOX = "w:{g}:outbox"      # emitted span ids whose export is not yet acknowledged
 ROLE_SERVER = pb.ROLE_SERVER
 ROLE_CLIENT = pb.ROLE_CLIENT

@@ -69,6 +69,7 @@ def sample_events_current() -> list[pb.Event]:
     events.append(wrap(pb.LostRequest(  # Event.lost_http = 10
         role=pb.ROLE_SERVER, start_ns=T0 + 7, end_ns=T0 + 707, pid=4242, tid=4245, goid=10,
         sock_cookie=31338, tuple=_tuple(5, 80), tcp_seq=0xFFFF_FFFD, has_seq=True)))
+    events.append(wrap(pb.BlindSpan(ts_ns=T0 + 8, until_ns=T0 + 20_000_008, records=3)))  # = 11
     return events
 
 

@@ -1,9 +1,11 @@
 """A full HTTP ring: each request whose record finds no room still reaches user space, as a
 LostRequest through the connection ring, with its thread, connection, seq and times — what the
-stitcher needs so that a lost record never turns into a wrong link."""
+stitcher needs so that a lost record never turns into a wrong link. With that ring full too,
+the agent reports the span of time such records were lost in (a BlindSpan)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +100,39 @@ def test_the_agent_passes_lost_requests_on_to_the_stitcher(tmp_path: Path) -> No
     lost, captured = both_roles(events, "lost_http", srv.port), both_roles(events, "http", srv.port)
     assert lost and len(lost) + len(captured) == 2 * REQUESTS
     assert metrics.value("weft_agent_events_total", kind="lost_http") >= len(lost)
+
+
+def test_records_lost_without_a_marker_are_reported_as_a_blind_span(tmp_path: Path) -> None:
+    """When the connection ring is full too, a request leaves nothing: the agent reads the
+    kernel's count of those every round and publishes the span of time they were lost in."""
+    settings = AgentSettings(node="blind", ring_pages=1)
+    metrics = AgentMetrics("blind")
+    capture = tmp_path / "blind.wcap"
+    runner = AgentRunner(settings, CaptureSink(capture, "blind", metrics), metrics, probes=[HttpProbe()])
+    runner.load()
+    try:
+        with running("python", tmp_path) as srv:
+            for _ in range(3):   # a watermark or two go out first
+                runner.step()
+                time.sleep(0.25)
+            runner.step()
+            before = time.time_ns()
+            in_child(keepalive_client, srv.host, srv.port, "/blind", 5 * REQUESTS)  # nobody reads
+            after = time.time_ns()
+            runner.step()
+    finally:
+        runner.close()
+    events = [e for f in read_capture(capture) for e in f.events]
+    lost, captured = both_roles(events, "lost_http", srv.port), both_roles(events, "http", srv.port)
+    unmarked = 2 * 5 * REQUESTS - len(lost) - len(captured)
+    assert unmarked > 0, "the connection ring did not fill: the test shows nothing"
+    spans = [e.blind for e in events if e.WhichOneof("kind") == "blind"]
+    assert len(spans) == 1
+    (span,) = spans
+    assert span.records >= unmarked
+    slack = 50_000_000  # the agent's kernel→Unix clock offset against time.time_ns()
+    assert span.ts_ns <= before + slack and span.until_ns >= after - slack
+    # published before any watermark that passes its start
+    kinds = [e.WhichOneof("kind") for e in events]
+    marks = [e.watermark.ts_ns for e in events[:kinds.index("blind")] if e.WhichOneof("kind") == "watermark"]
+    assert marks and all(m < span.ts_ns for m in marks)

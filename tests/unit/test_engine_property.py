@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import weft_events_pb2 as pb
+from schemas.codec import make_frame
 from stitcher.engine import Engine, Span
+from stitcher.engine import events as E
 from stitcher.otlp_convert import spans_to_json_line
 from stitcher.simulate import SimConfig, Simulation
 from stitcher.state_memory import BatchedMemoryStateStore, MemoryStateStore
@@ -43,12 +45,29 @@ def _with_losses(frames: list[pb.Frame]) -> tuple[pb.Frame, ...]:
     return tuple(out)
 
 
+BLIND_FRAME = 9  # node 0 reports a BlindSpan in this frame: the 200 ms since its last watermark
+
+
+def _with_blind_span(frames: tuple[pb.Frame, ...]) -> tuple[pb.Frame, ...]:
+    """As the agent does: a BlindSpan from just after the previous watermark to this frame's."""
+    def watermark(frame: pb.Frame) -> int:
+        return max(e.watermark.ts_ns for e in frame.events if e.WhichOneof("kind") == "watermark")
+
+    frame = frames[BLIND_FRAME]
+    since, until = watermark(frames[BLIND_FRAME - 1]) + 1, watermark(frame)
+    events = [*frame.events[:-1], E.blind(since, until), frame.events[-1]]   # the watermark last
+    changed = make_frame(frame.node, events, agent_instance=frame.agent_instance, seq=frame.seq)
+    return (*frames[:BLIND_FRAME], changed, *frames[BLIND_FRAME + 1:])
+
+
 @cache
 def _streams() -> tuple[tuple[pb.Frame, ...], ...]:
     # dup_rate=0: the property adds its own duplicates
     sim = Simulation(SimConfig(nodes=NODES, rps=12, seconds=1.0, seed=11, dup_rate=0.0))
     sim.run()
-    return tuple(_with_losses(list(sim.frames(n))) for n in range(NODES))
+    streams = [_with_losses(list(sim.frames(n))) for n in range(NODES)]
+    streams[0] = _with_blind_span(streams[0])
+    return tuple(streams)
 
 
 def _stitch(frames: list[pb.Frame], batched: bool = False, cuts: Sequence[int] = ()) -> str:
@@ -111,3 +130,4 @@ def test_any_interleaving_and_duplication_gives_identical_output(
 def test_baseline_is_not_trivial() -> None:
     assert _baseline().count('"spanId"') > 30
     assert '"weft.parent_lost"' in _baseline(), "no call lost its parent: the losses show nothing"
+    assert '"weft.records_lost"' in _baseline(), "no link was refused in the BlindSpan"

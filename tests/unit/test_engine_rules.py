@@ -94,6 +94,7 @@ class Case:
     ambiguous: int = 0
     go_unlinked: int = 0
     parent_lost: int = 0
+    blind: int = 0
 
 
 def go_proc(ts_ms: float = -1000, pid: int = 100) -> pb.Event:
@@ -139,6 +140,27 @@ CASES = [
                 cli("/b", 11, 49, seq=777, local=(A_IP, 40000), remote=(B_IP, 80))],
           "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000))]},
          {"C/b@A": "", "S/b@B": ""}, {"S/b@B": "orphan"}, ambiguous=1),
+    # Records lost with no marker at all (pb.BlindSpan): no in-process link for a call a lost
+    # request could have held; cross-node links (exact matches) stand.
+    Case("a BlindSpan around a call: its in-process link is refused",
+         {"A": [srv("/s", 0, 100), cli("/c", 40, 60), E.blind(t(30), t(50))]},
+         {"S/s@A": "", "C/c@A": ""}, {"C/c@A": "orphan"}, blind=1),
+    Case("a BlindSpan ending before the call, or on another node, changes nothing",
+         {"A": [srv("/s", 0, 100), cli("/c", 40, 60), E.blind(t(10), t(39))],
+          "B": [E.blind(t(30), t(50))]},
+         {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "thread"}),
+    Case("a BlindSpan starting after the call was decided (early) does not undo it",
+         {"A": [srv("/s", 0, 100), cli("/c", 40, 60), E.blind(t(5_000), t(5_100))]},
+         {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "thread"}),
+    Case("a BlindSpan starting after the early question is seen by the full one",
+         {"A": [srv("/s1", 0, 100), srv("/s2", 20, 120), cli("/late", 110, 115),
+                E.blind(t(5_000), t(5_100))]},
+         {"S/s1@A": "", "S/s2@A": "", "C/late@A": ""}, {"C/late@A": "orphan"}, blind=1),
+    Case("cross-node links stand in a BlindSpan",
+         {"A": [cli("/b", 10, 50, seq=777, local=(A_IP, 40000), remote=(B_IP, 80)), E.blind(t(0), t(60))],
+          "B": [srv("/b", 12, 48, pid=200, seq=777, local=(B_IP, 80), remote=(A_IP, 40000)),
+                E.blind(t(0), t(60))]},
+         {"C/b@A": "", "S/b@B": "C/b@A"}, {"S/b@B": "cross_node"}),
     Case("a handler's spawned worker thread calls out",
          {"A": [srv("/s", 0, 100), E.thread_spawn(100, 11, 12, t(10)), cli("/c", 20, 30, tid=12)]},
          {"S/s@A": "", "C/c@A": "S/s@A"}, {"C/c@A": "spawned_thread"}),
@@ -231,6 +253,8 @@ def test_rule(case: Case, store: StateStore) -> None:
     assert engine.stats.ambiguous == case.ambiguous
     assert engine.stats.go_unlinked == case.go_unlinked
     assert engine.stats.parent_lost == case.parent_lost
+    assert engine.stats.blind == case.blind
+    assert sum(s.attr("weft.records_lost") is True for s in spans.values()) == case.blind
     assert sum(s.attr("weft.parent_lost") is True for s in spans.values()) == case.parent_lost
     # a trace is one tree: every child shares its parent's trace
     for s in spans.values():
