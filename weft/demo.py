@@ -137,6 +137,10 @@ class Verified:
     truth: list[dict[str, str]]
     spans: dict[str, JsonSpan]
 
+    def flagged(self, *attributes: str) -> int:
+        """How many stitched spans carry any of these boolean attributes (e.g. weft.parent_lost)."""
+        return sum(1 for s in self.spans.values() if any(s.attributes.get(a) for a in attributes))
+
 
 def demo_main(*, run_path: Path, seconds: float, concurrency: int, rps: float, show: int) -> int:
     """`weft demo`: the whole pipeline, `seconds` of traffic, then trees and the verify table."""
