@@ -402,6 +402,19 @@ static __always_inline struct conn *add_conn(u64 pid_tgid, char *sk, u8 role, u8
 
 /* ---------- requests ---------- */
 
+/* A request record's header: its time is the request's start, its thread the one that read
+ * (server) or wrote (client) it — the record may be emitted later, from another task. */
+static __always_inline void req_hdr(struct weft_hdr *h, struct conn *c, struct req *q, u16 kind)
+{
+    h->ts_ns = q->start_ns;
+    h->cgroup_id = c->cgroup;
+    h->pid = q->pid;
+    h->tid = q->tid;
+    h->kind = kind;
+    h->version = WEFT_ABI_VERSION;
+    h->reserved = 0;
+}
+
 static __always_inline void emit_lost(struct conn *c, struct req *q, u64 end_ns)
 {
     struct lost_rec *l = conn_events.ringbuf_reserve(sizeof(struct lost_rec));
@@ -409,13 +422,7 @@ static __always_inline void emit_lost(struct conn *c, struct req *q, u64 end_ns)
         weft_stat(HST_UNMARKED);
         return;
     }
-    l->hdr.ts_ns = q->start_ns;
-    l->hdr.cgroup_id = c->cgroup;
-    l->hdr.pid = q->pid;
-    l->hdr.tid = q->tid;
-    l->hdr.kind = WEFT_KIND_HTTP_LOST;
-    l->hdr.version = WEFT_ABI_VERSION;
-    l->hdr.reserved = 0;
+    req_hdr(&l->hdr, c, q, WEFT_KIND_HTTP_LOST);
     l->cookie = c->cookie;
     l->end_ns = end_ns;
     l->goid = q->goid;
@@ -464,13 +471,7 @@ static __always_inline void emit_req(struct conn *c, u32 idx, u8 extra_flags, u6
         emit_lost(c, q, end_ns);
         return;
     }
-    r->hdr.ts_ns = q->start_ns;
-    r->hdr.cgroup_id = c->cgroup;
-    r->hdr.pid = q->pid;
-    r->hdr.tid = q->tid;
-    r->hdr.kind = WEFT_KIND_HTTP;
-    r->hdr.version = WEFT_ABI_VERSION;
-    r->hdr.reserved = 0;
+    req_hdr(&r->hdr, c, q, WEFT_KIND_HTTP);
     r->cookie = c->cookie;
     __builtin_memcpy(&r->t, &c->t, sizeof(struct tuple));
     __builtin_memcpy(&r->r, q, sizeof(struct req));

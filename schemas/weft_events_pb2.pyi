@@ -500,7 +500,7 @@ Global___LostRequest: _TypeAlias = LostRequest  # noqa: Y015
 @_typing.final
 class BlindSpan(_message.Message):
     """"Between ts_ns and until_ns the kernel lost records of this node that left no trace at all"
-    (an HTTP record with no room for its LostRequest marker either, or a thread lineage record).
+    (an HTTP record with no room for its LostRequest marker either).
     The stitcher then links no call of this node made in or shortly before that span to a request
     of its own process (a lost request could have been the one serving it); cross-node links,
     which need an exact match, stand. The agent sends it before its watermark passes ts_ns.

@@ -43,8 +43,12 @@ class LineageProbe:
     source: Path = BPF_DIR / "lineage.bpf.c"
     rings: Sequence[RingSpec] = (RingSpec("lineage_events", decode),)
     stats_map = "stats"
+    # No blind_stats: a lost spawn record leaves the new thread's calls unlinked (no parent
+    # found), never wrongly linked; a tid reused with its new spawn record seen starts a new
+    # incarnation whatever happened to the old one's exit. Only losing both records of one tid
+    # could mislead the stitcher, and declining every link of the node for max_request_s at each
+    # lost lineage record (one now and then even with the agent on time) would cost far more.
     stat_names: Sequence[str] = ("ring_full",)
-    blind_stats: Sequence[str] = ("ring_full",)  # a lost spawn or exit leaves no marker
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         def off(struct_name: str, member: str) -> int:

@@ -66,12 +66,18 @@ def _serve_echo(conn: socket.socket) -> None:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-def echo(port: int) -> None:
+def _listening(port: int) -> socket.socket:
+    """A listening socket on the loopback port; "ready" is printed once it listens."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))
     srv.listen(64)
     print("ready", flush=True)
+    return srv
+
+
+def echo(port: int) -> None:
+    srv = _listening(port)
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_serve_echo, args=(conn,), daemon=True).start()
@@ -290,11 +296,7 @@ def after(port: int, downstream: int) -> None:
     """One thread serves every request (keep-alive, raw sockets); after answering a request for
     /call-after it calls the downstream itself, outside any request, and prints what the
     downstream saw (a new trace may be injected there, never the ended request's)."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
-    srv.listen(8)
-    print("ready", flush=True)
+    srv = _listening(port)
     while True:
         conn, _ = srv.accept()
         buf = b""

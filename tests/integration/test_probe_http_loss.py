@@ -80,14 +80,21 @@ def test_requests_lost_to_a_full_ring_arrive_as_lost_requests(
     assert after["unmarked"] == before["unmarked"], "a marker found no room in the connection ring"
 
 
-def test_the_agent_passes_lost_requests_on_to_the_stitcher(tmp_path: Path) -> None:
-    """The same through the agent itself: mapped rings, the connection ring passed through raw,
-    expanded by the codec on the reading side."""
-    settings = AgentSettings(node="loss", ring_pages=1)
+def small_ring_agent(tmp_path: Path) -> tuple[AgentRunner, AgentMetrics, Path]:
+    """The agent itself (mapped rings, records passed through raw) with one-page rings, loaded;
+    the test drives its rounds."""
     metrics = AgentMetrics("loss")
     capture = tmp_path / "loss.wcap"
-    runner = AgentRunner(settings, CaptureSink(capture, "loss", metrics), metrics, probes=[HttpProbe()])
+    runner = AgentRunner(AgentSettings(node="loss", ring_pages=1), CaptureSink(capture, "loss", metrics),
+                         metrics, probes=[HttpProbe()])
     runner.load()
+    return runner, metrics, capture
+
+
+def test_the_agent_passes_lost_requests_on_to_the_stitcher(tmp_path: Path) -> None:
+    """The same through the agent: the connection ring passed through raw, expanded by the
+    codec on the reading side."""
+    runner, metrics, capture = small_ring_agent(tmp_path)
     try:
         with running("python", tmp_path) as srv:
             in_child(keepalive_client, srv.host, srv.port, "/lost", REQUESTS)  # nobody reads meanwhile
@@ -105,11 +112,7 @@ def test_the_agent_passes_lost_requests_on_to_the_stitcher(tmp_path: Path) -> No
 def test_records_lost_without_a_marker_are_reported_as_a_blind_span(tmp_path: Path) -> None:
     """When the connection ring is full too, a request leaves nothing: the agent reads the
     kernel's count of those every round and publishes the span of time they were lost in."""
-    settings = AgentSettings(node="blind", ring_pages=1)
-    metrics = AgentMetrics("blind")
-    capture = tmp_path / "blind.wcap"
-    runner = AgentRunner(settings, CaptureSink(capture, "blind", metrics), metrics, probes=[HttpProbe()])
-    runner.load()
+    runner, _, capture = small_ring_agent(tmp_path)
     try:
         with running("python", tmp_path) as srv:
             for _ in range(3):   # a watermark or two go out first
