@@ -144,6 +144,8 @@ class _Loaded:
     hash_maps: tuple[str, ...]
     mapped: list[tuple[RingSpec, MappedRing]] = field(default_factory=list)  # read by us
     bcc_rings: int = 0  # rings read through BCC's per-record callback
+    # stats_map indexes of the probe's `blind_stats` (records lost with no marker), read each round
+    blind_indexes: tuple[ctypes.c_int, ...] = ()
 
 
 class AgentRunner:
@@ -204,7 +206,8 @@ class AgentRunner:
                     raise AgentStartError(
                         f"weft agent cannot compile or load {probe.source.name} with BCC ({exc}); "
                         "`weft doctor` says what this kernel allows") from None
-                loaded = _Loaded(probe, bpf, _hash_maps(probe.source))
+                loaded = _Loaded(probe, bpf, _hash_maps(probe.source), blind_indexes=tuple(
+                    ctypes.c_int(probe.stat_names.index(name)) for name in getattr(probe, "blind_stats", ())))
                 self._loaded.append(loaded)
                 try:
                     probe.attach(bpf, self.ctx)
@@ -376,18 +379,14 @@ class AgentRunner:
         at = ktime_now_ns()
         lost = 0
         for loaded in self._loaded:
-            names = getattr(loaded.probe, "blind_stats", ())
-            if not names:
-                continue
-            try:
-                table = loaded.bpf[loaded.probe.stats_map.encode()]
-                for name in names:
-                    index = loaded.probe.stat_names.index(name)
-                    total = int(table.sum(ctypes.c_int(index)).value)
-                    lost += total - self._blind_seen.get((loaded.probe.name, index), 0)
-                    self._blind_seen[(loaded.probe.name, index)] = total
-            except Exception as exc:  # never into the poll loop
-                logger.debug("probe %s: cannot read %s: %s", loaded.probe.name, names, exc)
+            for index in loaded.blind_indexes:
+                try:
+                    total = int(loaded.bpf[loaded.probe.stats_map.encode()].sum(index).value)
+                except Exception as exc:  # never into the poll loop
+                    logger.debug("probe %s: cannot read its counters: %s", loaded.probe.name, exc)
+                    continue
+                lost += total - self._blind_seen.get((loaded.probe.name, index.value), 0)
+                self._blind_seen[(loaded.probe.name, index.value)] = total
         since, self._blind_since = self._blind_since, at
         if lost <= 0:
             return

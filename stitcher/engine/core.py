@@ -309,14 +309,12 @@ class Engine:
             return          # every question it could answer is settled
         sid = LOST + span_id_hex(node, lost.pid, lost.sock_cookie, role, start)
         if role == ROLE_SERVER:
-            lane = f"g{lost.goid}" if lost.goid else f"t{lost.tid}"
-            txn.zadd(f"{proc_prefix(node, lost.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
+            _index_server(txn, node, lost.pid, lost.goid, lost.tid, start, end, sid)
             return
         t = lost.tuple
         canon = canonical_tuple(role, t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port)
-        if lost.has_seq:   # its method and path are lost too: it matches any fingerprint
-            txn.sadd(seq_key(lost.tcp_seq), (f"{start}|{end}|{sid}|{canon}|{ANY_FINGERPRINT}",))
-        txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(lost.has_seq)}")
+        # its method and path are lost too: it matches any fingerprint
+        _index_client(txn, canon, lost.has_seq, lost.tcp_seq, ANY_FINGERPRINT, start, end, sid)
 
     def flush(self) -> list[Span]:
         """End of input: settle every open question as if all watermarks had passed."""
@@ -372,14 +370,10 @@ class Engine:
             late.append((sid, rec, "", ""))
             return
         if role == ROLE_SERVER:
-            lane = f"g{rec.goid}" if rec.goid else f"t{rec.tid}"
-            txn.zadd(f"{proc_prefix(node, rec.pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
+            _index_server(txn, node, rec.pid, rec.goid, rec.tid, start, end, sid)
             threshold = end + self._link_wait
         else:
-            canon = rec.canon_tuple()
-            if rec.has_seq:
-                txn.sadd(seq_key(rec.seq), (f"{start}|{end}|{sid}|{canon}|{rec.fingerprint}",))
-            txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(rec.has_seq)}")
+            _index_client(txn, rec.canon_tuple(), rec.has_seq, rec.seq, rec.fingerprint, start, end, sid)
             if rec.injected:
                 tp = parse_traceparent(rec.injected)
                 if tp is not None:
@@ -948,6 +942,21 @@ class Engine:
             txn = open_txn(self.store)
             txn.srem(OUTBOX, done)
             txn.commit()
+
+
+def _index_server(txn: Txn, node: str, pid: int, goid: int, tid: int, start: int, end: int,
+                  sid: str) -> None:
+    """A server request in its thread's (or goroutine's) lane, where calls look for their parent."""
+    lane = f"g{goid}" if goid else f"t{tid}"
+    txn.zadd(f"{proc_prefix(node, pid)}:{lane}", start // 1000, f"{start}|{end}|{sid}")
+
+
+def _index_client(txn: Txn, canon: str, has_seq: bool, seq: int, fingerprint: str, start: int,
+                  end: int, sid: str) -> None:
+    """A client request under its TCP seq and its connection, where servers look for theirs."""
+    if has_seq:
+        txn.sadd(seq_key(seq), (f"{start}|{end}|{sid}|{canon}|{fingerprint}",))
+    txn.zadd(tuple_key(canon), start // 1000, f"{start}|{end}|{sid}|{int(has_seq)}")
 
 
 def invalid_http(h: pb.HttpRequest) -> str:
