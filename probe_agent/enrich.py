@@ -2,8 +2,12 @@
 
 For a pid: executable base name, OTEL_SERVICE_NAME from its environment (only that variable is
 kept; nothing else of the environment leaves this module), parent pid, start time as Unix ns,
-cgroup v2 id, and the runtime: "go" when the executable is a Go binary (it has the ELF section
-`.go.buildinfo`, which every Go toolchain since 1.13 writes, stripped or not). Results are cached
+cgroup v2 id, and the runtime: "go" when the executable is a Go binary (it has one of the ELF
+sections only Go's linker writes: `.go.buildinfo`, which every Go toolchain since 1.13 writes,
+stripped or not, and which some release builds remove afterwards; the function table
+`.gopclntab`, which the Go runtime itself needs; the `.note.go.buildid` note). A Go process taken
+for a threaded one would get thread-based links and injected contexts, both wrong for goroutines
+that move between threads. Results are cached
 in a bounded LRU; an exec or an exit drops the entry. The runtime is cached per executable file
 ((device, inode, mtime, size) of /proc/PID/exe), also bounded, so a hundred processes of one binary
 cost one ELF read.
@@ -26,7 +30,7 @@ from schemas import weft_events_pb2 as pb
 _SERVICE_VAR = b"OTEL_SERVICE_NAME="
 _MAX_ENVIRON = 1 << 20  # read at most this much of an environment
 _TICKS = os.sysconf("SC_CLK_TCK")
-_GO_SECTION = ".go.buildinfo"
+_GO_SECTIONS = (".go.buildinfo", ".gopclntab", ".data.rel.ro.gopclntab", ".note.go.buildid")
 
 
 def cgroup2_mount() -> Path:
@@ -63,12 +67,13 @@ def service_name_from_environ(data: bytes) -> str:
 
 
 def runtime_of_elf(fh: BinaryIO) -> str:
-    """"go" for a Go executable (ELF with a `.go.buildinfo` section), else ""."""
+    """"go" for a Go executable (ELF with a section only Go's linker writes), else ""."""
     if fh.read(4) != b"\x7fELF":
         return ""
     fh.seek(0)
     try:
-        return "go" if ELFFile(fh).get_section_by_name(_GO_SECTION) is not None else ""
+        elf = ELFFile(fh)
+        return "go" if any(elf.get_section_by_name(name) is not None for name in _GO_SECTIONS) else ""
     except (ELFError, ValueError, EOFError, struct.error):
         return ""
 

@@ -16,9 +16,12 @@
     (`CMPQ 0x10(R14), SP; JBE morestack`, or LEAQ/CMPQ/JBE for big frames): the arguments
     and R14 are untouched there (`entry_offsets`; 0 when the prologue has another shape).
 
-A binary built with `-ldflags=-s -w` has neither symbols nor DWARF: `inspect` raises
-GoBinaryError saying so, and the agent then traces that binary without goroutine ids.
-`GoBinaryCache` keeps the answer per file ((device, inode, mtime, size)), bounded.
+A binary built with `-ldflags=-s -w` (the usual release build) has neither: its functions are
+then read from the Go function table and the offsets from the runtime's own type descriptors
+(probe_agent/goruntime_data.py), which every Go binary keeps. Where neither source reads (a
+stripped PIE build), `inspect` raises GoBinaryError saying why, and the agent traces that
+binary without goroutine ids. `GoBinaryCache` keeps the answer per file ((device, inode,
+mtime, size)), bounded.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ import capstone  # type: ignore[import-untyped]
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
+from probe_agent.goruntime_data import (
+    GoDataError,
+    pclntab_functions,
+    pclntab_go_version,
+    struct_field_offsets,
+)
 
 NEWPROC1 = "runtime.newproc1"
 # newproc runs `newg := newproc1(...); runqput(pp, newg, true)` in this closure on g0
@@ -75,6 +85,7 @@ class GoBinary:
     newproc1_rets: tuple[int, ...]         # offsets of RET instructions from newproc1's start
     spawn_site: int | None                 # offset in NEWPROC_FUNC1 of CALL runqput (BX = new g)
     entry_offsets: dict[str, int]          # hooked function -> offset of its entry probe
+    read_from: str = ".symtab, DWARF"      # where functions and offsets came from (for the log)
 
     def has(self, symbol: str) -> bool:
         return symbol in self.functions
@@ -274,16 +285,15 @@ def inspect(path: str | Path) -> GoBinary:
             elf = ELFFile(fh)
             if elf["e_machine"] != _EM_X86_64:
                 raise GoBinaryError(f"it is built for {elf['e_machine']}, only x86-64 is supported")
-            version = go_version(elf)
-            functions = _symbols(elf, REQUIRED + OPTIONAL)
+            version = _version(elf)
+            functions, symbols_from = _functions(elf)
             missing = [name for name in REQUIRED if name not in functions]
             if missing:
-                raise GoBinaryError(f"it has no symbol {missing[0]} (stripped with -ldflags=-s?)")
+                raise GoBinaryError(f"it has no function {missing[0]}")
             if (PC_ROUNDTRIP in functions) != (REQUEST_WRITE in functions):
                 # the pooled-connection writer's goroutine would be taken for the caller's
                 raise GoBinaryError(f"it has only one of {PC_ROUNDTRIP} and {REQUEST_WRITE}")
-            offsets = struct_member_offsets(elf, "runtime", {"runtime.g": ("goid", "stack", "m", "gopc"),
-                                                             "runtime.m": ("curg",)})
+            offsets, offsets_from = _offsets(elf)
             g_offsets, m_offsets = offsets["runtime.g"], offsets["runtime.m"]
             addr, size = functions[NEWPROC1]
             rets = ret_offsets(_function_bytes(elf, fh, addr, size), addr)
@@ -299,7 +309,46 @@ def inspect(path: str | Path) -> GoBinary:
     except (OSError, ELFError) as exc:
         raise GoBinaryError(f"it cannot be read as ELF ({exc})") from None
     return GoBinary(str(path), version, g_offsets["goid"], g_offsets["stack"], g_offsets["m"],
-                    m_offsets["curg"], g_offsets["gopc"], functions, rets, site, entries)
+                    m_offsets["curg"], g_offsets["gopc"], functions, rets, site, entries,
+                    f"{symbols_from}, {offsets_from}")
+
+
+_RUNTIME_FIELDS = {"runtime.g": ("goid", "stack", "m", "gopc"), "runtime.m": ("curg",)}
+
+
+def _version(elf: ELFFile) -> str:
+    """The toolchain version from .go.buildinfo; for a binary without it (some release builds
+    remove the section), the oldest version its function table's layout allows."""
+    try:
+        return go_version(elf)
+    except GoBinaryError as exc:
+        if elf.get_section_by_name(".go.buildinfo") is not None:
+            raise
+        try:
+            return pclntab_go_version(elf)
+        except GoDataError:
+            raise exc from None
+
+
+def _functions(elf: ELFFile) -> tuple[dict[str, tuple[int, int]], str]:
+    """The hooked functions from .symtab, else (stripped) from the Go function table."""
+    functions = _symbols(elf, REQUIRED + OPTIONAL)
+    if all(name in functions for name in REQUIRED):
+        return functions, ".symtab"
+    try:
+        return pclntab_functions(elf, REQUIRED + OPTIONAL), ".gopclntab"
+    except GoDataError as exc:
+        raise GoBinaryError(f"it has no symbol table, and {exc}") from None
+
+
+def _offsets(elf: ELFFile) -> tuple[dict[str, dict[str, int]], str]:
+    """runtime.g / runtime.m field offsets from DWARF, else (stripped) from the type descriptors."""
+    if elf.has_dwarf_info():
+        return struct_member_offsets(elf, "runtime", _RUNTIME_FIELDS), "DWARF"
+    try:
+        return struct_field_offsets(elf, _RUNTIME_FIELDS), "type descriptors"
+    except GoDataError as exc:
+        raise GoBinaryError(f"it has no DWARF, and {exc}") from None
 
 
 FileKey = tuple[int, int, int, int]

@@ -215,21 +215,26 @@ class GoroutineProbe:
 
     def _attach_binary(self, exe: Path, binary: GoBinary) -> None:
         path = os.fsencode(os.path.realpath(exe))
+
+        def attach(symbol: str, offset: int, fn_name: str) -> None:
+            # by address (BCC turns it into a file offset): a stripped binary has no symbol
+            # table for BCC to look the name up in; the addresses come from gobinary either way
+            self._bpf.attach_uprobe(name=path, addr=binary.functions[symbol][0] + offset,
+                                    fn_name=fn_name.encode())
+
         for symbol, fn_name in _ENTRY_PROBES:
             if binary.has(symbol):
-                self._bpf.attach_uprobe(name=path, sym=symbol.encode(), fn_name=fn_name.encode(),
-                                        sym_off=binary.entry_offsets.get(symbol, 0))
+                attach(symbol, binary.entry_offsets.get(symbol, 0), fn_name)
         if binary.spawn_site is not None:
-            self._bpf.attach_uprobe(name=path, sym=NEWPROC_FUNC1.encode(), sym_off=binary.spawn_site,
-                                    fn_name=b"go_newproc_runqput")
+            attach(NEWPROC_FUNC1, binary.spawn_site, "go_newproc_runqput")
             spawn = f"CALL runqput in {NEWPROC_FUNC1}+{binary.spawn_site}"
         else:
             for offset in binary.newproc1_rets:
-                self._bpf.attach_uprobe(name=path, sym=NEWPROC1.encode(), sym_off=offset,
-                                        fn_name=b"go_newproc1_ret")
+                attach(NEWPROC1, offset, "go_newproc1_ret")
             spawn = f"{len(binary.newproc1_rets)} RETs in {NEWPROC1} (slow: single-stepped)"
-        logger.info("goroutine uprobes on %s (goid at +%d, spawns at %s, entries at %s)",
-                    path.decode(errors="replace"), binary.goid_offset, spawn, binary.entry_offsets)
+        logger.info("goroutine uprobes on %s (%s, %s: goid at +%d, spawns at %s, entries at %s)",
+                    path.decode(errors="replace"), binary.go_version, binary.read_from, binary.goid_offset,
+                    spawn, binary.entry_offsets)
 
     def _publish_unsupported(self) -> None:
         """Kept in the stats map so that it reaches the metrics like the kernel counters."""

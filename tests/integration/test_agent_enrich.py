@@ -111,6 +111,18 @@ def test_a_go_binary_is_runtime_go_and_others_are_not(go_exe: Path, tmp_path: Pa
     assert [runtimes.of(p) for p in (script, tmp_path / "missing", truncated)] == ["", "", ""]
 
 
+def test_a_go_binary_without_its_build_info_is_still_go(go_exe: Path, tmp_path: Path) -> None:
+    """Some release builds remove .go.buildinfo (and the build-id note) after linking; the
+    function table stays, since the Go runtime needs it. Taken for a threaded program, such a
+    process would get thread-based links and injected contexts: wrong for goroutines."""
+    bare = tmp_path / "go_bare"
+    subprocess.run(["objcopy", "--remove-section", ".go.buildinfo", "--remove-section", ".note.go.buildid",
+                    str(go_exe), str(bare)], check=True)
+    sections = subprocess.run(["readelf", "-S", str(bare)], check=True, capture_output=True, text=True).stdout
+    assert ".go.buildinfo" not in sections and ".gopclntab" in sections
+    assert RuntimeCache().of(bare) == "go"
+
+
 def test_runtime_is_read_once_per_executable_and_the_cache_is_bounded(go_exe: Path, tmp_path: Path) -> None:
     runtimes = RuntimeCache(max_entries=2)
     assert [runtimes.of(go_exe) for _ in range(3)] == ["go"] * 3

@@ -4,7 +4,8 @@ A handler that calls out from `go func(){...}()`: the events carry a GoroutineSp
 the server request's goroutine to each client request's goroutine, and the engine links each
 client span to the server request it serves. With every call of two concurrent handlers on one
 keep-alive connection (MaxConnsPerHost = 1, whose writeLoop goroutine was started by whichever
-call dialed first), no client gets the wrong parent. A stripped Go binary is traced without
+call dialed first), no client gets the wrong parent. A release build (`-ldflags=-s -w`) gives the
+same tree. A binary whose layout cannot be read (a stripped PIE build) is traced without
 goroutine ids (goid 0) and said so; so is a request written by C code (cgo) in a Go process.
 """
 
@@ -32,7 +33,15 @@ from stitcher.engine import events as E
 from stitcher.rebuild import rebuild
 from stitcher.state_memory import MemoryStateStore
 from tests.integration.probe_harness import LoadedProbe, loaded
-from tests.workloads.servers import HERE, ROOT, free_port, go_binary, running, wait_port
+from tests.workloads.servers import (
+    GO_STRIPPED,
+    GO_STRIPPED_PIE,
+    ROOT,
+    free_port,
+    go_binary,
+    running,
+    wait_port,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -66,9 +75,10 @@ def go_service(binary: Path, downstream: str, max_conns: int, go: LoadedProbe) -
 
 
 @contextmanager
-def fan_and_leaf(workdir: Path, go: LoadedProbe, max_conns: int) -> Iterator[tuple[int, int, int]]:
+def fan_and_leaf(workdir: Path, go: LoadedProbe, max_conns: int,
+                 build_flags: tuple[str, ...] = ()) -> Iterator[tuple[int, int, int]]:
     """(fan pid, fan port, leaf pid): a go_fanout front calling a go_fanout leaf."""
-    binary = go_binary("go_fanout", workdir)
+    binary = go_binary("go_fanout", workdir, *build_flags)
     with go_service(binary, "unused", 0, go) as (leaf_pid, leaf_port), \
             go_service(binary, f"127.0.0.1:{leaf_port}", max_conns, go) as (fan_pid, fan_port):
         yield fan_pid, fan_port, leaf_pid
@@ -113,13 +123,24 @@ def stitch(events: list[pb.Event], go_pids: list[int]) -> dict[tuple[int, str], 
     return {(s.resource.pid, s.name): s for s in spans}
 
 
-def test_stripped_binary_is_reported_once_and_gets_goid_zero(
+def test_a_stripped_release_build_gives_the_same_tree(
+        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
+    """No .symtab, no DWARF: functions from the Go function table, g/m offsets from the
+    runtime's type descriptors (probe_agent/goruntime_data.py)."""
+    http, go = probes
+    with fan_and_leaf(workdir, go, max_conns=0, build_flags=GO_STRIPPED) as (fan_pid, fan_port, leaf_pid):
+        ids = ["x", "y"]
+        for i in ids:
+            assert get(fan_port, f"/fan/{i}") == f"fan {i}"
+        events = wait_requests(http, fan_pid, ids)
+        events += go.snapshot()
+        assert_tree(events, fan_pid, leaf_pid, ids)
+
+
+def test_an_unreadable_binary_is_reported_once_and_gets_goid_zero(
         probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
     _, go = probes
-    stripped = workdir / "go_server_stripped"
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(workdir / "gocache")}
-    subprocess.run(["go", "build", "-ldflags=-s -w", "-o", str(stripped), str(HERE / "go_server.go")],
-                   check=True, env=env)
+    stripped = go_binary("go_server", workdir, *GO_STRIPPED_PIE)
     port = free_port()
     proc = subprocess.Popen([str(stripped), f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -127,7 +148,7 @@ def test_stripped_binary_is_reported_once_and_gets_goid_zero(
         wait_port("127.0.0.1", port, proc)
         probe = go.probe
         assert isinstance(probe, GoroutineProbe)
-        probe.idle()  # the start-up scan may meet other stripped Go binaries on this machine
+        probe.idle()  # the start-up scan may meet other unreadable Go binaries on this machine
         before = go.stats()["go_binary_unsupported"]
         assert not probe.register(proc.pid) and not probe.register(proc.pid)
         assert go.stats()["go_binary_unsupported"] == before + 1      # said once per binary

@@ -1,9 +1,10 @@
 """probe_agent.gobinary on a freshly built Go binary, checked against independent tools:
-binutils' readelf (DWARF of runtime.g), `go tool nm` (symbols) and `go tool objdump` (RETs)."""
+binutils' readelf (DWARF of runtime.g), `go tool nm` (symbols) and `go tool objdump` (RETs).
+Its release build (`-ldflags=-s -w`: no .symtab, no DWARF) must give the same answers from the
+data the Go runtime keeps (function table, type descriptors)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from probe_agent.gobinary import (
     NEWPROC_FUNC1,
     PC_ROUNDTRIP,
     REQUEST_WRITE,
+    GoBinary,
     GoBinaryCache,
     GoBinaryError,
     buildinfo_version,
@@ -25,19 +27,18 @@ from probe_agent.gobinary import (
     ret_offsets,
     spawn_site,
 )
-from tests.workloads.servers import HERE
-
-
-def _build(out: Path, *ldflags: str) -> Path:
-    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(out.parent / "gocache")}
-    subprocess.run(["go", "build", *ldflags, "-o", str(out), str(HERE / "go_fanout.go")], check=True, env=env)
-    return out
+from tests.workloads.servers import GO_STRIPPED, GO_STRIPPED_PIE, go_binary
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("gobin")
-    return _build(d / "go_fanout"), _build(d / "go_fanout_stripped", "-ldflags=-s -w")
+    return go_binary("go_fanout", d), go_binary("go_fanout", d, *GO_STRIPPED)
+
+
+@pytest.fixture(scope="module")
+def stripped_pie(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return go_binary("go_fanout", tmp_path_factory.mktemp("gopie"), *GO_STRIPPED_PIE)
 
 
 def readelf_member_offset(binary: Path, struct_name: str, member: str) -> int:
@@ -110,25 +111,59 @@ def objdump_lines(binary: Path, symbol: str) -> list[tuple[int, str]]:
             for m in re.finditer(r"\t0x([0-9a-f]+)\t+[0-9a-f]+\t+([^\n]*)", dump)]
 
 
-def test_stripped_and_non_go_binaries_are_refused_with_a_reason(built: tuple[Path, Path]) -> None:
+def _same_answers(got: GoBinary, want: GoBinary) -> None:
+    """Everything the probes use, equal; function sizes may differ (the function table's run
+    to the next function, alignment padding included), and the code in between is the same."""
+    assert got.functions.keys() == want.functions.keys()
+    for name, (addr, size) in want.functions.items():
+        assert got.functions[name][0] == addr and got.functions[name][1] >= size, name
+    assert (got.goid_offset, got.stack_offset, got.m_offset, got.curg_offset, got.gopc_offset) == \
+        (want.goid_offset, want.stack_offset, want.m_offset, want.curg_offset, want.gopc_offset)
+    assert (got.newproc1_rets, got.spawn_site, got.entry_offsets) == \
+        (want.newproc1_rets, want.spawn_site, want.entry_offsets)
+
+
+def test_a_stripped_binary_gives_the_same_answers_from_the_runtime_data(built: tuple[Path, Path]) -> None:
+    binary, stripped = built
+    assert subprocess.run(["readelf", "-S", str(stripped)], check=True, capture_output=True,
+                          text=True).stdout.count(".debug_") == 0      # really no DWARF, no .symtab
+    full, bare = inspect(binary), inspect(stripped)
+    assert (full.read_from, bare.read_from) == (".symtab, DWARF", ".gopclntab, type descriptors")
+    assert bare.go_version == full.go_version
+    _same_answers(bare, full)
+    assert bare.spawn_site is not None   # the fast spawn probe, not the single-stepped RETs
+
+
+def test_a_binary_whose_build_info_was_removed_is_read_by_its_function_table(
+        built: tuple[Path, Path], tmp_path: Path) -> None:
     _, stripped = built
-    with pytest.raises(GoBinaryError, match="stripped"):
-        inspect(stripped)
+    bare = tmp_path / "no_buildinfo"
+    subprocess.run(["objcopy", "--remove-section", ".go.buildinfo", str(stripped), str(bare)], check=True)
+    got = inspect(bare)
+    assert got.go_version == "go1.18+"   # the Go here is 1.19: its table has the 1.18 layout
+    _same_answers(got, inspect(stripped))
+
+
+def test_unreadable_and_non_go_binaries_are_refused_with_a_reason(stripped_pie: Path) -> None:
+    # PIE: the type data is only complete after run-time relocation, which is not resolved here
+    with pytest.raises(GoBinaryError, match=r"no DWARF, and it has no type descriptor for runtime\.g"):
+        inspect(stripped_pie)
     with pytest.raises(GoBinaryError, match="no Go build information"):
         inspect(sys.executable)
     with pytest.raises(GoBinaryError, match="ELF"):
         inspect(__file__)
 
 
-def test_cache_reads_each_file_once_and_remembers_failures(built: tuple[Path, Path]) -> None:
-    binary, stripped = built
+def test_cache_reads_each_file_once_and_remembers_failures(built: tuple[Path, Path],
+                                                           stripped_pie: Path) -> None:
+    binary, _ = built
     cache = GoBinaryCache(max_entries=1)
     key, first, fresh = cache.get(binary)
     assert fresh and not isinstance(first, GoBinaryError)
     assert cache.get(binary) == (key, first, False)
-    _, failed, fresh = cache.get(stripped)
+    _, failed, fresh = cache.get(stripped_pie)
     assert fresh and isinstance(failed, GoBinaryError)
-    assert cache.get(stripped)[2] is False and len(cache) == 1   # bounded: the other was evicted
+    assert cache.get(stripped_pie)[2] is False and len(cache) == 1   # bounded: the other was evicted
     assert cache.get(binary)[2] is True and cache.reads == 3
 
 

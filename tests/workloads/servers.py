@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,12 +54,18 @@ class Server:
         return f"http://{host}:{self.port}{path}"
 
 
-def go_binary(name: str, out_dir: Path) -> Path:
-    """`go build` tests/workloads/<name>.go (stdlib only) into out_dir."""
-    out = out_dir / name
+# Release-build variants of the Go workloads: stripped of .symtab and DWARF, and that as PIE.
+GO_STRIPPED = ("-ldflags=-s -w",)
+GO_STRIPPED_PIE = ("-buildmode=pie", "-ldflags=-s -w")
+
+
+def go_binary(name: str, out_dir: Path, *build_flags: str) -> Path:
+    """`go build [build_flags]` tests/workloads/<name>.go (stdlib only) into out_dir."""
+    out = out_dir / "_".join([name, *(re.sub(r"\W+", "", flag) for flag in build_flags)])
     if not out.exists():
         env = {**os.environ, "GOFLAGS": "-mod=mod", "GO111MODULE": "off", "GOCACHE": str(out_dir / "gocache")}
-        subprocess.run(["go", "build", "-o", str(out), str(HERE / f"{name}.go")], check=True, env=env)
+        subprocess.run(["go", "build", *build_flags, "-o", str(out), str(HERE / f"{name}.go")], check=True,
+                       env=env)
     return out
 
 
