@@ -14,8 +14,9 @@ The layouts read here are those of the Go 1.18+ runtime (internal/abi): the pcln
 0), `_func` starting with (entryOff, nameOff); `abi.Type` (48 bytes on amd64,
 `Str` at +40, kind at +23) and `abi.StructType` (fields slice at +56; each field name, type,
 offset: 24 bytes). Anything that does not match raises GoDataError, so a layout this module
-does not know gives no goroutine ids rather than wrong ones. Type data referenced through
-run-time relocations (PIE builds) is not resolved here and fails the same way.
+does not know gives no goroutine ids rather than wrong ones. In a PIE build the pointers in the
+type data are relocated at load time; Go's linker also writes their link-time values in place,
+which is what is read here.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ _FUNC_HEAD = struct.Struct("<Ii")           # _func.entryOff, _func.nameOff
 _MODULEDATA_SECTIONS = (".go.module", ".noptrdata", ".data", ".data.rel.ro")
 _MODULE_TEXT_AT = 176                        # moduledata.text, .etext (after 7 slices, 3 words)
 _MODULE_TEXT = struct.Struct("<QQ")
-# Where type descriptors live: their name offsets count from the start of this section.
-_TYPE_SECTIONS = (".go.type", ".rodata")
+# Where type descriptors may live (newest linkers, others, PIE builds); their name offsets count
+# from the start of the section that holds them.
+_TYPE_SECTIONS = (".go.type", ".rodata", ".data.rel.ro")
 _TYPE_STR = 40                               # abi.Type.Str (NameOff, int32)
 _TYPE_KIND = 23                              # abi.Type.Kind_ (low 5 bits)
 _KIND_STRUCT = 25
@@ -156,16 +158,26 @@ def _type_at(base: int, data: bytes, type_name: str) -> int:
             if desc >= 0 and (base + desc) % 8 == 0 and data[desc + _TYPE_KIND] & 0x1F == _KIND_STRUCT:
                 return desc
             at = data.find(str_off, at + 1)
-    raise GoDataError(f"it has no type descriptor for {type_name}")
+    raise _NoDescriptor(f"it has no type descriptor for {type_name}")
 
 
 def struct_field_offsets(elf: ELFFile, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
     """{struct: {field: offset}} for the runtime structs and fields in `wanted` (as
     gobinary.struct_member_offsets gives them from DWARF), from their type descriptors."""
-    found = _section(elf, _TYPE_SECTIONS)
-    if found is None:
-        raise GoDataError("it has no type data section (.rodata)")
-    base, data = found
+    sections = [found for name in _TYPE_SECTIONS if (found := _section(elf, (name,))) is not None]
+    for base, data in sections:
+        try:
+            return _field_offsets(base, data, wanted)
+        except _NoDescriptor:
+            continue                    # the types live in another section
+    raise GoDataError(f"it has no type descriptor for {next(iter(wanted))}")
+
+
+class _NoDescriptor(GoDataError):
+    pass
+
+
+def _field_offsets(base: int, data: bytes, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for type_name, fields in wanted.items():
         desc = _type_at(base, data, type_name)

@@ -5,8 +5,9 @@ the server request's goroutine to each client request's goroutine, and the engin
 client span to the server request it serves. With every call of two concurrent handlers on one
 keep-alive connection (MaxConnsPerHost = 1, whose writeLoop goroutine was started by whichever
 call dialed first), no client gets the wrong parent. A release build (`-ldflags=-s -w`) gives the
-same tree. A binary whose layout cannot be read (a stripped PIE build) is traced without
-goroutine ids (goid 0) and said so; so is a request written by C code (cgo) in a Go process.
+same tree. A binary whose layout cannot be read (no symbols, no function table found) is traced
+without goroutine ids (goid 0) and said so; so is a request written by C code (cgo) in a Go
+process.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from stitcher.state_memory import MemoryStateStore
 from tests.integration.probe_harness import LoadedProbe, loaded
 from tests.workloads.servers import (
     GO_STRIPPED,
-    GO_STRIPPED_PIE,
     ROOT,
     free_port,
     go_binary,
     running,
+    unreadable_go_binary,
     wait_port,
 )
 
@@ -140,7 +141,7 @@ def test_a_stripped_release_build_gives_the_same_tree(
 def test_an_unreadable_binary_is_reported_once_and_gets_goid_zero(
         probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
     _, go = probes
-    stripped = go_binary("go_server", workdir, *GO_STRIPPED_PIE)
+    stripped = unreadable_go_binary("go_server", workdir)
     port = free_port()
     proc = subprocess.Popen([str(stripped), f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -27,7 +27,7 @@ from probe_agent.gobinary import (
     ret_offsets,
     spawn_site,
 )
-from tests.workloads.servers import GO_STRIPPED, GO_STRIPPED_PIE, go_binary
+from tests.workloads.servers import GO_STRIPPED, GO_STRIPPED_PIE, go_binary, unreadable_go_binary
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def stripped_pie(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return go_binary("go_fanout", tmp_path_factory.mktemp("gopie"), *GO_STRIPPED_PIE)
+def unreadable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unreadable_go_binary("go_fanout", tmp_path_factory.mktemp("gounreadable"))
 
 
 def readelf_member_offset(binary: Path, struct_name: str, member: str) -> int:
@@ -134,6 +134,15 @@ def test_a_stripped_binary_gives_the_same_answers_from_the_runtime_data(built: t
     assert bare.spawn_site is not None   # the fast spawn probe, not the single-stepped RETs
 
 
+def test_a_stripped_pie_build_gives_the_same_answers(tmp_path: Path) -> None:
+    # the type data sits in .data.rel.ro there, its pointers written at their link-time values
+    pie, stripped_pie = go_binary("go_fanout", tmp_path, "-buildmode=pie"), \
+        go_binary("go_fanout", tmp_path, *GO_STRIPPED_PIE)
+    full, bare = inspect(pie), inspect(stripped_pie)
+    assert bare.read_from == ".gopclntab, type descriptors"
+    _same_answers(bare, full)
+
+
 def test_a_binary_whose_build_info_was_removed_is_read_by_its_function_table(
         built: tuple[Path, Path], tmp_path: Path) -> None:
     _, stripped = built
@@ -144,10 +153,9 @@ def test_a_binary_whose_build_info_was_removed_is_read_by_its_function_table(
     _same_answers(got, inspect(stripped))
 
 
-def test_unreadable_and_non_go_binaries_are_refused_with_a_reason(stripped_pie: Path) -> None:
-    # PIE: the type data is only complete after run-time relocation, which is not resolved here
-    with pytest.raises(GoBinaryError, match=r"no DWARF, and it has no type descriptor for runtime\.g"):
-        inspect(stripped_pie)
+def test_unreadable_and_non_go_binaries_are_refused_with_a_reason(unreadable: Path) -> None:
+    with pytest.raises(GoBinaryError, match=r"no symbol table, and it has no \.gopclntab"):
+        inspect(unreadable)
     with pytest.raises(GoBinaryError, match="no Go build information"):
         inspect(sys.executable)
     with pytest.raises(GoBinaryError, match="ELF"):
@@ -155,15 +163,15 @@ def test_unreadable_and_non_go_binaries_are_refused_with_a_reason(stripped_pie: 
 
 
 def test_cache_reads_each_file_once_and_remembers_failures(built: tuple[Path, Path],
-                                                           stripped_pie: Path) -> None:
+                                                           unreadable: Path) -> None:
     binary, _ = built
     cache = GoBinaryCache(max_entries=1)
     key, first, fresh = cache.get(binary)
     assert fresh and not isinstance(first, GoBinaryError)
     assert cache.get(binary) == (key, first, False)
-    _, failed, fresh = cache.get(stripped_pie)
+    _, failed, fresh = cache.get(unreadable)
     assert fresh and isinstance(failed, GoBinaryError)
-    assert cache.get(stripped_pie)[2] is False and len(cache) == 1   # bounded: the other was evicted
+    assert cache.get(unreadable)[2] is False and len(cache) == 1   # bounded: the other was evicted
     assert cache.get(binary)[2] is True and cache.reads == 3
 
 

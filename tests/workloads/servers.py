@@ -69,6 +69,17 @@ def go_binary(name: str, out_dir: Path, *build_flags: str) -> Path:
     return out
 
 
+def unreadable_go_binary(name: str, out_dir: Path) -> Path:
+    """A stripped build whose function table's section header is renamed: it runs as before
+    (the runtime finds its tables through its own pointers, not section names), but the agent
+    finds neither symbols nor a `.gopclntab`, so it cannot read its layout."""
+    out = out_dir / f"{name}_unreadable"
+    if not out.exists():
+        subprocess.run(["objcopy", "--rename-section", ".gopclntab=.weft_hidden",
+                        str(go_binary(name, out_dir, *GO_STRIPPED)), str(out)], check=True)
+    return out
+
+
 def c_binary(name: str, out_dir: Path) -> Path:
     """`gcc` tests/workloads/<name>.c (libc + pthreads only) into out_dir."""
     out = out_dir / name
