@@ -36,6 +36,7 @@ from stitcher.state_memory import MemoryStateStore
 from tests.integration.probe_harness import LoadedProbe, loaded
 from tests.workloads.servers import (
     GO_STRIPPED,
+    GO_STRIPPED_PIE,
     ROOT,
     free_port,
     go_binary,
@@ -124,12 +125,14 @@ def stitch(events: list[pb.Event], go_pids: list[int]) -> dict[tuple[int, str], 
     return {(s.resource.pid, s.name): s for s in spans}
 
 
+@pytest.mark.parametrize("build_flags", [GO_STRIPPED, GO_STRIPPED_PIE], ids=["exe", "pie"])
 def test_a_stripped_release_build_gives_the_same_tree(
-        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
+        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path, build_flags: tuple[str, ...]) -> None:
     """No .symtab, no DWARF: functions from the Go function table, g/m offsets from the
-    runtime's type descriptors (probe_agent/goruntime_data.py)."""
+    runtime's type descriptors (probe_agent/goruntime_data.py); uprobes placed by address,
+    which BCC turns into a file offset (also for a PIE build, loaded elsewhere)."""
     http, go = probes
-    with fan_and_leaf(workdir, go, max_conns=0, build_flags=GO_STRIPPED) as (fan_pid, fan_port, leaf_pid):
+    with fan_and_leaf(workdir, go, max_conns=0, build_flags=build_flags) as (fan_pid, fan_port, leaf_pid):
         ids = ["x", "y"]
         for i in ids:
             assert get(fan_port, f"/fan/{i}") == f"fan {i}"
