@@ -339,6 +339,8 @@ def _functions(elf: ELFFile) -> tuple[dict[str, tuple[int, int]], str]:
         return pclntab_functions(elf, REQUIRED + OPTIONAL), ".gopclntab"
     except GoDataError as exc:
         raise GoBinaryError(f"it has no symbol table, and {exc}") from None
+    except (struct.error, IndexError, ValueError) as exc:  # a table that points outside itself
+        raise GoBinaryError(f"it has no symbol table, and its function table is damaged ({exc})") from None
 
 
 def _offsets(elf: ELFFile) -> tuple[dict[str, dict[str, int]], str]:
@@ -349,6 +351,8 @@ def _offsets(elf: ELFFile) -> tuple[dict[str, dict[str, int]], str]:
         return struct_field_offsets(elf, _RUNTIME_FIELDS), "type descriptors"
     except GoDataError as exc:
         raise GoBinaryError(f"it has no DWARF, and {exc}") from None
+    except (struct.error, IndexError, ValueError) as exc:  # type data that points outside itself
+        raise GoBinaryError(f"it has no DWARF, and its type data is damaged ({exc})") from None
 
 
 FileKey = tuple[int, int, int, int]

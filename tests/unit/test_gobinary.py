@@ -5,12 +5,14 @@ data the Go runtime keeps (function table, type descriptors)."""
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from probe_agent.gobinary import (
     BACKGROUND_READ,
@@ -223,3 +225,29 @@ def test_buildinfo_version_refuses_what_the_probes_cannot_read() -> None:
         buildinfo_version(_buildinfo(2, b"go1.16.2"))
     with pytest.raises(GoBinaryError, match="no Go build information"):
         buildinfo_version(b"\x7fELF")
+
+
+def test_damaged_run_time_data_is_refused_with_a_reason_never_another_error(
+        built: tuple[Path, Path], tmp_path: Path) -> None:
+    """Seeded byte flips in the sections a stripped binary is read from: every answer is either
+    an inspection or a GoBinaryError (the agent's worker would otherwise log a traceback)."""
+    _, stripped = built
+    original = stripped.read_bytes()
+    with open(stripped, "rb") as fh:
+        spans = [(s["sh_offset"], s["sh_size"]) for s in ELFFile(fh).iter_sections()
+                 if s.name in (".gopclntab", ".rodata", ".noptrdata")]
+    rng = random.Random(7)
+    damaged = tmp_path / "damaged"
+    refused = 0
+    for _ in range(150):
+        data = bytearray(original)
+        offset, size = rng.choice(spans)
+        for _ in range(rng.choice((1, 8, 64))):
+            reach = min(size, 4096) if rng.random() < 0.7 else size   # the headers, or anywhere
+            data[offset + rng.randrange(reach)] = rng.randrange(256)
+        damaged.write_bytes(data)
+        try:
+            inspect(damaged)
+        except GoBinaryError:
+            refused += 1
+    assert refused > 0
