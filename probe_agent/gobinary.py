@@ -86,16 +86,19 @@ class GoBinary:
     spawn_site: int | None                 # offset in NEWPROC_FUNC1 of CALL runqput (BX = new g)
     entry_offsets: dict[str, int]          # hooked function -> offset of its entry probe
     read_from: str = ".symtab, DWARF"      # where functions and offsets came from (for the log)
+    load_base: int | None = None           # PIE: link-time address of the file's start (else None)
 
     def has(self, symbol: str) -> bool:
         return symbol in self.functions
 
-    @property
-    def unreported_spawns(self) -> tuple[int, int]:
-        """[lo, hi): code addresses whose `go` statements are not reported ((0, 0): none).
-        Link-time addresses: in a PIE binary they match nothing, and every spawn is reported."""
+    def unreported_spawns(self, mapped_at: int = 0) -> tuple[int, int]:
+        """[lo, hi): code addresses whose `go` statements are not reported ((0, 0): none), in a
+        process that mapped the file's start at `mapped_at` (matters for a PIE build only)."""
         addr, size = self.functions.get(BACKGROUND_READ, (0, 0))
-        return addr, addr + size
+        if not size:
+            return 0, 0
+        bias = mapped_at - self.load_base if self.load_base is not None and mapped_at else 0
+        return addr + bias, addr + size + bias
 
 
 _ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
@@ -306,11 +309,23 @@ def inspect(path: str | Path) -> GoBinary:
                                   functions[RUNQPUT][0])
             entries = {name: entry_offset(_function_bytes(elf, fh, *functions[name]), functions[name][0])
                        for name in (PC_ROUNDTRIP, REQUEST_WRITE) if name in functions}
+            load_base = _pie_load_base(elf)
     except (OSError, ELFError) as exc:
         raise GoBinaryError(f"it cannot be read as ELF ({exc})") from None
     return GoBinary(str(path), version, g_offsets["goid"], g_offsets["stack"], g_offsets["m"],
                     m_offsets["curg"], g_offsets["gopc"], functions, rets, site, entries,
-                    f"{symbols_from}, {offsets_from}")
+                    f"{symbols_from}, {offsets_from}", load_base)
+
+
+def _pie_load_base(elf: ELFFile) -> int | None:
+    """For a PIE build (ET_DYN), the link-time address of file offset 0 (from the first
+    PT_LOAD); None for a fixed-address executable."""
+    if elf["e_type"] != "ET_DYN":
+        return None
+    for segment in elf.iter_segments():
+        if segment["p_type"] == "PT_LOAD":
+            return int(segment["p_vaddr"] - segment["p_offset"])
+    return None
 
 
 _RUNTIME_FIELDS = {"runtime.g": ("goid", "stack", "m", "gopc"), "runtime.m": ("curg",)}

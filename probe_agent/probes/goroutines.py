@@ -191,7 +191,8 @@ class GoroutineProbe:
                 logger.warning("cannot attach goroutine uprobes to %s (pid %d): %s", _exe_name(exe), pid, exc)
                 return False
             self._attached.add(key)
-        skip_lo, skip_hi = found.unreported_spawns
+        skip_lo, skip_hi = found.unreported_spawns(_mapped_at(self._proc / str(pid), exe)
+                                                   if found.load_base is not None else 0)
         offsets = WeftGoProc(found.goid_offset, found.stack_offset, found.m_offset, found.curg_offset,
                              found.gopc_offset, skip_lo, skip_hi)
         self._bpf[b"weft_go_procs"][ctypes.c_uint32(pid)] = offsets
@@ -243,6 +244,20 @@ class GoroutineProbe:
         for i in range(len(values)):
             values[i] = self._unsupported if i == 0 else 0
         table[ctypes.c_int(_UNSUPPORTED_STAT)] = values
+
+
+def _mapped_at(proc_dir: Path, exe: Path) -> int:
+    """Where the process mapped file offset 0 of its executable (0 when not found): a PIE
+    build's code runs at its link-time address plus that load bias."""
+    try:
+        target = os.path.realpath(exe)
+        for line in (proc_dir / "maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and int(parts[2], 16) == 0 and parts[5] == target:
+                return int(parts[0].split("-")[0], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _cgroup_of(proc_dir: Path, mount: Path) -> int:

@@ -85,7 +85,8 @@ def test_offsets_symbols_and_rets_agree_with_binutils_and_go_tools(built: tuple[
     for symbol in (NEWPROC1, PC_ROUNDTRIP, REQUEST_WRITE, NEWPROC_FUNC1, BACKGROUND_READ):
         assert info.functions[symbol][0] == nm[symbol], symbol
     background = nm[BACKGROUND_READ]
-    assert info.unreported_spawns == (background, background + info.functions[BACKGROUND_READ][1])
+    assert info.unreported_spawns() == (background, background + info.functions[BACKGROUND_READ][1])
+    assert info.load_base is None and info.unreported_spawns(0x7F0000000000) == info.unreported_spawns()
 
     # the spawn probe: on the CALL runqput right after newproc1's result went to BX
     lines = objdump_lines(binary, NEWPROC_FUNC1)
@@ -143,6 +144,11 @@ def test_a_stripped_pie_build_gives_the_same_answers(tmp_path: Path) -> None:
     full, bare = inspect(pie), inspect(stripped_pie)
     assert bare.read_from == ".gopclntab, type descriptors"
     _same_answers(bare, full)
+    # its code runs where it was loaded: the background reader's range moves with it
+    assert bare.load_base is not None
+    lo, hi = bare.unreported_spawns()
+    bias = 0x55AA00000000 - bare.load_base
+    assert bare.unreported_spawns(0x55AA00000000) == (lo + bias, hi + bias)
 
 
 def test_a_binary_whose_build_info_was_removed_is_read_by_its_function_table(
