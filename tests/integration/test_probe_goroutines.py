@@ -125,26 +125,6 @@ def stitch(events: list[pb.Event], go_pids: list[int]) -> dict[tuple[int, str], 
     return {(s.resource.pid, s.name): s for s in spans}
 
 
-@pytest.mark.parametrize("build_flags", [GO_STRIPPED, GO_STRIPPED_PIE], ids=["exe", "pie"])
-def test_a_stripped_release_build_gives_the_same_tree(
-        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path, build_flags: tuple[str, ...]) -> None:
-    """No .symtab, no DWARF: functions from the Go function table, g/m offsets from the
-    runtime's type descriptors (probe_agent/goruntime_data.py); uprobes placed by address,
-    which BCC turns into a file offset (also for a PIE build, loaded elsewhere)."""
-    http, go = probes
-    skipped = go.stats()["spawn_skipped"]
-    with fan_and_leaf(workdir, go, max_conns=0, build_flags=build_flags) as (fan_pid, fan_port, leaf_pid):
-        ids = ["x", "y"]
-        for i in ids:
-            assert get(fan_port, f"/fan/{i}") == f"fan {i}"
-        events = wait_requests(http, fan_pid, ids)
-        events += go.snapshot()
-        assert_tree(events, fan_pid, leaf_pid, ids)
-        # net/http's per-request background readers (fan and leaf requests) were told apart
-        # by the code address of their `go` statement, which a PIE build moves at load time
-        assert go.stats()["spawn_skipped"] - skipped >= 3 * len(ids)
-
-
 def test_an_unreadable_binary_is_reported_once_and_gets_goid_zero(
         probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
     _, go = probes
@@ -217,16 +197,24 @@ def assert_spans(spans: dict[tuple[int, str], Span], fan_pid: int, leaf_pid: int
             assert leaf.parent_span_id == client.span_id and leaf.trace_id == server.trace_id
 
 
+@pytest.mark.parametrize("build_flags", [(), GO_STRIPPED, GO_STRIPPED_PIE], ids=["plain", "stripped", "pie"])
 def test_goroutine_fanout_links_each_call_to_its_handler(
-        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path) -> None:
+        probes: tuple[LoadedProbe, LoadedProbe], workdir: Path, build_flags: tuple[str, ...]) -> None:
+    """Also for release builds (no .symtab, no DWARF): functions from the Go function table,
+    g/m offsets from the runtime's type descriptors (probe_agent/goruntime_data.py), uprobes
+    placed by address, which BCC turns into a file offset (also for a PIE build)."""
     http, go = probes
-    with fan_and_leaf(workdir, go, max_conns=0) as (fan_pid, fan_port, leaf_pid):
+    skipped = go.stats()["spawn_skipped"]
+    with fan_and_leaf(workdir, go, max_conns=0, build_flags=build_flags) as (fan_pid, fan_port, leaf_pid):
         ids = ["a", "b"]
         for i in ids:
             assert get(fan_port, f"/fan/{i}") == f"fan {i}"
         events = wait_requests(http, fan_pid, ids)
         events += go.snapshot()
         assert_tree(events, fan_pid, leaf_pid, ids)
+        # net/http's per-request background readers (fan and leaf requests) were told apart
+        # by the code address of their `go` statement, which a PIE build moves at load time
+        assert go.stats()["spawn_skipped"] - skipped >= 3 * len(ids)
 
 
 def test_shared_keepalive_connection_gives_no_wrong_parent(
