@@ -34,6 +34,8 @@
  *   end = the call that wrote (server) / read (client) the last response byte, known from
  *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
  *     HEAD, or else the next request on the connection or its close (end = last write/read).
+ *     A request with no status line when the connection closes ends at the close, flagged
+ *     NO_RESPONSE (the stitcher exports it as a failed span).
  * Bounds: each call scans at most WEFT_SCAN_MAX bytes; bytes past that only count towards the
  *   body length. A request whose Host/traceparent come after the window loses them.
  *
@@ -496,15 +498,18 @@ static __always_inline void response_done(struct conn *c, u64 now)
     c->rs_state = RS_IDLE;
 }
 
-/* Emit every request still queued (close, or a new request after an unframed response). */
-static __always_inline void flush_all(struct conn *c, u64 end_ns)
+/* The connection is over: emit every request still queued. One answered ends at `end_ns` (its
+ * response's last byte); one that got no status line (the client gave up, the server closed
+ * without answering, a reset) ends at the close, `closed_ns`, flagged: a failed request, whose
+ * span shows how long the caller waited. */
+static __always_inline void flush_all(struct conn *c, u64 end_ns, u64 closed_ns)
 {
 #pragma unroll
     for (int i = 0; i < NQ; i++) {
         if (c->head == c->tail)
             break;
-        u8 flags = c->q[c->head & (NQ - 1)].status ? 0 : F_NO_RESPONSE;
-        emit_req(c, c->head, flags, c->q[c->head & (NQ - 1)].status ? end_ns : 0);
+        u8 answered = c->q[c->head & (NQ - 1)].status != 0;
+        emit_req(c, c->head, answered ? 0 : F_NO_RESPONSE, answered ? end_ns : closed_ns);
         c->head++;
     }
     c->resp_started = 0;
@@ -1353,9 +1358,10 @@ static __always_inline void conn_done(u64 key)
     struct conn *c = conns.lookup(&key);
     if (!c)
         return;
-    flush_all(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
+    u64 now = bpf_ktime_get_ns();
+    flush_all(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns, now);
     if (c->open_sent)
-        emit_conn(c, WEFT_KIND_CONN_CLOSE, (u64)c->owner << 32 | c->owner, bpf_ktime_get_ns());
+        emit_conn(c, WEFT_KIND_CONN_CLOSE, (u64)c->owner << 32 | c->owner, now);
     conns.delete(&key);
 }
 

@@ -1040,6 +1040,8 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
                  ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
     if flag:
         attrs += ((f"weft.{flag}", True),)
+    if not status:   # no status line before the connection closed (HttpRequest NO_RESPONSE)
+        attrs += (("error.type", NO_RESPONSE_ERROR),)
     if split == "split":
         attrs += (("weft.split_from", parent),)
         parent = ""
@@ -1050,7 +1052,18 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
                              bytes.fromhex(parent) if parent else b"",
                              "SERVER" if role == ROLE_SERVER else "CLIENT",
                              f"{method} {path}" if method else "HTTP", start, end, attrs, resource,
-                             status >= 500))
+                             _failed(role, status)))
+
+
+# error.type of a request that got no response: the connection closed first (the client gave
+# up, the server closed without answering, a reset); the span ends at the close.
+NO_RESPONSE_ERROR = "no_response"
+
+
+def _failed(role: int, status: int) -> bool:
+    """The span's status is Error (OTel HTTP conventions): 5xx; 4xx on the client side, where
+    the call failed (a server answering 4xx did its job); no response at all."""
+    return status >= 500 or not status or (status >= 400 and role == ROLE_CLIENT)
 
 
 _new_tuple = tuple.__new__   # a NamedTuple from its values, without the keyword-handling __new__

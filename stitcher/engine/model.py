@@ -51,7 +51,7 @@ class Span(NamedTuple):
     end_ns: int
     attributes: tuple[tuple[str, AttrValue], ...]
     resource: Resource
-    error: bool              # HTTP status >= 500
+    error: bool              # status Error: 5xx, 4xx of a client, or no response (core._failed)
 
     def attr(self, key: str, default: AttrValue | None = None) -> AttrValue | None:
         for k, v in self.attributes:

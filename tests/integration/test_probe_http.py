@@ -316,6 +316,45 @@ def test_a_socket_closed_by_process_exit_is_forgotten_and_flushed(probe: LoadedP
     assert client.status == 200 and client.path == "/no-close"
 
 
+def _serve_without_answering(listener: socket.socket) -> None:
+    """Read one request, wait a little, close without a response (a server giving up)."""
+    conn, _ = listener.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    time.sleep(0.05)
+    conn.close()
+
+
+def _ask_and_wait_for_eof(host: str, port: int) -> None:
+    with socket.create_connection((host, port)) as s:
+        s.sendall(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536) == b""          # closed, nothing answered
+
+
+def test_a_request_closed_before_its_response_ends_at_the_close_flagged(probe: LoadedProbe) -> None:
+    """Both sides see a request and then the connection's end with no status line: each record
+    is emitted at the close, ending there, flagged NO_RESPONSE (the caller waited that long; the
+    stitcher exports it as a failed span), with the same seq on both sides."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = multiprocessing.get_context("fork").Process(target=_serve_without_answering, args=(listener,))
+    server.start()
+    before = time.time_ns()
+    in_child(_ask_and_wait_for_eof, "127.0.0.1", port)
+    server.join(10)
+    listener.close()
+    assert server.exitcode == 0
+    (srv,) = requests_on(probe, port, pb.ROLE_SERVER, 1)
+    (cli,) = requests_on(probe, port, pb.ROLE_CLIENT, 1)
+    for r in (srv, cli):
+        assert (r.method, r.path, r.status) == ("GET", "/gone", 0)
+        assert r.flags & pb.HTTP_FLAG_NO_RESPONSE
+        # ends at the close, after the server's 50 ms pause, not at 0 (which the stitcher refused)
+        assert before < r.start_ns and r.start_ns + 40_000_000 < r.end_ns < time.time_ns()
+    assert srv.has_seq and cli.has_seq and srv.tcp_seq == cli.tcp_seq
+
+
 def _serve_after_reset(listener: socket.socket) -> None:
     """Accept, let the client's reset arrive, then read what it had sent (still queued)."""
     conn, _ = listener.accept()

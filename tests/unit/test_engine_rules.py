@@ -40,9 +40,9 @@ def srv(path: str, start: float, end: float, *, tid: int = 11, pid: int = 100, g
 
 def cli(path: str, start: float, end: float, *, tid: int = 11, pid: int = 100, goid: int = 0,
         seq: int | None = None, local: tuple[str, int] = (A_IP, 40000),
-        remote: tuple[str, int] = (B_IP, 80), injected: str = "") -> pb.Event:
+        remote: tuple[str, int] = (B_IP, 80), injected: str = "", status: int = 200) -> pb.Event:
     return E.http("client", pid=pid, tid=tid, goid=goid, start=t(start), end=t(end), cookie=next(_cookies),
-                  local=local, remote=remote, seq=seq, path=path, injected=injected)
+                  local=local, remote=remote, seq=seq, path=path, injected=injected, status=status)
 
 
 def lost_srv(start: float, end: float, *, tid: int = 11, pid: int = 100, goid: int = 0,
@@ -291,6 +291,24 @@ def test_ids_are_functions_of_the_events(store: StateStore) -> None:
     h = event.http
     assert spans["C/c@A"].span_id == span_id("A", h.pid, h.sock_cookie, h.role, h.start_ns)
     assert spans["C/c@A"].trace_id == root_trace_id(spans["C/c@A"].span_id)
+
+
+def test_span_status_follows_the_http_conventions(store: StateStore) -> None:
+    """Error: 5xx on either side, 4xx on the client side only (a server answering 4xx did its
+    job), and a request that got no response at all (the agent ends it at the connection's close,
+    flagged): that one carries error.type and still joins across nodes by its seq."""
+    spans, engine = run(store, {
+        "A": [srv("/a", 0, 300), cli("/gone", 10, 250, seq=41, status=0), cli("/nf", 260, 270, status=404)],
+        "B": [srv("/gone", 12, 240, pid=200, seq=41, local=(B_IP, 80), remote=(A_IP, 40000), status=0),
+              srv("/nf", 262, 268, pid=200, local=(B_IP, 81), status=404)]})
+    assert engine.stats.invalid == 0
+    gone_c, gone_s = spans["C/gone@A"], spans["S/gone@B"]
+    assert gone_s.parent_span_id == gone_c.span_id and gone_c.parent_span_id == spans["S/a@A"].span_id
+    for s in (gone_c, gone_s):
+        assert s.error and s.attr("error.type") == "no_response"
+        assert s.attr("http.response.status_code") is None
+    assert spans["C/nf@A"].error and not spans["S/nf@B"].error
+    assert spans["S/nf@B"].attr("error.type") is None and not spans["S/a@A"].error
 
 
 def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
