@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Iterator
 
 from elftools.elf.elffile import ELFFile
 
@@ -140,60 +141,59 @@ def _name(data: bytes, at: int) -> bytes:
     return data[start:start + length]
 
 
-def _type_at(base: int, data: bytes, type_name: str) -> int:
-    """Offset in `data` of the struct type descriptor whose name is `type_name`."""
+def _descriptors(base: int, data: bytes, type_name: str) -> Iterator[int]:
+    """Offsets in `data` of struct type descriptors whose name is `type_name` (4-byte matches
+    of the name's offset that merely look like one are weeded out by the caller)."""
     # the compiler writes a type's name once, as "*T" with TFlagExtraStar, for T and *T alike
     text = b"*" + type_name.encode()
     needle = bytes([len(text)]) + text
-    candidates = []
-    at = data.find(needle)
-    while at > 0:
-        candidates.append(at - 1)           # the name starts at its flags byte
-        at = data.find(needle, at + 1)
-    for name_at in candidates:
-        str_off = struct.pack("<i", name_at)
+    name_at = data.find(needle)
+    while name_at > 0:
+        str_off = struct.pack("<i", name_at - 1)     # the name starts at its flags byte
         at = data.find(str_off)
         while at >= 0:
             desc = at - _TYPE_STR
             if desc >= 0 and (base + desc) % 8 == 0 and data[desc + _TYPE_KIND] & 0x1F == _KIND_STRUCT:
-                return desc
+                yield desc
             at = data.find(str_off, at + 1)
-    raise _NoDescriptor(f"it has no type descriptor for {type_name}")
+        name_at = data.find(needle, name_at + 1)
+
+
+def _fields(base: int, data: bytes, desc: int) -> dict[str, int] | None:
+    """{field name: offset} of the struct type descriptor at `desc`; None when what is there
+    does not read as one."""
+    ptr, count, _ = _FIELD.unpack_from(data, desc + _STRUCT_FIELDS)
+    if not 0 < count <= _MAX_FIELDS or not base <= ptr <= base + len(data) - count * _FIELD.size:
+        return None
+    out: dict[str, int] = {}
+    for i in range(count):
+        name_ptr, _, offset = _FIELD.unpack_from(data, ptr - base + i * _FIELD.size)
+        if not base <= name_ptr < base + len(data):
+            return None
+        out[_name(data, name_ptr - base).decode(errors="replace")] = offset
+    return out
 
 
 def struct_field_offsets(elf: ELFFile, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
     """{struct: {field: offset}} for the runtime structs and fields in `wanted` (as
-    gobinary.struct_member_offsets gives them from DWARF), from their type descriptors."""
+    gobinary.struct_member_offsets gives them from DWARF), from their type descriptors: the
+    first descriptor of that name, in the first section that holds one, whose field list reads
+    and names every wanted field."""
     sections = [found for name in _TYPE_SECTIONS if (found := _section(elf, (name,))) is not None]
-    for base, data in sections:
-        try:
-            return _field_offsets(base, data, wanted)
-        except _NoDescriptor:
-            continue                    # the types live in another section
-    raise GoDataError(f"it has no type descriptor for {next(iter(wanted))}")
-
-
-class _NoDescriptor(GoDataError):
-    pass
-
-
-def _field_offsets(base: int, data: bytes, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for type_name, fields in wanted.items():
-        desc = _type_at(base, data, type_name)
-        ptr, count, _ = _FIELD.unpack_from(data, desc + _STRUCT_FIELDS)
-        if not 0 < count <= _MAX_FIELDS or not base <= ptr <= base + len(data) - count * _FIELD.size:
-            raise GoDataError(f"the type descriptor of {type_name} has no readable field list")
-        offsets: dict[str, int] = {}
-        for i in range(count):
-            name_ptr, _, offset = _FIELD.unpack_from(data, ptr - base + i * _FIELD.size)
-            if not base <= name_ptr < base + len(data):
-                raise GoDataError(f"a field name of {type_name} lies outside its type data")
-            field = _name(data, name_ptr - base).decode(errors="replace")
-            if field in fields:
-                offsets[field] = offset
-        missing = [f for f in fields if f not in offsets]
-        if missing:
-            raise GoDataError(f"its type descriptor of {type_name} has no field {missing[0]}")
-        out[type_name] = offsets
+        for base, data in sections:
+            for desc in _descriptors(base, data, type_name):
+                try:
+                    offsets = _fields(base, data, desc)
+                except (struct.error, IndexError):
+                    continue
+                if offsets is not None and all(f in offsets for f in fields):
+                    out[type_name] = {f: offsets[f] for f in fields}
+                    break
+            if type_name in out:
+                break
+        else:
+            raise GoDataError(f"it has no type descriptor for {type_name} with the fields "
+                              f"{', '.join(fields)}")
     return out
