@@ -196,6 +196,7 @@ class JsonSpan:
     service: str
     node: str
     attributes: dict[str, Any]
+    error: bool = False      # span status Error (5xx, a client's 4xx, no response)
 
 
 def _plain(value: dict[str, Any]) -> Any:
@@ -221,4 +222,5 @@ def read_json_spans(lines: Iterable[str]) -> Iterator[JsonSpan]:
                     yield JsonSpan(sp.get("traceId", ""), sp.get("spanId", ""), sp.get("parentSpanId", ""),
                                    sp.get("name", ""), str(sp.get("kind", "")).removeprefix("SPAN_KIND_"),
                                    int(sp.get("startTimeUnixNano", 0)), int(sp.get("endTimeUnixNano", 0)),
-                                   str(res.get("service.name", "")), str(res.get("host.name", "")), attrs)
+                                   str(res.get("service.name", "")), str(res.get("host.name", "")), attrs,
+                                   sp.get("status", {}).get("code") in ("STATUS_CODE_ERROR", 2))

@@ -2,7 +2,8 @@
 
 Reads OTLP JSON lines (default: run_dir()/traces.jsonl, the file `weft run` writes). Each row
 shows the span name, kind, service@node, duration, the hop type that linked it, and a bar
-placed on the trace's time axis — a waterfall in the terminal.
+placed on the trace's time axis — a waterfall in the terminal. A failed span (status Error)
+is marked ✗ with its status code or "no response", its bar in red.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def _bar(span: JsonSpan, t0: int, total: int, bar_width: int) -> Text:
     length = max(1, int((span.end_ns - span.start_ns) / total * bar_width)) if total else bar_width
     begin = min(begin, bar_width - 1)
     length = min(length, bar_width - begin)
-    style = "red" if span.attributes.get("http.response.status_code", 0) >= 500 else (
-        "cyan" if span.kind == "SERVER" else "magenta")
+    style = "red" if span.error else "cyan" if span.kind == "SERVER" else "magenta"
     return Text(" " * begin) + Text("█" * length, style=style) + Text(" " * (bar_width - begin - length))
 
 
@@ -94,7 +94,9 @@ def render_trace(trace_id: str, spans: list[JsonSpan], width: int = 120) -> Tabl
     for depth, span in tree_rows(spans):
         kind = "→" if span.kind == "CLIENT" else "⇢" if span.kind == "SERVER" else "·"
         duration = f"{(span.end_ns - span.start_ns) / 1e6:.1f} ms"
-        table.add_row(f"{'  ' * depth}{kind} {span.name}", f"{span.service}@{span.node}", duration,
+        status = span.attributes.get("http.response.status_code") or "no response"
+        failed = f" ✗ {status}" if span.error else ""
+        table.add_row(f"{'  ' * depth}{kind} {span.name}{failed}", f"{span.service}@{span.node}", duration,
                       str(span.attributes.get("weft.link", "")), _bar(span, t0, total, bar_width))
     return table
 
