@@ -20,8 +20,7 @@ A binary built with `-ldflags=-s -w` (the usual release build) has neither: its 
 then read from the Go function table and the offsets from the runtime's own type descriptors
 (probe_agent/goruntime_data.py), which every Go binary keeps. Where neither source reads,
 `inspect` raises GoBinaryError saying why, and the agent traces that binary without goroutine
-ids. `GoBinaryCache` keeps the answer per file ((device, inode,
-mtime, size)), bounded.
+ids. `GoBinaryCache` keeps the answer per file ((device, inode, mtime, size)), bounded.
 """
 
 from __future__ import annotations

@@ -60,12 +60,12 @@ def _section(elf: ELFFile, names: tuple[str, ...]) -> tuple[int, bytes] | None:
     return None
 
 
-def _pclntab(elf: ELFFile) -> tuple[bytes, tuple[int, ...]]:
-    """The function table's bytes and its header, checked."""
+def _pclntab(elf: ELFFile) -> tuple[int, bytes, tuple[int, ...]]:
+    """The function table's address, bytes and header, checked."""
     found = _section(elf, _PCLNTAB_SECTIONS)
     if found is None:
         raise GoDataError("it has no .gopclntab")
-    _, tab = found
+    addr, tab = found
     if len(tab) < _PCHEADER.size:
         raise GoDataError(".gopclntab is truncated")
     header = _PCHEADER.unpack_from(tab)
@@ -74,21 +74,21 @@ def _pclntab(elf: ELFFile) -> tuple[bytes, tuple[int, ...]]:
         raise GoDataError(f".gopclntab has a layout this agent does not read (magic {magic:#x})")
     if nfunc <= 0 or pcln_at + (nfunc + 1) * _FUNCTAB.size > len(tab):
         raise GoDataError(".gopclntab's function table does not fit in it")
-    return tab, header
+    return addr, tab, header
 
 
 def pclntab_go_version(elf: ELFFile) -> str:
     """The oldest Go version that writes this function table's layout ("go1.18+", "go1.20+")."""
-    _, header = _pclntab(elf)
+    _, _, header = _pclntab(elf)
     return _PCLNTAB_MAGICS[header[0]]
 
 
 def pclntab_functions(elf: ELFFile, wanted: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """{name: (address, size)} of the wanted functions, from the function table; size runs to
     the next function's entry (alignment padding included)."""
-    tab, header = _pclntab(elf)
+    addr, tab, header = _pclntab(elf)
     nfunc, names_at, pcln_at = header[5], header[8], header[12]
-    text, etext = _module_text(elf, header)
+    text, etext = _module_text(elf, addr, header)
     todo = {name.encode(): name for name in wanted}
     out: dict[str, tuple[int, int]] = {}
     entries = list(_FUNCTAB.iter_unpack(tab[pcln_at:pcln_at + (nfunc + 1) * _FUNCTAB.size]))
@@ -105,14 +105,12 @@ def pclntab_functions(elf: ELFFile, wanted: tuple[str, ...]) -> dict[str, tuple[
     return out
 
 
-def _module_text(elf: ELFFile, header: tuple[int, ...]) -> tuple[int, int]:
+def _module_text(elf: ELFFile, pclntab_addr: int, header: tuple[int, ...]) -> tuple[int, int]:
     """[text, etext) of the module, from runtime.moduledata: the function table's entries count
     from `text`, which newer linkers leave out of the table's own header (textStart 0).
     moduledata is found by its first two words: the table's address, then that of its
     function-name part (the funcnametab slice)."""
-    found = _section(elf, _PCLNTAB_SECTIONS)
-    assert found is not None  # _pclntab found it
-    needle = _U64.pack(found[0]) + _U64.pack(found[0] + header[8])
+    needle = _U64.pack(pclntab_addr) + _U64.pack(pclntab_addr + header[8])
     for name in _MODULEDATA_SECTIONS:
         section = elf.get_section_by_name(name)
         data = section.data() if section is not None else b""
