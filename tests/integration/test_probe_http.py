@@ -30,6 +30,14 @@ def probe() -> Iterator[LoadedProbe]:
         yield lp
 
 
+@pytest.fixture(autouse=True)
+def _own_events_only(probe: LoadedProbe) -> None:
+    """Each test sees only the records of its own traffic: the probe lives for the module, and
+    a server's ephemeral port can be one an earlier test's server had (100 stale records of
+    the keep-alive test once matched the scatter-gather test's port)."""
+    probe.clear()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("workloads")
