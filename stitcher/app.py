@@ -40,13 +40,14 @@ import os
 import ssl
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import click
 import redis
+from prometheus_client import CollectorRegistry
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
@@ -54,7 +55,9 @@ from stitcher.consumer_lag import ConsumerLag
 from stitcher.deadletter import DeadLetterProducer
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.engine.core import invalid_http
-from stitcher.otlp_convert import spans_to_json_line
+from stitcher.metrics import StitchCollector
+from stitcher.metrics import serve as serve_metrics
+from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section, run_dir
 
@@ -85,6 +88,8 @@ class StitchSettings:
     batch_frames: int = 32                # frames handed to the engine together (one load, one apply)
     batch_wait_ms: int = 20               # longest wait for a batch to fill (adds to export latency)
     node_mirror: bool = True              # keep node-local sorted sets read from Redis in memory
+    metrics_port: int = 0                 # Prometheus endpoint; 0 = off
+    metrics_addr: str = "127.0.0.1"
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -105,40 +110,14 @@ class StitchSettings:
         if not 1 <= self.batch_frames <= 10_000 or not 1 <= self.batch_wait_ms <= 10_000:
             raise ConfigError(f"stitch.batch_frames={self.batch_frames} and batch_wait_ms="
                               f"{self.batch_wait_ms}: each must be 1..10000")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"stitch.metrics_port={self.metrics_port}: must be 0 (off) or a TCP port")
         if not 1 <= self.fetch_max_wait_ms <= 60_000:
             raise ConfigError(f"stitch.fetch_max_wait_ms={self.fetch_max_wait_ms}: must be 1..60000")
         return self
 
 
 # --------------------------------------------------------------------------- frame stitching
-
-
-class SpanSink(Protocol):
-    def export(self, spans: Sequence[Span]) -> None: ...
-    def force_flush(self, timeout_s: float = 30.0) -> bool: ...
-    def shutdown(self, timeout_s: float = 30.0) -> None: ...
-
-
-class JsonLinesSink:
-    """Spans as OTLP JSON lines (one ExportTraceServiceRequest per non-empty batch)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown()
-        self.exported = 0
-
-    def export(self, spans: Sequence[Span]) -> None:
-        if spans:
-            self._fh.write(spans_to_json_line(spans) + "\n")
-            self.exported += len(spans)
-
-    def force_flush(self, timeout_s: float = 30.0) -> bool:
-        self._fh.flush()
-        return True
-
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        if not self._fh.closed:
-            self._fh.close()
 
 
 @dataclass(frozen=True)
@@ -169,6 +148,11 @@ class StitchCounters:
     dead_letters: int = 0
     store_retries: int = 0
     lease_waits: int = 0
+    batches: int = 0
+    engine_seconds: float = 0.0   # in the engine, store round trips included (rate = busy share)
+    # dead letters by the part of the reason before its first colon ("undecodable frame",
+    # "invalid event", "engine error")
+    dead_letter_kinds: Counter[str] = field(default_factory=Counter)
 
 
 class FrameStitcher:
@@ -201,6 +185,7 @@ class FrameStitcher:
 
     def dead_letter(self, reason: str, payload: bytes, where: Where, node: str = "") -> None:
         self.counters.dead_letters += 1
+        self.counters.dead_letter_kinds[reason.partition(":")[0]] += 1
         if self.dead_letters is None:
             logger.error("dropped %s (no dead-letter topic): %s", where, reason)
             return
@@ -225,6 +210,7 @@ class FrameStitcher:
             self._held_since = time.monotonic()
         failed = True
         exported = False   # the frame-by-frame path exports as it goes
+        started = time.perf_counter()
         try:
             try:
                 spans = self.engine.process_frames([p.frame for p in batch])
@@ -244,10 +230,12 @@ class FrameStitcher:
             raise
         finally:
             self._last_done = time.monotonic()
+            self.counters.engine_seconds += time.perf_counter() - started
             if lease is not None and lease.held and (
                     failed or self._last_done - self._held_since >= self.hold_s):
                 lease.release()
         c = self.counters
+        c.batches += 1
         c.frames += len(batch)
         c.events += sum(len(p.frame.events) for p in batch)
         c.spans += len(spans)
@@ -290,6 +278,10 @@ class FrameStitcher:
                            "have exported (same IDs: a backend drops the copies)", len(spans))
         return len(spans)
 
+    def unacknowledged_count(self) -> int:
+        """Spans handed to the sink since its last confirmed flush."""
+        return len(self._exported_ids)
+
     def acknowledge_exported(self) -> None:
         """The sink flushed: what it was handed leaves the outbox. A failure only means those
         spans are exported once more by a later worker."""
@@ -307,9 +299,10 @@ class FrameStitcher:
 
     def _fresh_engine(self) -> None:
         """Forget what a failed attempt cached inside the engine; keep its counters."""
-        stats, outbox = self.engine.stats, self.engine.outbox
-        self.engine = type(self.engine)(self.engine.store, self.engine.config)
-        self.engine.stats, self.engine.outbox = stats, outbox
+        old = self.engine
+        self.engine = type(old)(old.store, old.config)
+        self.engine.stats, self.engine.outbox = old.stats, old.outbox
+        self.engine.hold_node_timeouts = old.hold_node_timeouts
 
     def _failed(self, exc: Exception, attempts: int) -> float:
         """Count a store failure; the backoff before the next attempt."""
@@ -414,7 +407,8 @@ def _credentials(kafka: KafkaSettings) -> Any:
     return faust.SSLCredentials(context)
 
 
-def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSettings) -> Any:
+def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSettings,
+             lag: ConsumerLag | None = None) -> Any:
     """The Faust app: one agent on the raw topic, concurrency 1, values as raw bytes."""
     from stitcher.faust_fetch import app_class  # Faust loads here: `weft` starts fast otherwise
 
@@ -442,7 +436,7 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     topic = app.topic(kafka.raw_topic, key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw")
 
-    lag = ConsumerLag(settings.hold_timeouts_lag)
+    lag = lag if lag is not None else ConsumerLag(settings.hold_timeouts_lag)
 
     async def stitch(stream: Any) -> None:
         # take_events acks a batch's messages only after this body finished with it; a body
@@ -487,8 +481,15 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
         parts = sorted(tp.partition for tp in tps if tp.topic == kafka.raw_topic)
         logger.info("weft-stitch pid %d assigned %s partitions %s", os.getpid(), kafka.raw_topic, parts)
 
+    async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        # a partition another worker now reads must not keep holding this worker's timeouts
+        tps = args[0] if args else kwargs.get("revoked", ())
+        lag.forget({tp.partition for tp in tps if tp.topic == kafka.raw_topic})
+
     on_assigned: Any = app.on_partitions_assigned  # mode's stubs reject async receivers
     on_assigned.connect(assigned)
+    on_revoked: Any = app.on_partitions_revoked
+    on_revoked.connect(revoked)
     return app
 
 
@@ -519,7 +520,14 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
     """Run one stitcher worker until SIGTERM/SIGINT; flushes the sink on the way out."""
     stitcher = build_stitcher(kafka, redis_settings, settings, engine_config, sink)
     stitcher.export_unacknowledged()
-    app = make_app(kafka, stitcher, settings)
+    lag = ConsumerLag(settings.hold_timeouts_lag)
+    if settings.metrics_port:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(StitchCollector(stitcher, lag))
+        port = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
+        logger.info("weft-stitch pid %d metrics on http://%s:%d/metrics", os.getpid(),
+                    settings.metrics_addr, port)
+    app = make_app(kafka, stitcher, settings, lag)
     import faust
 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
@@ -559,10 +567,11 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
               help="a node to wait for before it has sent anything (repeatable; stitch.expect_nodes)")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="write OTLP JSON lines to FILE instead of exporting over OTLP")
+@click.option("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
 def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | None,
                    redis_url: str | None, group: str | None, namespace: str | None,
                    session_timeout: float | None, expect_nodes: tuple[str, ...],
-                   out_file: str | None) -> None:
+                   out_file: str | None, metrics_port: int | None) -> None:
     """Consume raw event frames, stitch them into traces with state in Redis, export over OTLP.
 
     Export settings come from the standard OTEL_EXPORTER_OTLP_* variables (protocol grpc or
@@ -573,7 +582,8 @@ def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | 
     redis_settings = load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
     overrides: dict[str, Any] = {"group_id": group, "namespace": namespace,
                                  "session_timeout_s": session_timeout,
-                                 "expect_nodes": ",".join(expect_nodes) or None}
+                                 "expect_nodes": ",".join(expect_nodes) or None,
+                                 "metrics_port": metrics_port}
     if session_timeout is not None:
         overrides["heartbeat_interval_s"] = min(StitchSettings.heartbeat_interval_s, session_timeout / 3)
     settings = load_section(StitchSettings, "stitch", config_file=config_file, **overrides)

@@ -40,6 +40,10 @@ class ConsumerLag:
     def behind(self) -> bool:
         return bool(self._behind)
 
+    def per_partition(self) -> dict[int, int]:
+        """Each assigned partition's lag as last observed (a copy)."""
+        return self._lag.copy()
+
     @property
     def total(self) -> int:
         return sum(self._lag.values())

@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from stitcher.engine.model import Span
 from stitcher.otlp_convert import spans_to_request  # the one Span → OTLP protobuf conversion
+from stitcher.sinks import ExportStats
 from weft.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -149,15 +150,6 @@ def _make_transport(settings: OtlpSettings) -> _Transport:
     return _HttpTransport(endpoint=endpoint, session=_SessionCaWins())
 
 
-@dataclass
-class ExportStats:
-    exported: int = 0
-    failed: int = 0     # spans in batches the exporter gave up on after its retries
-    dropped: int = 0    # spans refused because the queue stayed full
-    batches: int = 0
-    last_export_monotonic: float = 0.0
-
-
 class OtlpSpanExporter:
     """Queue engine Spans and export them in batches over OTLP; ids are sent exactly as given.
 
@@ -209,6 +201,10 @@ class OtlpSpanExporter:
                 # wake the sender to start its delay timer, or because a full batch is ready
                 if was_empty or len(self._queue) >= step:
                     self._cond.notify_all()
+
+    def queued(self) -> int:
+        """Spans waiting for export or in the batch being sent (a gauge: read without the lock)."""
+        return len(self._queue) + self._in_flight
 
     def _take_batch(self) -> list[Span] | None:
         """Wait for a batch worth sending; None when shut down and drained."""

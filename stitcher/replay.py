@@ -25,8 +25,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
-from stitcher.app import FrameStitcher, JsonLinesSink, SpanSink, StitchSettings, Where
+from stitcher.app import FrameStitcher, StitchSettings, Where
 from stitcher.engine import Engine, EngineConfig, StateStore
+from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
 

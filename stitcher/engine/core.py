@@ -182,6 +182,10 @@ class Engine:
         # after a restart, a replay, or a burst): a node whose frames are merely unread must not
         # be timed out, or its events would all arrive "late". See `_low_watermark`.
         self.hold_node_timeouts = False
+        # Event time as of the last batch, for the worker's metrics: each node's newest
+        # watermark (ns) and the low watermark the sweep settled questions up to.
+        self._watermarks: Mapping[str, str] = {}
+        self.low_watermark_ns = 0
 
     # ------------------------------------------------------------------------------- ingest
 
@@ -214,7 +218,10 @@ class Engine:
             txn.sadd(DUE_INDEX, tuple(sorted(str(b) for b in due)))
         for node, watermark in marks.items():
             txn.hmax(WM, node, n20(watermark))  # also registers a node with no watermark yet
-        low = self._low_watermark(txn.hash(WM), txn.hash(EXPECT))
+        wm = txn.hash(WM)
+        low = self._low_watermark(wm, txn.hash(EXPECT))
+        self._watermarks = dict(wm)     # a copy: the store's own dict changes under a direct store
+        self.low_watermark_ns = low
         decided = late + self._sweep(txn, low, swept)
         out = self._resolve_traces(txn, decided)
         txn.commit()
@@ -223,6 +230,10 @@ class Engine:
             self._lane_entries.clear()
             self._resources.clear()
         return out
+
+    def node_watermarks(self) -> dict[str, int]:
+        """Each node's newest watermark (ns) as of the last batch (0: expected, not heard yet)."""
+        return {node: int(value) for node, value in self._watermarks.items()}
 
     def span_ids(self, frame: pb.Frame) -> list[str | None]:
         """The span id (hex) the engine gives each event of `frame`; None for non-requests."""

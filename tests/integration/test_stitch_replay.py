@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import redis
 
-from stitcher.app import JsonLinesSink
 from stitcher.otlp_convert import request_from_json
 from stitcher.replay import replay
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
+from stitcher.sinks import JsonLinesSink
 from stitcher.state_memory import MemoryStateStore
 from tests.integration.stitch_harness import WEFT, StitchRun, rebuild_spans, received_bytes, span_bytes
 from tests.otlp_receiver import OtlpReceiver

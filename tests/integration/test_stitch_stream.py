@@ -5,12 +5,16 @@ dead-letter topic with its reason."""
 
 from __future__ import annotations
 
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from infra.procs import free_port
 from schemas import weft_events_pb2 as pb
 from schemas.codec import encode_frame, make_frame, wrap
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
@@ -38,6 +42,27 @@ class StreamResult:
     exit_codes: list[int]
     frames_done: list[int]
     frames_sent: int
+    metrics: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]  # per worker, at the end
+
+
+def _scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) -> list[
+        dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """Every worker's metrics, once their exporters have counted `spans` between them (a
+    receiver has the spans a moment before the exporter counts its batch confirmed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scraped = [_scrape(p) for p in ports]
+        done = sum(m.get(("weft_stitch_export_spans_total", (("result", "exported"),)), 0) for m in scraped)
+        if done >= spans or time.monotonic() > deadline:
+            return scraped
+        time.sleep(0.2)
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +74,10 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     run = StitchRun.fresh(infra, sim.node_names, partitions=4)
     with OtlpReceiver() as rx:
         try:
+            ports = [free_port(), free_port()]
             for i in range(2):
-                run.start_worker(logs / f"worker{i}.log", rx.endpoint)
+                run.start_worker(logs / f"worker{i}.log", rx.endpoint,
+                                 {"WEFT_STITCH_METRICS_PORT": str(ports[i])})
             run.wait_assigned(4)  # both in the group before any frame arrives
             node = sim.node_names[0]
             bad = encode_frame(make_frame(node, [ROLELESS], agent_instance=0xBAD))
@@ -58,10 +85,11 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                extra=[(b"node-garbage", GARBAGE), (node.encode(), bad)])
             rx.wait_for(len(expected), timeout=90)
             run.wait_consumed(4, sent + 2)  # + the two bad records; spans can be out before the tail
+            metrics = _scrape_until_exported(ports, len(expected))
         finally:
             codes = [w.stop() for w in run.workers]  # SIGTERM: flush, then exit
         yield StreamResult(run, expected, received_bytes(rx.requests), codes,
-                           [w.frames_done() for w in run.workers], sent)
+                           [w.frames_done() for w in run.workers], sent, metrics)
 
 
 def test_two_workers_export_exactly_the_rebuild(two_workers: StreamResult) -> None:
@@ -76,6 +104,31 @@ def test_both_workers_did_work_and_exited_cleanly(two_workers: StreamResult) -> 
     assert r.exit_codes == [0, 0], [w.tail() for w in r.run.workers]
     assert all(n > 0 for n in r.frames_done), r.frames_done
     assert sum(r.frames_done) == r.frames_sent + 1  # every frame once (+ the roleless one); not the garbage
+
+
+def test_the_workers_metrics_count_what_they_did(two_workers: StreamResult) -> None:
+    r = two_workers
+
+    def total(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return sum(m.get(key, 0) for m in r.metrics)
+
+    assert total("weft_stitch_frames_total") == r.frames_sent + 1   # as frames_done: not the garbage
+    assert total("weft_stitch_spans_total") == len(r.expected)
+    assert total("weft_stitch_export_spans_total", result="exported") == len(r.expected)
+    assert total("weft_stitch_export_spans_total", result="failed") == 0
+    assert total("weft_stitch_dead_letters_total", reason="undecodable frame") == 1
+    assert total("weft_stitch_dead_letters_total", reason="invalid event") == 1
+    assert total("weft_stitch_links_total", link="cross_node") > 0
+    for m in r.metrics:   # each worker knows every node's event time from the shared state
+        marks = {dict(labels)["node"]: v for (name, labels), v in m.items()
+                 if name == "weft_stitch_node_watermark_seconds"}
+        assert set(marks) == set(r.run.nodes) and all(v > 0 for v in marks.values())
+        assert m[("weft_stitch_low_watermark_seconds", ())] <= min(marks.values())
+        assert m[("weft_stitch_event_time_lag_seconds", ())] > 0
+        partitions = [dict(labels)["partition"] for (name, labels), _ in m.items()
+                      if name == "weft_stitch_consumer_lag_messages"]
+        assert partitions and set(partitions) <= {"0", "1", "2", "3"}
 
 
 def test_garbage_goes_to_the_dead_letter_topic(two_workers: StreamResult) -> None:
