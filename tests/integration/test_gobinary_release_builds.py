@@ -1,8 +1,9 @@
 """probe_agent.gobinary on Go release binaries built by toolchains this machine does not have.
 
-The local Go is 1.19; real fleets run current Go. Two stripped (`-s -w`) release binaries from
-the npm registry (a registry this machine kind reaches), pinned to versions built by Go 1.26.5
-and Go 1.27.4, are read from their function table and type descriptors, and every answer is
+The local Go is 1.19; real fleets run every later Go. Stripped (`-s -w`) release binaries from
+the npm registry (a registry this machine kind reaches), pinned to versions built by each Go
+minor release from 1.20 to 1.27, are read from their function table and type descriptors (the
+offsets differ between releases: goid 152 or 160, gopc 280, 288 or 296), and every answer is
 checked against the machine code itself: `runtime.newproc1` must store the new goroutine's
 `gopc` and `goid` at the offsets read, the spawn probe must sit on a CALL to runtime.runqput,
 and the entry probes on a conditional jump. The binaries are only read, never run.
@@ -24,7 +25,14 @@ from probe_agent.goruntime_data import pclntab_functions
 SAVE_ANCESTORS = "runtime.saveAncestors"
 # package@version, path in its tarball, the version inspect reports (esbuild removes its build
 # information, but the toolchain's version string is still in the file), the Go that built it
+# (one per Go minor release from 1.20 on; 1.19 is the local toolchain, tested by building)
 RELEASES = [
+    ("@esbuild/linux-x64@0.17.19", "package/bin/esbuild", "go1.20.4", "go1.20.4"),
+    ("lefthook-linux-x64@1.5.0", "package/bin/lefthook", "go1.21.1", "go1.21.1"),
+    ("@esbuild/linux-x64@0.23.1", "package/bin/esbuild", "go1.22.5", "go1.22.5"),
+    ("@esbuild/linux-x64@0.24.2", "package/bin/esbuild", "go1.23.1", "go1.23.1"),
+    ("lefthook-linux-x64@1.12.0", "package/bin/lefthook", "go1.24.4", "go1.24.4"),
+    ("@esbuild/linux-x64@0.27.0", "package/bin/esbuild", "go1.20+", "go1.25.4"),
     ("@esbuild/linux-x64@0.28.2", "package/bin/esbuild", "go1.20+", "go1.26.5"),
     ("lefthook-linux-x64@2.2.4", "package/bin/lefthook", "go1.27.4", "go1.27.4"),
 ]
@@ -72,20 +80,22 @@ def test_a_current_go_release_build_reads_and_agrees_with_its_machine_code(
     assert info.go_version == version and built_by.encode() in binary.read_bytes()
     assert (info.stack_offset, info.m_offset) == (0, 48)
 
-    # newproc1 (Go source order: `newg.parentGoid = callergp.goid; newg.gopc = callerpc;
-    # newg.ancestors = saveAncestors(callergp)`, and `newg.goid = pp.goidcache` later) reads
-    # and writes goids, and writes gopc just before that call, at the offsets read
+    # newproc1 (Go source order: `newg.parentGoid = callergp.goid` (1.21+); `newg.gopc =
+    # callerpc; newg.ancestors = saveAncestors(callergp)`, and `newg.goid = pp.goidcache`
+    # later) reads and writes goids, and writes gopc just before that call, at the offsets read
     insns = code(binary, *info.functions[NEWPROC1])
     with open(binary, "rb") as fh:
         (save_ancestors, _) = pclntab_functions(ELFFile(fh), (SAVE_ANCESTORS,))[SAVE_ANCESTORS]
     call = next(k for k, i in enumerate(insns) if i.mnemonic == "call" and i.op_str == hex(save_ancestors))
-    before = insns[call - 1]
-    assert before.mnemonic == "mov" and before.op_str.startswith("qword ptr [") \
-        and f"+ {info.gopc_offset:#x}]" in before.op_str, before.op_str
+    # the last store to memory before that call (Go 1.20 then loads the call's argument)
+    before = next(i for i in reversed(insns[:call])
+                  if i.mnemonic == "mov" and i.op_str.startswith("qword ptr ["))
+    assert f"+ {info.gopc_offset:#x}]" in before.op_str, before.op_str
     goid = f"+ {info.goid_offset:#x}]"
     goid_moves = [i.op_str for i in insns if i.mnemonic == "mov" and goid in i.op_str]
     assert any(op.startswith("qword ptr [") for op in goid_moves)        # newg.goid = ...
-    assert any(not op.startswith("qword ptr [") for op in goid_moves)    # ... = callergp.goid
+    if int(built_by.split(".")[1]) >= 21:   # parentGoid exists from Go 1.21 on
+        assert any(not op.startswith("qword ptr [") for op in goid_moves)  # ... = callergp.goid
 
     # the fast spawn probe: on the CALL to runqput in newproc's closure
     assert info.spawn_site is not None
