@@ -90,6 +90,7 @@ class StitchSettings:
     node_mirror: bool = True              # keep node-local sorted sets read from Redis in memory
     metrics_port: int = 0                 # Prometheus endpoint; 0 = off
     metrics_addr: str = "127.0.0.1"
+    startup_wait_s: float = 30.0          # how long to wait at start for Kafka and Redis to answer
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -110,6 +111,8 @@ class StitchSettings:
         if not 1 <= self.batch_frames <= 10_000 or not 1 <= self.batch_wait_ms <= 10_000:
             raise ConfigError(f"stitch.batch_frames={self.batch_frames} and batch_wait_ms="
                               f"{self.batch_wait_ms}: each must be 1..10000")
+        if self.startup_wait_s < 0:
+            raise ConfigError(f"stitch.startup_wait_s={self.startup_wait_s}: must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"stitch.metrics_port={self.metrics_port}: must be 0 (off) or a TCP port")
         if not 1 <= self.fetch_max_wait_ms <= 60_000:
@@ -502,6 +505,39 @@ def _highwater(app: Any, tp: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def wait_for_dependencies(kafka: KafkaSettings | None, redis_settings: RedisSettings | None,
+                          wait_s: float) -> None:
+    """Before anything starts: Kafka and Redis answer (retried for `wait_s`, as they may be
+    starting beside the stitcher), else one sentence naming what is missing and where it was
+    looked for (passwords left out), instead of a traceback from deep inside a client."""
+    from infra import broker, redis_server
+
+    deadline = time.monotonic() + wait_s
+    told: set[str] = set()
+    while True:
+        problems = []
+        if redis_settings is not None:
+            ok, detail = redis_server.reachable(redis_settings, timeout_s=2.0)
+            if not ok:
+                problems.append(f"Redis: {detail}")
+        if kafka is not None:
+            ok, detail = broker.reachable(kafka, timeout_s=2.0)
+            if not ok:
+                problems.append(f"Kafka: {detail}")
+        if not problems:
+            return
+        if time.monotonic() >= deadline:
+            raise click.ClickException(
+                f"cannot start: {'; '.join(problems)}. Start them (`weft infra up` for the local "
+                "ones) or point redis.url / kafka.bootstrap (WEFT_REDIS_URL, WEFT_KAFKA_BOOTSTRAP) "
+                "at running ones.")
+        for problem in problems:
+            if problem not in told:
+                logger.warning("waiting up to %.0f s for %s", wait_s, problem)
+                told.add(problem)
+        time.sleep(1.0)
+
+
 def build_stitcher(kafka: KafkaSettings, redis_settings: RedisSettings, settings: StitchSettings,
                    engine_config: EngineConfig, sink: SpanSink) -> FrameStitcher:
     store = RedisStateStore(redis_settings, cluster=settings.cluster, namespace=settings.namespace,
@@ -588,6 +624,7 @@ def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | 
         overrides["heartbeat_interval_s"] = min(StitchSettings.heartbeat_interval_s, session_timeout / 3)
     settings = load_section(StitchSettings, "stitch", config_file=config_file, **overrides)
     engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    wait_for_dependencies(kafka, redis_settings, settings.startup_wait_s)
     sink: SpanSink
     if out_file:
         sink = JsonLinesSink(out_file)

@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
-from stitcher.app import FrameStitcher, StitchSettings, Where
+from stitcher.app import FrameStitcher, StitchSettings, Where, wait_for_dependencies
 from stitcher.engine import Engine, EngineConfig, StateStore
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
@@ -195,11 +195,13 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         raise click.UsageError("give exactly one of --out FILE or --otlp")
     kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
     engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    redis_settings = (load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
+                      if store == "redis" else None)
+    wait_for_dependencies(kafka, redis_settings, wait_s=0)   # a batch job: ask once
     state: StateStore
-    if store == "redis":
+    if redis_settings is not None:
         from stitcher.state_redis import RedisStateStore
 
-        redis_settings = load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
         ns = namespace if namespace is not None else f"replay-{uuid.uuid4().hex[:8]}:"
         if not ns:
             raise ConfigError("--namespace must not be empty: a replay never writes the live keys")

@@ -8,11 +8,22 @@ import os
 
 import click
 
+from weft.config import ConfigError
+
 # Each module exposes `commands: list[click.Command]`; the stage it belongs to owns it.
 _COMMAND_MODULES = ("infra.cli", "probe_agent.cli", "stitcher.cli", "weft.commands")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _WeftGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        # a bad setting is the user's to fix: one sentence naming the key, never a traceback
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_WeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
 def cli(verbose: int) -> None:
     """Weft: distributed traces from eBPF, across nodes, with no change to the traced programs."""
