@@ -7,7 +7,8 @@
  *
  * Compile-time constants come from the loader as -D flags (probe_agent/probes/base.py):
  *   WEFT_SELF_PID        the agent's own pid, never traced
- *   WEFT_FILTER_CGROUPS  1 when the cgroup allow-set map is to be consulted
+ *   WEFT_FILTER_CGROUPS  1 when only the cgroup subtrees in `cgroup_scope` are traced
+ *   WEFT_CGROUP_SCOPES   how many entries `cgroup_scope` has (the agent's --cgroup paths)
  *   WEFT_RING_PAGES, WEFT_MAX_CONNS, WEFT_MAX_TASKS   map and ring bounds
  */
 #ifndef WEFT_COMMON_H
@@ -47,10 +48,27 @@ static __always_inline void weft_fill_hdr(struct weft_hdr *h, u16 kind, u64 pid_
     h->reserved = 0;
 }
 
+/* A --cgroup root: everything in its subtree is traced, cgroups created later included (a
+ * container runtime makes one per pod or container, under a parent such as kubepods.slice, long
+ * after the agent started). A task is in it when its cgroup's ancestor at the root's level is
+ * the root (bpf_get_current_ancestor_cgroup_id). */
+struct weft_cgroup_scope {
+    u64 id;    /* cgroup v2 id (the directory's inode number) */
+    u32 level; /* depth below the cgroup v2 root (the root itself is 0) */
+    u32 pad;
+};
+#ifndef WEFT_CGROUP_SCOPES
+#define WEFT_CGROUP_SCOPES 1
+#endif
+#define WEFT_CGROUP_VERDICTS 16384 /* cgroups whose verdict is cached (LRU) */
+enum weft_cgroup_verdict { WEFT_CG_OUT = 1, WEFT_CG_IN = 2 };
+
 /* Every program also declares, in its own file (BCC rewrites map calls only in the main source,
- * never in an included header), the same two maps and helpers:
- *   BPF_HASH(cgroup_allow, u64, u8, 1024)      cgroup v2 ids to trace (consulted only when
- *                                             WEFT_FILTER_CGROUPS; empty = everything)
+ * never in an included header), the same maps and helpers:
+ *   BPF_ARRAY(cgroup_scope, struct weft_cgroup_scope, WEFT_CGROUP_SCOPES)   the --cgroup roots
+ *   BPF_TABLE("lru_hash", u64, u8, cgroup_verdict, WEFT_CGROUP_VERDICTS)   cgroup id -> in/out,
+ *       decided once per cgroup (ids are never reused), so a task costs one lookup; nothing is
+ *       decided before the loader has filled the roots (entry 0 is written last)
  *   BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS)  counters named by the loader's stat_names
  *   weft_skip_task(pid_tgid), weft_stat(idx)
  */

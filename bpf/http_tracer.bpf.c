@@ -231,7 +231,8 @@ struct parse_ctx {
     u8 inj_hdrs;  /* WEFT-INJECT: a server request's headers ended in this run */
 };
 
-BPF_HASH(cgroup_allow, u64, u8, 1024);
+BPF_ARRAY(cgroup_scope, struct weft_cgroup_scope, WEFT_CGROUP_SCOPES);
+BPF_TABLE("lru_hash", u64, u8, cgroup_verdict, WEFT_CGROUP_VERDICTS);
 BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
 /* HTTP records only, all of one size: the agent reads a span of them by arithmetic, with no
  * per-record work in Python (probe_agent/ringbuf.py read_stride). Connection records, a few per
@@ -313,8 +314,24 @@ static __always_inline int weft_skip_task(u64 pid_tgid)
         return 1;
 #if WEFT_FILTER_CGROUPS
     u64 cg = bpf_get_current_cgroup_id();
-    if (!cgroup_allow.lookup(&cg))
-        return 1;
+    u8 *known = cgroup_verdict.lookup(&cg);
+    if (known)
+        return *known == WEFT_CG_OUT;
+    u32 first = 0;
+    struct weft_cgroup_scope *ready = cgroup_scope.lookup(&first);
+    if (!ready || !ready->id)
+        return 1; /* the loader has not filled the roots yet: skip, and decide nothing for good */
+    u8 verdict = WEFT_CG_OUT;
+    for (u32 i = 0; i < WEFT_CGROUP_SCOPES; i++) {
+        u32 k = i;
+        struct weft_cgroup_scope *root = cgroup_scope.lookup(&k);
+        if (root && root->id && bpf_get_current_ancestor_cgroup_id(root->level) == root->id) {
+            verdict = WEFT_CG_IN;
+            break;
+        }
+    }
+    cgroup_verdict.update(&cg, &verdict);
+    return verdict == WEFT_CG_OUT;
 #endif
     return 0;
 }

@@ -38,7 +38,8 @@ struct exec_rec {
     char filename[WEFT_FILENAME_MAX];
 };
 
-BPF_HASH(cgroup_allow, u64, u8, 1024);
+BPF_ARRAY(cgroup_scope, struct weft_cgroup_scope, WEFT_CGROUP_SCOPES);
+BPF_TABLE("lru_hash", u64, u8, cgroup_verdict, WEFT_CGROUP_VERDICTS);
 BPF_PERCPU_ARRAY(stats, u64, WEFT_MAX_STATS);
 BPF_RINGBUF_OUTPUT(lineage_events, WEFT_RING_PAGES);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_rec, 1);
@@ -68,15 +69,31 @@ static __always_inline void inherit_context(u32 parent_tid, u32 child_tid)
 }
 #endif
 
-/* The agent itself and tasks outside the allowed cgroups are not traced. */
+/* The agent itself and tasks outside the --cgroup subtrees are not traced. */
 static __always_inline int weft_skip_task(u64 pid_tgid)
 {
     if ((u32)(pid_tgid >> 32) == WEFT_SELF_PID)
         return 1;
 #if WEFT_FILTER_CGROUPS
     u64 cg = bpf_get_current_cgroup_id();
-    if (!cgroup_allow.lookup(&cg))
-        return 1;
+    u8 *known = cgroup_verdict.lookup(&cg);
+    if (known)
+        return *known == WEFT_CG_OUT;
+    u32 first = 0;
+    struct weft_cgroup_scope *ready = cgroup_scope.lookup(&first);
+    if (!ready || !ready->id)
+        return 1; /* the loader has not filled the roots yet: skip, and decide nothing for good */
+    u8 verdict = WEFT_CG_OUT;
+    for (u32 i = 0; i < WEFT_CGROUP_SCOPES; i++) {
+        u32 k = i;
+        struct weft_cgroup_scope *root = cgroup_scope.lookup(&k);
+        if (root && root->id && bpf_get_current_ancestor_cgroup_id(root->level) == root->id) {
+            verdict = WEFT_CG_IN;
+            break;
+        }
+    }
+    cgroup_verdict.update(&cg, &verdict);
+    return verdict == WEFT_CG_OUT;
 #endif
     return 0;
 }

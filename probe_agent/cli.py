@@ -48,7 +48,8 @@ commands.append(doctor)
 
 @click.command("agent")
 @click.option("--node", help="this node's name (default: the host name)")
-@click.option("--cgroup", "cgroups", multiple=True, help="trace only this cgroup v2 path (repeatable)")
+@click.option("--cgroup", "cgroups", multiple=True,
+              help="trace only the processes under this cgroup v2 directory, subtree included (repeatable)")
 @click.option("--pid", "pids", multiple=True, type=int, help="trace only this process and its children")
 @click.option("--kafka", "bootstrap", help="publish to this Kafka bootstrap (host:port[,...])")
 @click.option("--capture", type=click.Path(dir_okay=False), help="write frames to this capture file")

@@ -20,7 +20,7 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -52,6 +52,28 @@ def cgroup_id(path: str | Path, mount: Path | None = None) -> int:
     p = Path(path)
     full = p if p.is_absolute() and p.is_relative_to(base) else base / str(p).lstrip("/")
     return full.stat().st_ino
+
+
+class CgroupScope(NamedTuple):
+    """A cgroup v2 directory traced with its whole subtree (cgroups created later included)."""
+
+    id: int       # what bpf_get_current_cgroup_id() returns for tasks in it: the inode number
+    level: int    # depth below the cgroup v2 root (0: the root itself)
+    path: str     # relative to the cgroup v2 mount, "/a/b" ("/" for the root)
+
+    def holds(self, cgroup_path: str) -> bool:
+        """Whether a task whose /proc/PID/cgroup v2 path is `cgroup_path` is in this subtree."""
+        return self.path == "/" or cgroup_path == self.path or cgroup_path.startswith(self.path + "/")
+
+
+def cgroup_scope(path: str | Path, mount: Path | None = None) -> CgroupScope:
+    """The scope of a --cgroup argument (absolute, or relative to the cgroup v2 mount); raises
+    OSError when the directory does not exist."""
+    base = mount or cgroup2_mount()
+    p = Path(path)
+    full = p if p.is_absolute() and p.is_relative_to(base) else base / str(p).lstrip("/")
+    rel = full.resolve().relative_to(base.resolve())
+    return CgroupScope(full.stat().st_ino, len(rel.parts), "/" + rel.as_posix() if rel.parts else "/")
 
 
 def _boot_unix_ns() -> int:

@@ -38,7 +38,7 @@ from typing import Any
 from probe_agent.btf import release_parsed
 from probe_agent.clock import KtimeClock, ktime_now_ns
 from probe_agent.config import AgentSettings
-from probe_agent.enrich import ProcessInfoCache
+from probe_agent.enrich import CgroupScope, ProcessInfoCache
 from probe_agent.framer import Framer
 from probe_agent.metrics import AgentMetrics
 from probe_agent.probes.base import Probe, ProbeContext, RingSpec, read_stats
@@ -150,7 +150,7 @@ class _Loaded:
 
 class AgentRunner:
     def __init__(self, settings: AgentSettings, sink: FrameSink, metrics: AgentMetrics, *,
-                 probes: Sequence[Probe] | None = None, cgroup_ids: frozenset[int] = frozenset(),
+                 probes: Sequence[Probe] | None = None, cgroups: tuple[CgroupScope, ...] = (),
                  clock: KtimeClock | None = None) -> None:
         self.settings = settings
         self.sink = sink
@@ -172,7 +172,7 @@ class AgentRunner:
                              max_delay_ms=settings.frame_max_delay_ms,
                              watermark_interval_ms=wm_target)
         self.processes = ProcessInfoCache(settings.process_cache_size)
-        self.ctx = ProbeContext(self_pid=os.getpid(), cgroup_ids=cgroup_ids,
+        self.ctx = ProbeContext(self_pid=os.getpid(), cgroups=cgroups,
                                 ktime_offset_ns=self.clock.offset_ns, ring_pages=settings.ring_pages,
                                 extra=extra)
         self._loaded: list[_Loaded] = []
@@ -779,7 +779,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
               capture: str | None = None, metrics_port: int | None = None,
               config_file: str | None = None, inject_headers: bool | None = None) -> int:
     """`weft agent`: settings → checks → probes → loop. Returns the exit status."""
-    from probe_agent.enrich import cgroup_id
+    from probe_agent.enrich import cgroup_scope
     from probe_agent.sinks import CaptureSink, KafkaSink
     from probe_agent.spool import Spool
     from weft.config import ConfigError, KafkaSettings, load_section
@@ -798,7 +798,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
         return 2
     try:
         kernel_line = preflight(settings.inject_headers)
-        cgroup_ids = frozenset(cgroup_id(p) for p in settings.cgroups)
+        scopes = tuple(cgroup_scope(p) for p in settings.cgroups)
     except AgentStartError as exc:
         print(str(exc), flush=True)
         return 1
@@ -816,7 +816,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
                          max_in_flight=settings.max_in_flight_frames,
                          stall_after_ms=settings.stall_after_ms)
         where = f"kafka {kafka.bootstrap} topic {kafka.raw_topic}"
-    runner = AgentRunner(settings, sink, metrics, cgroup_ids=cgroup_ids)
+    runner = AgentRunner(settings, sink, metrics, cgroups=scopes)
     runner.install_signal_handlers()
     try:
         runner.load()

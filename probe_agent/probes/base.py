@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from probe_agent.btf import VMLINUX
+from probe_agent.enrich import CgroupScope
 from schemas import weft_events_pb2 as pb
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class ProbeContext:
     """What the runner knows at start-up; probes turn it into constants and filter-map contents."""
 
     self_pid: int  # the agent's own pid: its syscalls and its traffic are never traced
-    cgroup_ids: frozenset[int] = frozenset()  # cgroup v2 inode ids to trace; empty = all
+    cgroups: tuple[CgroupScope, ...] = ()  # cgroup v2 subtrees to trace; empty = all
     ktime_offset_ns: int = 0  # add to bpf_ktime_get_ns() to get Unix ns
     btf_path: str = VMLINUX
     ring_pages: int = 1024  # pages per ring buffer (power of two): 4 MiB with 4 KiB pages
@@ -78,7 +79,7 @@ class Probe(Protocol):
         ...
 
     def configure(self, bpf: BPF, ctx: ProbeContext) -> None:
-        """After load and attach: fill filter maps (cgroup allow-set, own pid)."""
+        """After load and attach: fill filter maps (the --cgroup roots, own pid)."""
         ...
 
     def detach(self, bpf: BPF) -> None:
@@ -99,17 +100,21 @@ def common_cflags(ctx: ProbeContext, ring_share: int = 1) -> list[str]:
         f"-DWEFT_MAX_CONNS={ctx.max_connections}",
         f"-DWEFT_MAX_TASKS={ctx.max_tasks}",
         f"-DWEFT_SELF_PID={ctx.self_pid}",
-        f"-DWEFT_FILTER_CGROUPS={1 if ctx.cgroup_ids else 0}",
+        f"-DWEFT_FILTER_CGROUPS={1 if ctx.cgroups else 0}",
+        f"-DWEFT_CGROUP_SCOPES={max(len(ctx.cgroups), 1)}",
     ]
     flags += [f"-D{name}={value}" for name, value in sorted(ctx.extra.items())]
     return flags
 
 
-def fill_cgroup_filter(bpf: BPF, ctx: ProbeContext, map_name: str = "cgroup_allow") -> None:
-    """Put the allowed cgroup ids in the program's allow-set (consulted only when non-empty)."""
+def fill_cgroup_filter(bpf: BPF, ctx: ProbeContext, map_name: str = "cgroup_scope") -> None:
+    """Put the traced cgroup subtrees' roots in the program's scope array (consulted only when
+    ctx.cgroups is not empty)."""
     table = bpf[map_name.encode()]
-    for cgroup_id in ctx.cgroup_ids:
-        table[ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+    # Entry 0 last: the programs run (and skip every task) from attach on, and cache a
+    # verdict per cgroup only once entry 0 is set, so none is decided on a partial list.
+    for index, scope in reversed(list(enumerate(ctx.cgroups))):
+        table[ctypes.c_int(index)] = table.Leaf(scope.id, scope.level, 0)
 
 
 def read_stats(bpf: BPF, probe: Probe) -> dict[str, int]:

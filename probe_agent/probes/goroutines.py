@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probe_agent.enrich import ProcessInfoCache, cgroup2_mount, cgroup_id
+from probe_agent.enrich import ProcessInfoCache
 from probe_agent.gobinary import (
     NEWPROC1,
     NEWPROC_FUNC1,
@@ -119,14 +119,13 @@ class GoroutineProbe:
 
     def _scan(self, ctx: ProbeContext) -> None:
         procs = ProcessInfoCache(max_entries=64, proc=self._proc)
-        mount = cgroup2_mount()
         for entry in self._proc.iterdir():
             if not entry.name.isdigit() or int(entry.name) == ctx.self_pid:
                 continue
             pid = int(entry.name)
             if procs.runtimes.of(entry / "exe") != "go":
                 continue
-            if ctx.cgroup_ids and _cgroup_of(entry, mount) not in ctx.cgroup_ids:
+            if ctx.cgroups and not any(scope.holds(_cgroup_path(entry)) for scope in ctx.cgroups):
                 continue
             self.register(pid)
 
@@ -260,14 +259,15 @@ def _mapped_at(proc_dir: Path, exe: Path) -> int:
     return 0
 
 
-def _cgroup_of(proc_dir: Path, mount: Path) -> int:
+def _cgroup_path(proc_dir: Path) -> str:
+    """The process's cgroup v2 path ("" when unreadable: in no scope)."""
     try:
         for line in (proc_dir / "cgroup").read_text().splitlines():
             if line.startswith("0::"):
-                return cgroup_id(line[3:], mount)
-    except (OSError, ValueError):
+                return line[3:]
+    except OSError:
         pass
-    return 0
+    return ""
 
 
 def _exe_name(exe: Path) -> str:

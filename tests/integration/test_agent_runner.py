@@ -128,8 +128,8 @@ def test_runner_frames_lineage_with_process_info_and_detaches(tmp_path: Path) ->
     assert metrics.value("weft_agent_frames_total") == len(frames)
     assert metrics.value("weft_agent_ringbuf_lost_total", probe="lineage") == 0
     fill = metrics.registry.get_sample_value("weft_agent_bpf_map_fill_ratio",
-                                             {"node": "r1", "probe": "lineage", "map": "cgroup_allow"})
-    assert fill == 0.0  # no cgroup filter: the allow-set stays empty
+                                             {"node": "r1", "probe": "lineage", "map": "cgroup_verdict"})
+    assert fill == 0.0  # no cgroup filter: no cgroup's verdict is ever asked for
 
 
 def test_budgeted_rounds_lose_nothing_and_hold_the_watermark_until_the_rings_are_empty(

@@ -1,0 +1,105 @@
+"""`weft agent --cgroup PATH` traces the whole subtree under PATH, including cgroups created after
+the agent started (a container runtime makes one per pod or container, under a parent such as
+kubepods.slice, long after the agent is up), and nothing outside it; a process already busy in
+the scope while the agent starts is traced too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from probe_agent.enrich import cgroup2_mount
+from schemas import weft_events_pb2 as pb
+from schemas.codec import read_capture
+from tests.integration.test_probe_inject import ROOT, wait_until
+from tests.workloads.servers import running
+
+pytestmark = pytest.mark.bpf
+
+
+@pytest.fixture
+def scope() -> Iterator[Path]:
+    """A private parent cgroup and, beside it, one outside the agent's scope (removed after)."""
+    top = cgroup2_mount() / f"weft-scope-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    yield top
+    for path in [*sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True), top]:
+        if path.is_dir():
+            for _ in range(100):   # processes leave a cgroup when they are reaped
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _hammer(url: str, stop: threading.Event) -> None:
+    while not stop.is_set():
+        _get(url)
+
+
+def _get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        resp.read()
+        return int(resp.status)
+
+
+def test_the_subtree_is_traced_even_where_created_later_and_nothing_outside(
+        scope: Path, tmp_path: Path) -> None:
+    traced = scope / "traced"
+    outside = scope / "outside"
+    traced.mkdir()
+    outside.mkdir()
+    capture, log = tmp_path / "agent.wcap", tmp_path / "agent.log"
+    # A server busy in the scope while the agent starts: its tasks run the programs between
+    # their attach and the loader filling the roots, and must not be decided "outside" then.
+    with running("python", tmp_path, cgroup=traced) as early:
+        busy = threading.Event()
+        warmup = threading.Thread(target=_hammer, args=(early.url("/warmup"), busy), daemon=True)
+        warmup.start()
+        agent = subprocess.Popen([sys.executable, "-c", "from weft.cli import main; main()", "agent",
+                                  "--node", "scoped", "--capture", str(capture), "--cgroup", str(traced)],
+                                 stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            wait_until(lambda: "weft agent scoped:" in log.read_text() or agent.poll() is not None,
+                       90, "the agent's start-up line")
+            assert agent.poll() is None, log.read_text()
+            busy.set()
+            warmup.join(10)
+            # created after the agent started: a child and a grandchild of the scope
+            child = traced / "pod-1"
+            grandchild = child / "container-1"
+            grandchild.mkdir(parents=True)
+            places = {"child": child, "grandchild": grandchild, "outside": outside}
+            kinds = {"child": "python", "grandchild": "go", "outside": "python"}
+            ports = {"root": early.port}
+            assert [_get(early.url("/root")) for _ in range(3)] == [200, 200, 200]
+            with running(kinds["child"], tmp_path, cgroup=places["child"]) as b, \
+                    running(kinds["grandchild"], tmp_path, cgroup=places["grandchild"]) as c, \
+                    running(kinds["outside"], tmp_path, cgroup=places["outside"]) as d:
+                for name, srv in zip(places, (b, c, d), strict=True):
+                    ports[name] = srv.port
+                    assert [_get(srv.url(f"/{name}")) for _ in range(3)] == [200, 200, 200]
+                time.sleep(1.0)   # the agent's next frames
+        finally:
+            agent.send_signal(signal.SIGINT)
+            agent.wait(timeout=60)
+    served = [ev.http for frame in read_capture(capture) for ev in frame.events
+              if ev.WhichOneof("kind") == "http" and ev.http.role == pb.ROLE_SERVER]
+    by_place = {name: [(r.method, r.path, r.status) for r in served
+                       if r.tuple.local_port == port and r.path != "/warmup"]
+                for name, port in ports.items()}
+    assert by_place == {"root": [("GET", "/root", 200)] * 3,
+                        "child": [("GET", "/child", 200)] * 3,
+                        "grandchild": [("GET", "/grandchild", 200)] * 3,
+                        "outside": []}, log.read_text()[-2000:]
