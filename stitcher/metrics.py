@@ -50,8 +50,9 @@ _ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
 
 
 class StitchCollector(Collector):
-    """Reads one worker's state at scrape time (in the HTTP server's thread: plain reads of
-    numbers and copies of small dicts, safe under the GIL)."""
+    """Reads one worker's state at scrape time, in the HTTP server's thread: plain reads of
+    numbers, and dicts copied in one C call (`dict(x)`, atomic under the GIL) before iterating,
+    as the worker may add a key meanwhile."""
 
     def __init__(self, stitcher: FrameStitcher, lag: ConsumerLag | None = None) -> None:
         self._stitcher = stitcher
@@ -91,7 +92,7 @@ def _stream_counters(c: StitchCounters) -> Iterator[CounterMetricFamily]:
     dead = CounterMetricFamily("weft_stitch_dead_letters",
                                "frames or events sent to the dead-letter topic, by kind of reason",
                                labels=("reason",))
-    for kind, n in sorted(c.dead_letter_kinds.copy().items()):
+    for kind, n in sorted(dict(c.dead_letter_kinds).items()):
         dead.add_metric((kind,), n)
     yield dead
 
@@ -100,7 +101,7 @@ def _engine_metrics(engine: Engine) -> Iterator[CounterMetricFamily | GaugeMetri
     stats = engine.stats
     links = CounterMetricFamily("weft_stitch_links", "spans decided, by how their parent was found "
                                 "(root and orphan: no parent)", labels=("link",))
-    for link, n in sorted(stats.links.copy().items()):
+    for link, n in sorted(dict(stats.links).items()):
         links.add_metric((link,), n)
     yield links
     for field_name, (name, doc) in _ENGINE_COUNTERS.items():
