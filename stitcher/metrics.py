@@ -67,9 +67,8 @@ class StitchCollector(Collector):
                                 "spans handed to the exporter, not yet confirmed flushed (kept in "
                                 "the outbox: a restarted worker exports them again)",
                                 value=st.unacknowledged_count())
-        if st.lease is not None:
-            yield GaugeMetricFamily("weft_stitch_lease_held", "1 while this worker holds the frame lease",
-                                    value=int(st.lease.held))
+        yield GaugeMetricFamily("weft_stitch_lease_held", "1 while this worker holds the frame lease",
+                                value=int(st.lease is not None and st.lease.held))
         if self._lag is not None:
             yield from _consumer_metrics(self._lag)
 
