@@ -5,22 +5,20 @@ the scope while the agent starts is traced too."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from probe_agent.enrich import cgroup2_mount
 from schemas import weft_events_pb2 as pb
 from schemas.codec import read_capture
+from tests.cgroups import private_cgroup
 from tests.integration.test_probe_inject import ROOT, wait_until
 from tests.workloads.servers import running
 
@@ -29,18 +27,9 @@ pytestmark = pytest.mark.bpf
 
 @pytest.fixture
 def scope() -> Iterator[Path]:
-    """A private parent cgroup and, beside it, one outside the agent's scope (removed after)."""
-    top = cgroup2_mount() / f"weft-scope-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    top.mkdir()
-    yield top
-    for path in [*sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True), top]:
-        if path.is_dir():
-            for _ in range(100):   # processes leave a cgroup when they are reaped
-                try:
-                    path.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+    """A private parent cgroup (the scope and a sibling outside it go below it)."""
+    with private_cgroup("weft-scope-test") as top:
+        yield top
 
 
 def _hammer(url: str, stop: threading.Event) -> None:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,21 +14,17 @@ import pytest
 from probe_agent.enrich import (
     ProcessInfoCache,
     RuntimeCache,
-    cgroup2_mount,
     cgroup_id,
     service_name_from_environ,
 )
+from tests.cgroups import private_cgroup
 from tests.workloads.servers import go_binary
 
 
 @pytest.fixture
 def child_cgroup() -> Iterator[Path]:
-    path = cgroup2_mount() / f"weft-enrich-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
+    with private_cgroup("weft-enrich") as path:
         yield path
-    finally:
-        path.rmdir()
 
 
 def test_service_name_only_from_its_own_variable() -> None:

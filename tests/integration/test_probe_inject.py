@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,13 +32,13 @@ from schemas.codec import CodecError, read_capture
 from stitcher.engine.config import EngineConfig
 from stitcher.engine.core import Engine
 from stitcher.state_memory import MemoryStateStore
+from tests.cgroups import private_cgroup
 from tests.integration.inject_workloads import OWN_TP, call
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ROOT / "tests" / "workloads"
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -52,15 +51,8 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def cgroup() -> Iterator[Path]:
-    path = CGROUP_ROOT / f"weft-inject-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    path.mkdir()
-    yield path
-    for _ in range(100):  # processes leave the cgroup when they are reaped
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.05)
+    with private_cgroup("weft-inject-test") as path:
+        yield path
 
 
 class Procs:
