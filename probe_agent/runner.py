@@ -303,14 +303,12 @@ class AgentRunner:
         due = time.monotonic()
         try:
             while not self._stop:
-                started = time.monotonic()
+                started, cpu_started = time.monotonic(), time.thread_time()
                 # A round that starts long after its time means the agent was not scheduled (a
                 # starved CPU): the kernel kept filling the rings meanwhile, so say so, as the
                 # likely cause of any loss the next counter read reports.
                 if started - due > _LATE_ROUND_S:
-                    self.metrics.late_rounds.inc()
-                    logger.warning("agent was not scheduled for %.0f ms (CPU starved); ring buffers "
-                                   "fill meanwhile", (started - due) * 1000)
+                    self._not_scheduled(started - due)
                 self.step()
                 if started >= next_stats:
                     self.read_kernel_counters()
@@ -319,12 +317,20 @@ class AgentRunner:
                     self.read_map_fill()
                     next_fill = started + self.settings.map_fill_interval_s
                 took = time.monotonic() - started
-                if took > 2 * interval:
+                off_cpu = took - (time.thread_time() - cpu_started)
+                if off_cpu > _LATE_ROUND_S:     # the same, in the middle of a round
+                    self._not_scheduled(off_cpu)
+                elif took > 2 * interval:
                     logger.info("slow round: %.0f ms", took * 1000)
                 time.sleep(max(0.0, interval - took))
                 due = started + max(interval, took)
         finally:
             self.close()
+
+    def _not_scheduled(self, seconds: float) -> None:
+        self.metrics.late_rounds.inc()
+        logger.warning("agent was not scheduled for %.0f ms (CPU starved); ring buffers fill "
+                       "meanwhile", seconds * 1000)
 
     def step(self) -> None:
         """One round: drain the rings, frame what came, send what is ready.

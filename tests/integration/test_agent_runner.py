@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -195,3 +196,29 @@ def test_both_ring_readers_deliver_every_record_through_many_wrap_arounds(
     assert len(children) == 200  # /bin/true and sleep
     assert set(children) <= exited
     assert sorted(exe.get(c, "") for c in children) == ["sleep"] * 100 + ["true"] * 100
+
+
+class _HeldUpRunner(AgentRunner):
+    """A runner whose second round is held off the CPU for 400 ms in its middle (as a SIGSTOP
+    or a starved CPU would), then stops."""
+
+    rounds = 0
+
+    def step(self) -> None:
+        self.rounds += 1
+        if self.rounds == 2:
+            time.sleep(0.4)
+            self.request_stop()
+        super().step()
+
+
+def test_an_agent_held_off_the_cpu_in_the_middle_of_a_round_counts_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = AgentMetrics("held")
+    runner = _HeldUpRunner(AgentSettings(node="held"), CaptureSink(tmp_path / "c.wcap", "held", metrics),
+                           metrics, probes=[])
+    with caplog.at_level("WARNING", logger="probe_agent.runner"):
+        runner.run()
+    assert metrics.value("weft_agent_late_rounds_total") == 1
+    (gap,) = [int(m) for m in re.findall(r"agent was not scheduled for (\d+) ms", caplog.text)]
+    assert 350 <= gap < 1000
