@@ -45,13 +45,16 @@ def cgroup2_mount() -> Path:
     return Path("/sys/fs/cgroup")
 
 
+def _cgroup_dir(path: str | Path, base: Path) -> Path:
+    """A cgroup given absolute or relative to the cgroup v2 mount `base`, as a full path."""
+    p = Path(path)
+    return p if p.is_absolute() and p.is_relative_to(base) else base / str(p).lstrip("/")
+
+
 def cgroup_id(path: str | Path, mount: Path | None = None) -> int:
     """The id bpf_get_current_cgroup_id() returns for tasks in this cgroup: its inode number.
     `path` is absolute or relative to the cgroup v2 mount."""
-    base = mount or cgroup2_mount()
-    p = Path(path)
-    full = p if p.is_absolute() and p.is_relative_to(base) else base / str(p).lstrip("/")
-    return full.stat().st_ino
+    return _cgroup_dir(path, mount or cgroup2_mount()).stat().st_ino
 
 
 class CgroupScope(NamedTuple):
@@ -70,8 +73,7 @@ def cgroup_scope(path: str | Path, mount: Path | None = None) -> CgroupScope:
     """The scope of a --cgroup argument (absolute, or relative to the cgroup v2 mount); raises
     OSError when the directory does not exist."""
     base = mount or cgroup2_mount()
-    p = Path(path)
-    full = p if p.is_absolute() and p.is_relative_to(base) else base / str(p).lstrip("/")
+    full = _cgroup_dir(path, base)
     rel = full.resolve().relative_to(base.resolve())
     return CgroupScope(full.stat().st_ino, len(rel.parts), "/" + rel.as_posix() if rel.parts else "/")
 
