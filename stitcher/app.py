@@ -515,22 +515,17 @@ def wait_for_dependencies(kafka: KafkaSettings | None, redis_settings: RedisSett
     deadline = time.monotonic() + wait_s
     told: set[str] = set()
     while True:
-        problems = []
-        if redis_settings is not None:
-            ok, detail = redis_server.reachable(redis_settings, timeout_s=2.0)
-            if not ok:
-                problems.append(f"Redis: {detail}")
-        if kafka is not None:
-            ok, detail = broker.reachable(kafka, timeout_s=2.0)
-            if not ok:
-                problems.append(f"Kafka: {detail}")
+        checks = {"Redis": redis_server.reachable(redis_settings, timeout_s=2.0) if redis_settings else None,
+                  "Kafka": broker.reachable(kafka, timeout_s=2.0) if kafka else None}
+        failed = {name: check for name, check in checks.items() if check is not None and not check.ok}
+        problems = [f"{name}: {check.detail}" for name, check in failed.items()]
         if not problems:
             return
         if time.monotonic() >= deadline:
-            raise click.ClickException(
-                f"cannot start: {'; '.join(problems)}. Start them (`weft infra up` for the local "
-                "ones) or point redis.url / kafka.bootstrap (WEFT_REDIS_URL, WEFT_KAFKA_BOOTSTRAP) "
-                "at running ones.")
+            absent = [name for name, check in failed.items() if not check.listening]
+            hint = (" Start them (`weft infra up` for the local ones) or point redis.url / kafka.bootstrap "
+                    "(WEFT_REDIS_URL, WEFT_KAFKA_BOOTSTRAP) at running ones." if absent else "")
+            raise click.ClickException(f"cannot start: {'; '.join(problems)}.{hint}")
         for problem in problems:
             if problem not in told:
                 logger.warning("waiting up to %.0f s for %s", wait_s, problem)

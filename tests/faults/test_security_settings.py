@@ -5,7 +5,8 @@
   Without the password, or without the CA, the store refuses to start. A second server requires
   a client certificate (mutual TLS): refused without one, accepted with WEFT_REDIS_SSL_CERTFILE/KEYFILE.
 * Kafka: settings from WEFT_KAFKA_* reach the agent's producer config, librdkafka accepts them
-  (dead-letter producer built), and Faust gets matching SASL / SSL credentials.
+  (dead-letter producer built), and Faust gets matching SASL / SSL credentials. (The TLS round
+  trip against a TLS-only broker, every client included: test_kafka_tls.py.)
 (confluent() and client_kwargs() contents: tests/unit/test_config.py; a password-protected Redis
 started by infra: tests/integration/test_infra.py::test_redis_password_is_required_when_set.)"""
 
@@ -34,6 +35,7 @@ from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.state_redis import RedisStateStore
 from tests.integration.stitch_harness import WEFT, StitchRun, rebuild_spans
 from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
+from tests.tls import TestPki
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
 
 PASSWORD = "tls-and-auth-5e1f"
@@ -47,40 +49,11 @@ class TlsRedis:
     client_key: Path
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def _signed_pair(tmp_path: Path, name: str, ca: Path, ca_key: Path, subject: str,
-                 ext: str) -> tuple[Path, Path]:
-    key, csr, cert, ext_file = (tmp_path / f"{name}.{n}" for n in ("key", "csr", "crt", "cnf"))
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", subject)
-    ext_file.write_text(ext)
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-             "-out", str(cert), "-days", "1", "-extfile", str(ext_file))
-    return cert, key
-
-
-def _ca(tmp_path: Path) -> tuple[Path, Path]:
-    """A CA of this test's own: (certificate, key)."""
-    ca_key, ca = tmp_path / "ca.key", tmp_path / "ca.crt"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
-             "-days", "1", "-subj", "/CN=weft-test-ca")
-    return ca, ca_key
-
-
-def _server_pair(tmp_path: Path, ca: Path, ca_key: Path) -> tuple[Path, Path]:
-    """A server certificate for 127.0.0.1 signed by `ca`: (certificate, key)."""
-    return _signed_pair(tmp_path, "srv", ca, ca_key, "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n")
-
-
 def _tls_redis(tmp_path: Path, auth_clients: str) -> Iterator[TlsRedis]:
     """redis-server speaking only TLS (certificate for 127.0.0.1 signed by a CA made here),
     requiring a password, and a client certificate when auth_clients is "yes"."""
-    ca, ca_key = _ca(tmp_path)
-    cert, key = _server_pair(tmp_path, ca, ca_key)
-    client_cert, client_key = _signed_pair(tmp_path, "client", ca, ca_key, "/CN=weft-stitch",
-                                           "extendedKeyUsage=clientAuth\n")
+    pki = TestPki.make(tmp_path)
+    ca, (cert, key), (client_cert, client_key) = pki.ca.cert, pki.server, pki.client
     port = free_port()
     log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
@@ -181,8 +154,8 @@ def test_otlp_export_over_tls_trusts_only_the_ca_from_env(tmp_path: Path, monkey
     exporter reaches it with OTEL_EXPORTER_OTLP_CERTIFICATE (the standard variable) even where
     REQUESTS_CA_BUNDLE is set, and without it refuses the server (the spans are counted as
     failed; none is sent in clear)."""
-    ca, ca_key = _ca(tmp_path)
-    cert, key = _server_pair(tmp_path, ca, ca_key)
+    pki = TestPki.make(tmp_path)
+    ca, (cert, key) = pki.ca.cert, pki.server
     sim = Simulation(SimConfig(nodes=2, rps=10, seconds=1, seed=3))
     sim.run()
     spans = rebuild_spans(interleaved_frames(sim), sim.node_names)

@@ -35,6 +35,8 @@ def test_unreachable_kafka_and_redis_are_named_in_one_sentence() -> None:
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("Error:")]
     assert line.startswith(f"Error: cannot start: Redis: no answer from redis://127.0.0.1:{redis_port}/0 ")
     assert f"Kafka: no answer from 127.0.0.1:{kafka_port} " in line
+    assert line.endswith("Start them (`weft infra up` for the local ones) or point redis.url / "
+                         "kafka.bootstrap (WEFT_REDIS_URL, WEFT_KAFKA_BOOTSTRAP) at running ones.")
 
 
 def test_only_what_is_missing_is_named(infra: Any) -> None:
@@ -43,6 +45,20 @@ def test_only_what_is_missing_is_named(infra: Any) -> None:
                    WEFT_STITCH_STARTUP_WAIT_S="0")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "cannot start: Kafka: no answer" in done.stderr and "Redis:" not in done.stderr
+
+
+def test_a_redis_that_refuses_the_session_is_not_called_missing(infra: Any) -> None:
+    """Redis is there but refuses these credentials: the sentence says so and points at the
+    settings; it does not tell the user to start a Redis."""
+    done = _stitch("--redis-url", infra.redis_url, "--bootstrap", infra.bootstrap,
+                   WEFT_REDIS_USERNAME="nobody", WEFT_REDIS_PASSWORD="wr0ng",
+                   WEFT_STITCH_STARTUP_WAIT_S="0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "wr0ng" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("Error:")]
+    assert line.startswith(f"Error: cannot start: Redis: {infra.redis_url} accepts connections but refused "
+                           "the session (")
+    assert line.endswith("check redis.password / redis.username and the redis.ssl_* settings.")
+    assert "Kafka:" not in line and "weft infra up" not in line
 
 
 def test_a_bad_setting_is_one_sentence() -> None:
