@@ -131,7 +131,12 @@ def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> Reachability:
     # log_level 6: "Disconnected: connection closed by peer" is logged at INFO
     conf: dict[str, Any] = {**settings.confluent(), "log_level": 6, "logger": rdkafka_log,
                             "socket.connection.setup.timeout.ms": int(timeout_s * 1000)}
-    admin = AdminClient(conf)
+    try:
+        admin = AdminClient(conf)
+    except KafkaException as exc:         # e.g. a CA or key file librdkafka cannot read
+        rdkafka_log.removeHandler(failure)
+        return Reachability(False, f"the Kafka client refused the settings ({exc.args[0].str()})",
+                            listening=True)
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:

@@ -785,6 +785,8 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
               capture: str | None = None, metrics_port: int | None = None,
               config_file: str | None = None, inject_headers: bool | None = None) -> int:
     """`weft agent`: settings → checks → probes → loop. Returns the exit status."""
+    from confluent_kafka import KafkaException
+
     from probe_agent.enrich import cgroup_scope
     from probe_agent.sinks import CaptureSink, KafkaSink
     from probe_agent.spool import Spool
@@ -818,9 +820,13 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
     else:
         spool = Spool(settings.spool_path(), max_bytes=settings.spool_max_bytes,
                       segment_bytes=settings.spool_segment_bytes)
-        sink = KafkaSink(kafka, settings.node, spool, metrics,
-                         max_in_flight=settings.max_in_flight_frames,
-                         stall_after_ms=settings.stall_after_ms)
+        try:
+            sink = KafkaSink(kafka, settings.node, spool, metrics,
+                             max_in_flight=settings.max_in_flight_frames,
+                             stall_after_ms=settings.stall_after_ms)
+        except KafkaException as exc:      # e.g. a CA or key file librdkafka cannot read
+            print(f"weft agent: the Kafka client refused the kafka settings: {exc.args[0].str()}", flush=True)
+            return 2
         where = f"kafka {kafka.bootstrap} topic {kafka.raw_topic}"
     runner = AgentRunner(settings, sink, metrics, cgroups=scopes)
     runner.install_signal_handlers()

@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
@@ -400,7 +401,11 @@ def _credentials(kafka: KafkaSettings) -> Any:
         return None
     context = None
     if kafka.security_protocol.endswith("SSL"):
-        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
+        # librdkafka takes a CA file or a directory of them ("probe": the system's own)
+        ca = "" if kafka.ssl_ca_location == "probe" else kafka.ssl_ca_location
+        ca_dir = bool(ca) and Path(ca).is_dir()
+        context = ssl.create_default_context(cafile=None if ca_dir else ca or None,
+                                             capath=ca if ca_dir else None)
         if kafka.ssl_certificate_location:
             context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location or None,
                                     kafka.ssl_key_password or None)

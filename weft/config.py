@@ -51,6 +51,14 @@ class KafkaSettings:
             raise ConfigError("kafka.sasl_mechanism must be set when security_protocol is SASL_*")
         if self.partitions < 1:
             raise ConfigError(f"kafka.partitions={self.partitions}: must be >= 1")
+        if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
+            raise ConfigError("kafka.ssl_certificate_location and kafka.ssl_key_location go together: "
+                              "set both or neither")
+        # librdkafka's "probe" looks in the system's usual places; anything else is a path
+        ca = "" if self.ssl_ca_location == "probe" else self.ssl_ca_location
+        _must_exist("kafka.ssl_ca_location", ca)
+        _must_exist("kafka.ssl_certificate_location", self.ssl_certificate_location)
+        _must_exist("kafka.ssl_key_location", self.ssl_key_location)
         return self
 
     def confluent(self) -> dict[str, str]:
@@ -87,6 +95,8 @@ class RedisSettings:
             raise ConfigError(f"redis.key_ttl_s={self.key_ttl_s}: must be >= 1")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ConfigError("redis.ssl_certfile and redis.ssl_keyfile go together: set both or neither")
+        for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            _must_exist(f"redis.{key}", getattr(self, key))
         return self
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -122,6 +132,12 @@ def _coerce(raw: str, target: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={raw!r}: expected a number") from None
     return raw
+
+
+def _must_exist(key: str, path: str) -> None:
+    """A file setting that names nothing would fail later, deep inside a client."""
+    if path and not Path(path).exists():
+        raise ConfigError(f"{key}={path!r}: no such file")
 
 
 def load_section(cls: type[T], section: str, *, config_file: str | Path | None = None,

@@ -134,6 +134,43 @@ def test_a_client_without_the_certificate_or_the_ca_is_refused_in_one_sentence(
     assert tls_kafka.terminator.refused > refused_before       # the TLS cases failed at the handshake
 
 
+def test_an_agent_given_a_file_librdkafka_cannot_use_says_so_in_one_sentence(
+        tls_kafka: TlsKafka, tmp_path: Path) -> None:
+    env = {**os.environ, **tls_kafka.env, "WEFT_RUN_DIR": str(tmp_path),
+           "WEFT_KAFKA_SSL_CA_LOCATION": tls_kafka.env["WEFT_KAFKA_SSL_KEY_LOCATION"]}   # a key, not a CA
+    done = subprocess.run([WEFT, "agent", "--node", "n", "--kafka", tls_kafka.bootstrap], env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2, out
+    assert out.startswith("weft agent: the Kafka client refused the kafka settings: ") and \
+        "ssl.ca.location failed" in out and len(out.splitlines()) == 1, out
+
+
+@pytest.mark.infra
+@pytest.mark.slow
+def test_a_ca_directory_serves_librdkafka_and_faust_alike(tls_kafka: TlsKafka, infra: Any,
+                                                        tmp_path: Path) -> None:
+    """librdkafka takes a CA file or a directory of hashed certificates; the Faust consumer
+    (Python's ssl) needs to be told which, or a directory ends a worker with IsADirectoryError."""
+    ca_dir = tmp_path / "cas"
+    ca_dir.mkdir()
+    (ca_dir / "weft-test-ca.pem").write_bytes(Path(tls_kafka.env["WEFT_KAFKA_SSL_CA_LOCATION"]).read_bytes())
+    subprocess.run(["openssl", "rehash", str(ca_dir)], check=True, capture_output=True)
+    env = {**tls_kafka.env, "WEFT_KAFKA_SSL_CA_LOCATION": str(ca_dir)}
+    assert broker.reachable(tls_kafka.settings(WEFT_KAFKA_SSL_CA_LOCATION=str(ca_dir))).ok
+    topic = f"weft.raw.{uuid.uuid4().hex[:8]}"
+    create_topics(tls_kafka.settings(), {topic: 1, f"{topic}.dead": 1})
+    run = StitchRun(bootstrap=tls_kafka.bootstrap, redis_url=infra.redis_url, raw_topic=topic,
+                    dead_topic=f"{topic}.dead", group=f"weft-stitch-{uuid.uuid4().hex[:8]}",
+                    namespace=f"tlsdir{uuid.uuid4().hex[:8]}:", nodes=["n0"])
+    with OtlpReceiver() as rx:
+        try:
+            run.start_worker(tmp_path / "stitch.log", rx.endpoint, extra_env=env)
+            run.wait_assigned(1, timeout=120)            # the Faust consumer joined over TLS
+        finally:
+            run.stop_all()
+
+
 @pytest.mark.bpf
 @pytest.mark.infra
 @pytest.mark.netns

@@ -71,6 +71,11 @@ def test_empty_yaml_and_missing_section_give_defaults(tmp_path: Path) -> None:
     ({"WEFT_KAFKA_SASL_MECHANISM": "GSSAPI"}, "kafka.sasl_mechanism='GSSAPI': allowed PLAIN"),
     ({"WEFT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "sasl_mechanism must be set"),
     ({"WEFT_KAFKA_PARTITIONS": "0"}, "kafka.partitions=0: must be >= 1"),
+    ({"WEFT_KAFKA_SSL_CA_LOCATION": "/no/ca.pem"}, "kafka.ssl_ca_location='/no/ca.pem': no such file"),
+    ({"WEFT_KAFKA_SSL_CERTIFICATE_LOCATION": "/etc/hostname"},
+     "kafka.ssl_certificate_location and kafka.ssl_key_location go together"),
+    ({"WEFT_KAFKA_SSL_CERTIFICATE_LOCATION": "/etc/hostname", "WEFT_KAFKA_SSL_KEY_LOCATION": "/no/key"},
+     "kafka.ssl_key_location='/no/key': no such file"),
 ])
 def test_kafka_validate_names_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -80,11 +85,18 @@ def test_kafka_validate_names_the_key(env: dict[str, str], message: str) -> None
 @pytest.mark.parametrize(("env", "message"), [
     ({"WEFT_REDIS_URL": "http://x"}, "redis.url='http://x': must start with redis://"),
     ({"WEFT_REDIS_KEY_TTL_S": "0"}, "redis.key_ttl_s=0: must be >= 1"),
+    ({"WEFT_REDIS_SSL_CA_CERTS": "/no/such/ca.pem"}, "redis.ssl_ca_certs='/no/such/ca.pem': no such file"),
 ])
 def test_redis_validate_names_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_section(RedisSettings, "redis", env=env)
     assert message in str(err.value)
+
+
+def test_a_ca_may_be_librdkafkas_probe_or_a_directory() -> None:
+    for ca in ("probe", "/etc/ssl/certs"):
+        settings = load_section(KafkaSettings, "kafka", env={"WEFT_KAFKA_SSL_CA_LOCATION": ca})
+        assert settings.ssl_ca_location == ca
 
 
 def test_confluent_settings_carry_only_what_is_set() -> None:
