@@ -12,6 +12,7 @@ import pytest
 
 from infra.services import LocalInfra
 from tests.redis_cluster import LocalCluster, running_cluster
+from tests.tls import TestPki
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,14 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real three-primary, password-protected Redis Cluster for the session."""
     with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tls_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The same, speaking only TLS (clients and cluster bus) with a CA of the session's own."""
+    work = tmp_path_factory.mktemp("redis-cluster-tls")
+    with running_cluster(work, pki=TestPki.make(work / "pki")) as cluster:
         yield cluster
 
 

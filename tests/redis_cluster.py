@@ -3,7 +3,9 @@ loopback ports, the 16384 slots split between them, no replicas, no persistence,
 (`requirepass`, `masterauth`), so Weft's clients reach it only with the auth settings.
 
 Set up with CLUSTER ADDSLOTSRANGE / CLUSTER MEET through redis-py rather than
-`redis-cli --cluster create`, so it needs nothing beyond the redis-server package.
+`redis-cli --cluster create`, so it needs nothing beyond the redis-server package. With a
+TestPki the nodes speak only TLS, to clients and on the cluster bus, and CLUSTER SLOTS
+advertises their TLS ports, as a managed cluster with in-transit encryption does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import redis
 
 from infra.redis_server import HOST, redis_bin
+from tests.tls import TestPki
 from tests.workloads.servers import free_port
 from weft.config import RedisSettings
 
@@ -30,18 +33,20 @@ PASSWORD = "cluster-auth-77c1"
 class LocalCluster:
     ports: list[int]          # the primaries' client ports; any one is a seed for clients
     password: str
+    ca: Path | None = None    # TLS only, with a certificate signed by this CA
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.ports[0]}/0"
+        return f"{'rediss' if self.ca else 'redis'}://{HOST}:{self.ports[0]}/0"
 
     def settings(self, **overrides: Any) -> RedisSettings:
         """Weft's Redis settings for this cluster (the password as `redis.password`)."""
-        return RedisSettings(url=self.url, password=self.password, **overrides)
+        tls = {"ssl_ca_certs": str(self.ca)} if self.ca else {}
+        return RedisSettings(url=self.url, password=self.password, **tls, **overrides)
 
     def node(self, port: int, decode: bool = True) -> redis.Redis:
         """A plain client of one primary (keys it does not own answer MOVED)."""
-        return redis.Redis(host=HOST, port=port, password=self.password, decode_responses=decode)
+        return _client(port, self.ca, decode=decode)
 
     def flush(self) -> None:
         """Empty every primary (a test's fresh, empty store)."""
@@ -51,24 +56,35 @@ class LocalCluster:
             client.close()
 
 
+def _client(port: int, ca: Path | None, decode: bool = False, timeout_s: float | None = None) -> redis.Redis:
+    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(ca)} if ca else {}
+    return redis.Redis(host=HOST, port=port, password=PASSWORD, decode_responses=decode,
+                       socket_timeout=timeout_s, **tls)
+
+
 @contextmanager
-def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) -> Iterator[LocalCluster]:
+def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0,
+                    pki: TestPki | None = None) -> Iterator[LocalCluster]:
     """Start the cluster and yield it; stopped (exactly the processes started) on exit."""
+    ca = pki.ca.cert if pki else None
     ports = [(free_port(HOST), free_port(HOST)) for _ in range(primaries)]  # (client, cluster bus)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for port, bus in ports:
             node_dir = workdir / f"redis-cluster-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
+            listen = ["--port", str(port)] if pki is None else [
+                "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+                "--tls-cert-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
+                "--tls-ca-cert-file", str(pki.ca.cert), "--tls-auth-clients", "no"]
             procs.append(subprocess.Popen(
-                [redis_bin(), "--bind", HOST, "--port", str(port), "--cluster-enabled", "yes",
+                [redis_bin(), "--bind", HOST, *listen, "--cluster-enabled", "yes",
                  "--cluster-port", str(bus), "--cluster-config-file", str(node_dir / "nodes.conf"),
                  "--dir", str(node_dir), "--save", "", "--appendonly", "no",
                  "--requirepass", PASSWORD, "--masterauth", PASSWORD,
                  "--logfile", str(node_dir / "log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        clients = [redis.Redis(host=HOST, port=port, password=PASSWORD, socket_timeout=5)
-                   for port, _ in ports]
+        clients = [_client(port, ca, timeout_s=5) for port, _ in ports]
         _until(lambda: all(_pings(c) for c in clients), timeout_s, procs, "cluster nodes did not start")
         share = SLOTS // primaries
         for i, client in enumerate(clients):
@@ -79,7 +95,7 @@ def running_cluster(workdir: Path, primaries: int = 3, timeout_s: float = 20.0) 
         _until(lambda: all(_ready(c, primaries) for c in clients), timeout_s, procs, "cluster did not form")
         for client in clients:
             client.close()
-        yield LocalCluster([port for port, _ in ports], PASSWORD)
+        yield LocalCluster([port for port, _ in ports], PASSWORD, ca)
     finally:
         for proc in procs:
             proc.terminate()

@@ -16,7 +16,16 @@ from tests.otlp_receiver import OtlpReceiver
 from tests.redis_cluster import LocalCluster
 
 
-def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_cluster: LocalCluster) -> None:
+@pytest.fixture(params=["auth", "tls+auth"])
+def any_cluster(request: pytest.FixtureRequest) -> LocalCluster:
+    """The password-protected cluster, then the one that also speaks only TLS."""
+    name = "redis_cluster" if request.param == "auth" else "tls_redis_cluster"
+    cluster: LocalCluster = request.getfixturevalue(name)
+    return cluster
+
+
+def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(any_cluster: LocalCluster) -> None:
+    redis_cluster = any_cluster
     redis_cluster.flush()
     sim = Simulation(SimConfig(nodes=4, rps=120, seconds=3.0, seed=11))
     sim.run()
@@ -48,10 +57,11 @@ def test_engine_on_redis_cluster_gives_the_spans_of_the_memory_store(redis_clust
 @pytest.mark.infra
 @pytest.mark.slow
 def test_two_stitch_workers_on_redis_cluster_export_exactly_the_rebuild(
-        infra: Any, redis_cluster: LocalCluster, tmp_path: Path) -> None:
+        infra: Any, any_cluster: LocalCluster, tmp_path: Path) -> None:
     """`weft stitch` with `stitch.cluster` on: two Faust workers, the real broker, the state on the
-    password-protected cluster, a real OTLP/gRPC receiver; each span exactly once, as the offline
-    rebuild gives it."""
+    password-protected cluster (then on the TLS one, settings from WEFT_REDIS_*), a real
+    OTLP/gRPC receiver; each span exactly once, as the offline rebuild gives it."""
+    redis_cluster = any_cluster
     redis_cluster.flush()
     sim = Simulation(SimConfig(nodes=4, rps=25, seconds=3, seed=23))
     sim.run()
@@ -61,6 +71,8 @@ def test_two_stitch_workers_on_redis_cluster_export_exactly_the_rebuild(
     with OtlpReceiver() as rx:
         try:
             env = {"WEFT_STITCH_CLUSTER": "true", "WEFT_REDIS_PASSWORD": redis_cluster.password}
+            if redis_cluster.ca:
+                env["WEFT_REDIS_SSL_CA_CERTS"] = str(redis_cluster.ca)
             for i in range(2):
                 run.start_worker(tmp_path / f"worker{i}.log", rx.endpoint, env)
             run.wait_assigned(4)
