@@ -39,9 +39,10 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ from stitcher.metrics import serve as serve_metrics
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section, run_dir
+from weft.logs import thin_client_logs
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class StitchSettings:
     metrics_port: int = 0                 # Prometheus endpoint; 0 = off
     metrics_addr: str = "127.0.0.1"
     startup_wait_s: float = 30.0          # how long to wait at start for Kafka and Redis to answer
+    stop_timeout_s: float = 15.0          # how long Faust may take to stop before the worker leaves anyway
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -114,6 +117,8 @@ class StitchSettings:
                               f"{self.batch_wait_ms}: each must be 1..10000")
         if self.startup_wait_s < 0:
             raise ConfigError(f"stitch.startup_wait_s={self.startup_wait_s}: must be >= 0")
+        if self.stop_timeout_s <= 0:
+            raise ConfigError(f"stitch.stop_timeout_s={self.stop_timeout_s}: must be > 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"stitch.metrics_port={self.metrics_port}: must be 0 (off) or a TCP port")
         if not 1 <= self.fetch_max_wait_ms <= 60_000:
@@ -471,6 +476,8 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
     app.agent(topic, name="weft.stitch", concurrency=1)(stitch)
 
     async def report() -> None:
+        if stitcher.dead_letters is not None:
+            stitcher.dead_letters.poll()
         c, s = stitcher.counters, stitcher.engine.stats
         logger.info("stitched frames=%d events=%d spans=%d dead_letters=%d lease_waits=%d "
                     "store_retries=%d late=%d ambiguous=%d lost_requests=%d parent_lost=%d "
@@ -566,7 +573,30 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
     app = make_app(kafka, stitcher, settings, lag)
     import faust
 
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    finish = _once(lambda: _finish_worker(stitcher, sink))
+
+    def leave_anyway() -> None:
+        logger.warning("Faust did not stop within %.0f s (is its broker reachable?): leaving anyway; "
+                       "frames not yet committed are read again by the next worker", settings.stop_timeout_s)
+        finish()
+        logging.shutdown()
+        os._exit(0)
+
+    # With its broker gone, Faust's consumer thread dies while stopping and the worker then waits
+    # for it forever: a SIGTERM'd worker would hang until SIGKILL, holding its lease to the end.
+    watchdog = threading.Timer(settings.stop_timeout_s, leave_anyway)
+    watchdog.daemon = True
+
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, root: logging.Logger, level: int) -> None:
+            thin_client_logs(root)    # Faust has just installed the root handlers
+
+        async def on_stop(self) -> None:
+            if not watchdog.is_alive():
+                watchdog.start()
+            await super().on_stop()
+
+    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # Faust, aiokafka and the exporters leave many long-lived objects: freeze them so collections
     # stop re-walking them, and collect less often — the engine makes many short-lived acyclic
     # objects per event, and collection was ~15 % of a worker's engine CPU.
@@ -575,16 +605,36 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
     try:
         worker.execute_from_commandline()
     finally:
-        if sink.force_flush(10.0):
-            stitcher.acknowledge_exported()
-        if stitcher.lease is not None and stitcher.lease.held:
-            stitcher.lease.release()
-        sink.shutdown()
-        c = stitcher.counters
-        logger.info("weft-stitch pid %d done: frames=%d events=%d spans=%d dead_letters=%d",
-                    os.getpid(), c.frames, c.events, c.spans, c.dead_letters)
-        if stitcher.dead_letters is not None:
-            stitcher.dead_letters.close()
+        watchdog.cancel()
+        finish()
+
+
+def _finish_worker(stitcher: FrameStitcher, sink: SpanSink) -> None:
+    """A stopping worker's last steps: export what is queued, give the lease back, say so."""
+    if sink.force_flush(10.0):
+        stitcher.acknowledge_exported()
+    if stitcher.lease is not None and stitcher.lease.held:
+        stitcher.lease.release()
+    sink.shutdown()
+    c = stitcher.counters
+    logger.info("weft-stitch pid %d done: frames=%d events=%d spans=%d dead_letters=%d",
+                os.getpid(), c.frames, c.events, c.spans, c.dead_letters)
+    if stitcher.dead_letters is not None:
+        stitcher.dead_letters.close()
+
+
+def _once(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` run by the first caller; a second caller (another thread) waits for it to end."""
+    lock = threading.Lock()
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        with lock:
+            if not done:
+                done = True
+                step()
+    return run
 
 
 # ------------------------------------------------------------------------------------- CLI

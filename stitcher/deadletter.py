@@ -14,6 +14,7 @@ from confluent_kafka import KafkaException, Producer
 
 from schemas import weft_events_pb2 as pb
 from weft.config import KafkaSettings
+from weft.logs import librdkafka_logger
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ class DeadLetterProducer:
         self.topic = kafka.dead_letter_topic
         self._timeout_s = timeout_s
         self._producer = Producer({**kafka.confluent(), "enable.idempotence": True,
-                                   "linger.ms": 0, "client.id": "weft-stitch-deadletter"})
+                                   "linger.ms": 0, "client.id": "weft-stitch-deadletter",
+                                   # its lines through Python logging, thinned (served by poll())
+                                   "logger": librdkafka_logger()})
         self.sent = 0
 
     def send(self, reason: str, payload: bytes, *, source_topic: str = "", partition: int = -1,
@@ -55,6 +58,11 @@ class DeadLetterProducer:
         self.sent += 1
         logger.warning("dead-lettered %s[%d]@%d (%d bytes): %s", source_topic, partition, offset,
                        len(payload), reason)
+
+    def poll(self) -> None:
+        """Serve the producer's queued callbacks and log lines (call it every few seconds: a
+        producer that sends nothing for a long time still logs its reconnects)."""
+        self._producer.poll(0)
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)

@@ -1,5 +1,6 @@
-"""Logging shared by every `weft` command: librdkafka's log lines, served through Python
-logging and thinned so that a broker that is down or refuses TLS does not flood the log."""
+"""Logging shared by every `weft` command: the Kafka clients' log lines (librdkafka's, served
+through Python logging, and aiokafka's under Faust) thinned, so that a broker that is down or
+refuses TLS does not flood the log: both log every failed reconnect, many times a second."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ _VARYING = re.compile(r"\d+")
 class RepeatFilter(logging.Filter):
     """Lets a message through at most once per `every_s`; the repeats in between are counted
     and the count rides on the next one let through. Messages that differ only in numbers
-    (timings, ports, client ids) count as repeats."""
+    (timings, ports, node ids) count as repeats. With `only`, records of other loggers (names
+    not starting with one of those) pass untouched."""
 
     def __init__(self, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 max_shapes: int = 256) -> None:
+                 max_shapes: int = 256, only: tuple[str, ...] = ()) -> None:
         super().__init__()
+        self._only = only
         self._every_s = every_s
         self._clock = clock
         self._max_shapes = max_shapes
@@ -26,6 +29,8 @@ class RepeatFilter(logging.Filter):
         self._held: dict[str, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self._only and not record.name.startswith(self._only):
+            return True
         message = record.getMessage()
         shape = _VARYING.sub("#", message)
         now = self._clock()
@@ -52,3 +57,11 @@ def librdkafka_logger() -> logging.Logger:
     if not any(isinstance(f, RepeatFilter) for f in logger.filters):
         logger.addFilter(RepeatFilter())
     return logger
+
+
+def thin_client_logs(root: logging.Logger) -> None:
+    """Thin the Kafka clients' lines at each of `root`'s handlers (aiokafka logs through many
+    child loggers, and a logger's own filters do not see its children's records)."""
+    thin = RepeatFilter(only=("aiokafka", "librdkafka"))
+    for handler in root.handlers:
+        handler.addFilter(thin)
