@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.procs import free_port
@@ -168,3 +170,44 @@ def test_the_worker_consumer_waits_at_most_fetch_max_wait_ms() -> None:
             await consumer.stop()
 
     assert asyncio.run(consumer_wait()) == 123
+
+
+def test_partitions_lost_in_a_rebalance_leave_the_workers_lag(infra: Any, tmp_path: Path) -> None:
+    """A worker reports consumer lag only for the partitions it reads: when a second worker joins
+    and takes half of them, their last lag leaves the first worker's metrics (and its hold on
+    node timeouts) — Faust's revoke signal reaches ConsumerLag.forget."""
+    sim = Simulation(SimConfig(nodes=4, rps=20, seconds=1, seed=5))
+    sim.run()
+    run = StitchRun.fresh(infra, sim.node_names, partitions=4)
+    ports = [free_port(), free_port()]
+
+    def lag_partitions(port: int) -> set[int]:
+        return {int(dict(labels)["partition"]) for (name, labels), _ in _scrape(port).items()
+                if name == "weft_stitch_consumer_lag_messages"}
+
+    def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    with OtlpReceiver() as rx:
+        try:
+            first = run.start_worker(tmp_path / "first.log", rx.endpoint,
+                                     {"WEFT_STITCH_METRICS_PORT": str(ports[0])})
+            run.wait_assigned(4)
+            producer = Producer({"bootstrap.servers": run.bootstrap})
+            part = {node: i for i, node in enumerate(sim.node_names)}   # one node per partition
+            for frame in interleaved_frames(sim):
+                producer.produce(run.raw_topic, encode_frame(frame), frame.node.encode(),
+                                 partition=part[frame.node])
+            assert producer.flush(30) == 0
+            until(lambda: lag_partitions(ports[0]) == {0, 1, 2, 3}, "lag of all four partitions")
+            run.start_worker(tmp_path / "second.log", rx.endpoint,
+                             {"WEFT_STITCH_METRICS_PORT": str(ports[1])})
+            run.wait_assigned(4, timeout=90)
+            kept = first.assignment()
+            assert 0 < len(kept) < 4, kept
+            until(lambda: lag_partitions(ports[0]) <= kept, f"worker 1's lag to shrink to {sorted(kept)}", 30)
+        finally:
+            run.stop_all()
