@@ -30,6 +30,7 @@ from stitcher.engine import Engine, EngineConfig, StateStore
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
+from weft.logs import librdkafka_logger
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,13 @@ class _TopicReader:
     The end of a partition is the first PARTITION_EOF the fetcher reports (Tansu answers
     ListOffsets for the high watermark wrongly, so `get_watermark_offsets` is not used)."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, stall_s: float = 60.0) -> None:
         self._consumer = Consumer({**kafka.confluent(), "group.id": f"weft-replay-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                                   "enable.partition.eof": True})
+                                   "enable.partition.eof": True, "logger": librdkafka_logger()})
+        self._bootstrap = kafka.bootstrap
+        self._stall_s = stall_s
+        self._progress_at = time.monotonic()
         meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise click.ClickException(f"topic {topic!r} not found on {kafka.bootstrap}")
@@ -67,10 +71,23 @@ class _TopicReader:
         """Start (again) from the oldest record of every partition."""
         self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self.partitions])
         self.ends = {}
+        self._progress_at = time.monotonic()
 
     def batch(self) -> list[Any]:
+        """The next records (each partition's end noted as it is reached). A broker that sends
+        nothing, not even a partition's end, for `stall_s` ends the replay with one sentence: the
+        consumer would otherwise wait for it forever."""
+        msgs = self._consumer.consume(_BATCH, timeout=1.0)
+        now = time.monotonic()
+        if msgs:
+            self._progress_at = now
+        elif now - self._progress_at > self._stall_s:
+            raise click.ClickException(
+                f"reading {self.topic}: nothing from {self._bootstrap} for {self._stall_s:.0f} s with "
+                f"{len(self.partitions) - len(self.ends)} of {len(self.partitions)} partitions unread to "
+                "their end; is the broker still reachable? The replay is incomplete")
         out = []
-        for msg in self._consumer.consume(_BATCH, timeout=1.0):
+        for msg in msgs:
             partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             err = msg.error()
             if err is not None:
@@ -157,10 +174,10 @@ def merged_frames(reader: _TopicReader, counter: list[int]) -> Iterator[tuple[pb
 
 
 def replay(kafka: KafkaSettings, topic: str, store: StateStore, sink: SpanSink,
-           engine_config: EngineConfig | None = None) -> ReplayResult:
+           engine_config: EngineConfig | None = None, stall_s: float = 60.0) -> ReplayResult:
     """Re-stitch `topic` from offset 0 into `sink`; flushes the engine and the sink at the end."""
     t0 = time.monotonic()
-    reader = _TopicReader(kafka, topic)
+    reader = _TopicReader(kafka, topic, stall_s)
     try:
         engine = Engine(store, engine_config)
         engine.expect_nodes(scan_nodes(reader))
@@ -187,9 +204,11 @@ def replay(kafka: KafkaSettings, topic: str, store: StateStore, sink: SpanSink,
               help="join state: in memory, or in Redis under --namespace")
 @click.option("--redis-url", help="Redis URL (overrides redis.url)")
 @click.option("--namespace", default=None, help="Redis key prefix (default: replay-<random>:)")
+@click.option("--stall-timeout", "stall_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="give up when the broker sends nothing for this many seconds")
 def replay_command(config_file: str | None, bootstrap: str | None, topic: str | None,
                    out_file: str | None, otlp: bool, store: str, redis_url: str | None,
-                   namespace: str | None) -> None:
+                   namespace: str | None, stall_s: float) -> None:
     """Re-stitch a raw topic from the beginning (a fresh consumer group; nothing is committed)."""
     if bool(out_file) == otlp:
         raise click.UsageError("give exactly one of --out FILE or --otlp")
@@ -218,7 +237,7 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
 
         sink = OtlpSpanExporter()
     try:
-        result = replay(kafka, topic or kafka.raw_topic, state, sink, engine_config)
+        result = replay(kafka, topic or kafka.raw_topic, state, sink, engine_config, stall_s)
     finally:
         sink.shutdown()
         state.close()

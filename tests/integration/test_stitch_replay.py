@@ -5,20 +5,30 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import redis
+from confluent_kafka import Producer
 
+from infra.broker import create_topics, start_broker
+from infra.procs import free_port, stop_daemon
+from schemas.codec import encode_frame
 from stitcher.otlp_convert import request_from_json
-from stitcher.replay import replay
+from stitcher.replay import _TopicReader, replay
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.sinks import JsonLinesSink
 from stitcher.state_memory import MemoryStateStore
 from tests.integration.stitch_harness import WEFT, StitchRun, rebuild_spans, received_bytes, span_bytes
 from tests.otlp_receiver import OtlpReceiver
 from tests.redis_cluster import LocalCluster
+from weft.config import KafkaSettings
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
@@ -84,3 +94,38 @@ def test_replay_cli_on_redis_cluster(infra: Any, redis_cluster: LocalCluster,
         node = redis_cluster.node(port)
         assert node.keys("replay-cl:w:*"), f"primary {port} holds none of the replay's state"
         node.close()
+
+
+@pytest.mark.slow
+def test_a_replay_whose_broker_stops_answering_ends_in_one_sentence(tmp_path: Path) -> None:
+    """The broker freezes once the replay has its metadata (SIGSTOP: connections stay open,
+    nothing comes back): the reader gives up after its stall timeout instead of waiting forever."""
+    port = free_port()
+    broker = start_broker(tmp_path / "broker", port)
+    bootstrap, topic = f"127.0.0.1:{port}", f"weft.raw.{uuid.uuid4().hex[:8]}"
+    try:
+        create_topics(bootstrap, {topic: 2})
+        sim = Simulation(SimConfig(nodes=2, rps=10, seconds=1, seed=3))
+        sim.run()
+        producer = Producer({"bootstrap.servers": bootstrap})
+        for frame in interleaved_frames(sim):
+            producer.produce(topic, encode_frame(frame), frame.node.encode())
+        assert producer.flush(20) == 0
+        reader = _TopicReader(KafkaSettings(bootstrap=bootstrap), topic, stall_s=3)   # metadata read
+        os.kill(broker.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            reader.rewind()
+            with pytest.raises(click.ClickException) as stalled:
+                while time.monotonic() - frozen < 30:
+                    reader.batch()
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+            reader.close()
+        waited = time.monotonic() - frozen
+        assert 3 <= waited < 10, waited
+        assert re.fullmatch(rf"reading {topic}: nothing from {bootstrap} for 3 s with 2 of 2 partitions "
+                            r"unread to their end; is the broker still reachable\? The replay is incomplete",
+                            stalled.value.message), stalled.value.message
+    finally:
+        stop_daemon(broker)
