@@ -132,20 +132,20 @@ def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> Reachability:
     conf: dict[str, Any] = {**settings.confluent(), "log_level": 6, "logger": rdkafka_log,
                             "socket.connection.setup.timeout.ms": int(timeout_s * 1000)}
     try:
-        admin = AdminClient(conf)
-    except KafkaException as exc:         # e.g. a CA or key file librdkafka cannot read
-        rdkafka_log.removeHandler(failure)
-        return Reachability(False, f"the Kafka client refused the settings ({exc.args[0].str()})",
-                            listening=True)
-    try:
-        metadata = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        admin.poll(0)                       # delivers librdkafka's queued log lines
-        cause = failure.cause or (exc.args[0].str() if exc.args else str(exc))
-        return Reachability(False, f"{settings.bootstrap} accepts TCP connections but the Kafka session "
-                                   f"failed ({cause}); check kafka.security_protocol "
-                                   f"({settings.security_protocol}) and the kafka.ssl_* / kafka.sasl_* "
-                                   "settings", listening=True)
+        try:
+            admin = AdminClient(conf)
+        except KafkaException as exc:     # e.g. a CA or key file librdkafka cannot read
+            return Reachability(False, f"the Kafka client refused the settings ({exc.args[0].str()})",
+                                listening=True)
+        try:
+            metadata = admin.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            admin.poll(0)                   # delivers librdkafka's queued log lines
+            cause = failure.cause or (exc.args[0].str() if exc.args else str(exc))
+            return Reachability(False, f"{settings.bootstrap} accepts TCP connections but the Kafka "
+                                       f"session failed ({cause}); check kafka.security_protocol "
+                                       f"({settings.security_protocol}) and the kafka.ssl_* / "
+                                       "kafka.sasl_* settings", listening=True)
     finally:
         rdkafka_log.removeHandler(failure)
     topic = settings.raw_topic

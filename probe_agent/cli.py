@@ -22,11 +22,10 @@ def doctor(as_json: bool) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     features = probe_kernel()
-    kafka_check = broker.reachable(kafka, timeout_s=2.0)
-    redis_check = redis_server.reachable(rds, timeout_s=2.0)
+    checks = {"broker": broker.reachable(kafka, timeout_s=2.0),
+              "redis": redis_server.reachable(rds, timeout_s=2.0)}
     problems = features.blocking_problems()
     if as_json:
-        checks = {"broker": kafka_check, "redis": redis_check}
         report = {**features.to_dict(), **{name: {"reachable": check.ok, "detail": check.detail}
                                             for name, check in checks.items()}}
         click.echo(json.dumps(report, indent=2))
@@ -35,7 +34,7 @@ def doctor(as_json: bool) -> None:
             click.echo(line)
         for line in features.injection_sentences():
             click.echo(f"header injection: {line}")
-        for name, check in (("broker", kafka_check), ("redis", redis_check)):
+        for name, check in checks.items():
             click.echo(f"{name}: {'reachable' if check.ok else 'not reachable'}: {check.detail}")
         for problem in problems:
             click.echo(f"BLOCKING: {problem}", err=True)
