@@ -26,7 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from infra import broker
-from infra.procs import Daemon, free_port, stop_daemon
+from infra.procs import free_port, stop_daemon
 from tests.faults.pipeline import AgentPipeline
 from tests.integration.stitch_harness import WEFT, StitchRun
 from tests.otlp_receiver import OtlpReceiver
@@ -43,7 +43,6 @@ class TlsKafka:
     bootstrap: str                  # the terminator: the only address clients are told about
     env: dict[str, str]             # WEFT_KAFKA_* for a client with the CA and a client certificate
     terminator: TlsTerminator
-    broker: Daemon
 
     def settings(self, **overrides: str) -> KafkaSettings:
         return load_section(KafkaSettings, "kafka", env={**self.env, **overrides})
@@ -61,7 +60,7 @@ def tls_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsKafka]:
            "WEFT_KAFKA_SSL_KEY_LOCATION": str(pki.client.key)}
     try:
         with TlsTerminator(pki, plain_port, require_client_cert=True, port=tls_port) as terminator:
-            yield TlsKafka(f"127.0.0.1:{tls_port}", env, terminator, daemon)
+            yield TlsKafka(f"127.0.0.1:{tls_port}", env, terminator)
     finally:
         stop_daemon(daemon)
 
