@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, Producer
 
 from probe_agent.metrics import AgentMetrics
-from probe_agent.spool import Spool, SpoolPos
+from probe_agent.spool import Spool, SpoolPos, SpoolWriteError
 from schemas import weft_events_pb2 as pb
 from schemas.codec import RAW_SCHEMA_VERSION, CaptureWriter, encode_frame
 from weft.config import KafkaSettings
@@ -174,9 +174,13 @@ class KafkaSink:
         acknowledged), to be read again."""
         direct = [f.payload for f in self._in_flight.values() if f.spool_pos is None]
         if direct:
-            self._spool.prepend(direct)
-            logger.warning("Kafka did not acknowledge %d frames: kept in %s", len(direct),
-                           self._spool.dir)
+            try:
+                self._spool.prepend(direct)
+                logger.warning("Kafka did not acknowledge %d frames: kept in %s", len(direct),
+                               self._spool.dir)
+            except SpoolWriteError as exc:
+                self._metrics.drop("spool_write_error", len(direct))
+                logger.error("Kafka did not acknowledge %d frames, and %s: they are lost", len(direct), exc)
         if self._in_flight:
             self._in_flight.clear()
             self._direct_in_flight = 0
@@ -208,10 +212,14 @@ class KafkaSink:
     def _to_spool(self, payload: bytes) -> None:
         if self._spool.append(payload):
             self.spooled_frames += 1
-        else:
+        elif self._spool.refused == "full":
             self._metrics.drop("spool_full")
             self._log_error(f"spool {self._spool.dir} is full ({self._spool.max_bytes} bytes): "
                             f"{self._spool.dropped_frames} frames dropped so far")
+        else:
+            self._metrics.drop("spool_write_error")
+            self._log_error(f"spool: {self._spool.refused}: {self._spool.dropped_frames} frames dropped "
+                            "so far")
 
     def _produce(self, payload: bytes, pos: SpoolPos | None) -> bool:
         token = self._token

@@ -12,13 +12,15 @@ Reading and acknowledging are separate: `read()` hands out records from a read c
 sends those frames again after restart (at least once; frames carry (node, agent_instance, seq)).
 A torn record at the end of the last segment (crash while writing) is cut off on open.
 
-Bounded: when the unacknowledged bytes would exceed `max_bytes` the new frame is dropped and
-counted, never raised. `prepend()` puts frames in front of everything (used at shutdown for
+Bounded: when the unacknowledged bytes would exceed `max_bytes`, or the disk refuses a write
+(full, I/O error), the new frame is dropped and counted, never raised; a partly written record is
+cut off at once. `prepend()` puts frames in front of everything (used at shutdown for
 frames librdkafka still held, which are older than anything spooled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<II")
 _FIRST_SEGMENT = 1_000_000_000  # room below for prepend()
+
+
+class SpoolWriteError(OSError):
+    """Frames handed to prepend() could not be written; they are counted as dropped."""
 
 
 @dataclass(frozen=True, order=True)
@@ -54,6 +60,8 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.dropped_frames = 0
         self.dropped_bytes = 0
+        self.refused = ""                          # why the last dropped frame was dropped
+        self.head_errors = 0                       # failed writes of the head file
         self._sizes: dict[int, int] = {}           # segment number → bytes on disk
         for path in self.dir.glob("seg-*.wsp"):
             self._sizes[int(path.stem[4:])] = path.stat().st_size
@@ -89,21 +97,44 @@ class Spool:
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, payload: bytes) -> bool:
-        """Queue one frame at the end; False (and counted) when the spool is full."""
+        """Queue one frame at the end; False (counted, and `refused` says why) when the spool is
+        full or its disk refuses the write (no space left, I/O error): the frame is dropped and
+        the spool stays readable."""
         size = _HEAD.size + len(payload)
         if self.size_bytes + size > self.max_bytes:
-            self.dropped_frames += 1
-            self.dropped_bytes += len(payload)
-            return False
+            return self._drop(payload, "full")
         tail = max(self._sizes) if self._sizes else max(_FIRST_SEGMENT, self._head.segment)
         if self._sizes.get(tail, 0) >= self.segment_bytes:
             tail += 1
-        fh = self._writer_for(tail)
-        fh.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
-        fh.flush()  # to the page cache: survives a crash of this process, not of the machine
+        try:
+            fh = self._writer_for(tail)
+            fh.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+            fh.flush()  # to the page cache: survives a crash of this process, not of the machine
+        except OSError as exc:
+            self._undo_write(tail)
+            return self._drop(payload, f"cannot write {self.dir}: {exc.strerror or exc}")
         self._sizes[tail] = self._sizes.get(tail, 0) + size
         self.frames += 1
         return True
+
+    def _drop(self, payload: bytes, why: str) -> bool:
+        self.dropped_frames += 1
+        self.dropped_bytes += len(payload)
+        self.refused = why
+        return False
+
+    def _undo_write(self, n: int) -> None:
+        """After a failed write: forget the writer (its buffer may hold part of the record) and
+        cut segment n back to its last whole record, so nothing torn is left to read."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.close()      # flushing the rest fails too: the disk said no
+            self._writer = None
+            self._writer_seg = -1
+        path = self.dir / _seg_name(n)
+        with contextlib.suppress(OSError):
+            if path.exists():
+                os.truncate(path, self._sizes.get(n, 0))
 
     def prepend(self, payloads: list[bytes]) -> None:
         """Put frames in front of everything spooled (in the given order), ignoring the bound:
@@ -114,9 +145,16 @@ class Spool:
         self._compact_head_segment()
         first = min([*self._sizes, self._head.segment]) - 1
         path = self.dir / _seg_name(first)
-        with open(path, "wb") as fh:
+        try:
+            with open(path, "wb") as fh:
+                for payload in payloads:
+                    fh.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
             for payload in payloads:
-                fh.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+                self._drop(payload, f"cannot write {self.dir}: {exc.strerror or exc}")
+            raise SpoolWriteError(f"{len(payloads)} frames could not be kept in {self.dir}: "
+                                  f"{exc.strerror or exc}") from exc
         self._sizes[first] = path.stat().st_size
         self.frames += len(payloads)
         self._set_head(SpoolPos(first, 0))
@@ -231,8 +269,17 @@ class Spool:
     def _set_head(self, pos: SpoolPos) -> None:
         self._head = pos
         tmp = self.dir / "head.tmp"
-        tmp.write_text(f"{pos.segment} {pos.offset}\n")
-        os.replace(tmp, self.dir / "head")
+        try:
+            tmp.write_text(f"{pos.segment} {pos.offset}\n")
+            os.replace(tmp, self.dir / "head")
+        except OSError as exc:
+            # The durable head stays behind: after a restart those frames are sent again (at
+            # least once, as after a crash; the stitcher drops the duplicates).
+            self.head_errors += 1
+            if self.head_errors == 1 or self.head_errors % 1000 == 0:
+                logger.error("spool %s: cannot record the acknowledged position (%s); frames since "
+                             "will be sent again after a restart (%d times so far)", self.dir,
+                             exc.strerror or exc, self.head_errors)
 
     def _repair_tail(self, n: int) -> None:
         """Cut a torn record off the end of segment n."""
