@@ -181,6 +181,7 @@ class AgentRunner:
         self._pid_filter: set[int] | None = set(settings.pids) if settings.pids else None
         self._first_pids = frozenset(settings.pids)
         self._stop = False
+        self.failure = ""                 # why the run ended early (the sink failed), else empty
         self._round_left = settings.round_budget
         self._drained_at = ktime_now_ns()
         self._last_decode_log = 0.0
@@ -298,34 +299,39 @@ class AgentRunner:
 
     def run(self) -> None:
         """Poll until stopped, then shut down cleanly (see close())."""
-        interval = self.settings.poll_interval_ms / 1000
-        next_stats = next_fill = 0.0
-        due = time.monotonic()
         try:
-            while not self._stop:
-                started, cpu_started = time.monotonic(), time.thread_time()
-                # A round that starts long after its time means the agent was not scheduled (a
-                # starved CPU): the kernel kept filling the rings meanwhile, so say so, as the
-                # likely cause of any loss the next counter read reports.
-                if started - due > _LATE_ROUND_S:
-                    self._not_scheduled(started - due)
-                self.step()
-                if started >= next_stats:
-                    self.read_kernel_counters()
-                    next_stats = started + 1.0
-                if started >= next_fill:
-                    self.read_map_fill()
-                    next_fill = started + self.settings.map_fill_interval_s
-                took = time.monotonic() - started
-                off_cpu = took - (time.thread_time() - cpu_started)
-                if off_cpu > _LATE_ROUND_S:     # the same, in the middle of a round
-                    self._not_scheduled(off_cpu)
-                elif took > 2 * interval:
-                    logger.info("slow round: %.0f ms", took * 1000)
-                time.sleep(max(0.0, interval - took))
-                due = started + max(interval, took)
+            self._loop(self.settings.poll_interval_ms / 1000)
         finally:
             self.close()
+        self.failure = self.sink.failure
+
+    def _loop(self, interval: float) -> None:
+        """Rounds every `interval` seconds until request_stop(), or until the sink can take no
+        more frames (then the agent stops, detaches and says why)."""
+        next_stats = next_fill = 0.0
+        due = time.monotonic()
+        while not self._stop and not self.sink.failure:
+            started, cpu_started = time.monotonic(), time.thread_time()
+            # A round that starts long after its time means the agent was not scheduled (a
+            # starved CPU): the kernel kept filling the rings meanwhile, so say so, as the
+            # likely cause of any loss the next counter read reports.
+            if started - due > _LATE_ROUND_S:
+                self._not_scheduled(started - due)
+            self.step()
+            if started >= next_stats:
+                self.read_kernel_counters()
+                next_stats = started + 1.0
+            if started >= next_fill:
+                self.read_map_fill()
+                next_fill = started + self.settings.map_fill_interval_s
+            took = time.monotonic() - started
+            off_cpu = took - (time.thread_time() - cpu_started)
+            if off_cpu > _LATE_ROUND_S:     # the same, in the middle of a round
+                self._not_scheduled(off_cpu)
+            elif took > 2 * interval:
+                logger.info("slow round: %.0f ms", took * 1000)
+            time.sleep(max(0.0, interval - took))
+            due = started + max(interval, took)
 
     def _not_scheduled(self, seconds: float) -> None:
         self.metrics.late_rounds.inc()
@@ -815,7 +821,12 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
         return 2
     metrics = AgentMetrics(settings.node)
     if settings.capture:
-        sink: FrameSink = CaptureSink(settings.capture, settings.node, metrics)
+        try:
+            sink: FrameSink = CaptureSink(settings.capture, settings.node, metrics)
+        except OSError as exc:
+            print(f"weft agent: cannot write capture file {settings.capture}: {exc.strerror or exc}",
+                  flush=True)
+            return 2
         where = f"capture {settings.capture}"
     else:
         spool = Spool(settings.spool_path(), max_bytes=settings.spool_max_bytes,
@@ -843,4 +854,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
           f"{', '.join(p.name for p in runner.probes)}; tracing {scope}; frames to {where}",
           flush=True)
     runner.run()
+    if runner.failure:
+        print(f"weft agent: {runner.failure}", flush=True)
+        return 1
     return 0

@@ -15,7 +15,9 @@ sent again; (node, agent_instance, seq) names it for consumers that deduplicate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 class FrameSink(Protocol):
+    failure: str    # why the sink can take no more frames, in one sentence; "" while it can
+
     def send(self, frame: pb.Frame) -> None:
         """Take one frame; never raises for a delivery problem (those are counted)."""
         ...
@@ -49,21 +53,54 @@ class FrameSink(Protocol):
 
 
 class CaptureSink:
+    """Frames to a capture file. When the disk refuses a write (full, I/O error) the file is cut
+    back to its last whole flushed frame, later frames are dropped and counted, and `failure`
+    tells the runner to stop: a capture that goes on writing nothing helps nobody."""
+
     def __init__(self, path: str | Path, node: str, metrics: AgentMetrics) -> None:
         self._writer = CaptureWriter(path, node=node, producer="weft-agent 0.1.0",
                                      schema_version=RAW_SCHEMA_VERSION)
         self._metrics = metrics
+        self._writer.flush()          # the header: a file cut back after a failure keeps it
+        self._whole = (self._writer.tell(), 0)   # (bytes, frames) as of the last good flush
+        self.failure = ""
 
     def send(self, frame: pb.Frame) -> None:
-        self._writer.write(frame)
+        if self.failure:
+            self._metrics.drop("capture_write_error")
+            return
+        try:
+            self._writer.write(frame)
+        except OSError as exc:
+            self._fail(exc)
+            return
         self._metrics.frames.inc()
         self._metrics.frames_delivered.inc()
 
     def poll(self) -> None:
-        self._writer.flush()
+        if self.failure:
+            return
+        try:
+            self._writer.flush()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._whole = (self._writer.tell(), self._writer.frames)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self._writer.close()
+        self.poll()
+        self._writer.close(discard=bool(self.failure))
+
+    def _fail(self, exc: OSError) -> None:
+        size, frames = self._whole
+        lost = self._writer.frames - frames
+        self._metrics.drop("capture_write_error", lost)
+        self._writer.close(discard=True)
+        with contextlib.suppress(OSError):
+            os.truncate(self._writer.path, size)
+        self.failure = (f"cannot write capture file {self._writer.path}: {exc.strerror or exc}; it keeps "
+                        f"the {frames} frames written before, whole ({lost} lost)")
+        logger.error(self.failure)
 
 
 @dataclass
@@ -91,6 +128,8 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
 
 
 class KafkaSink:
+    failure = ""    # never: what Kafka does not take goes to the spool, or is dropped and counted
+
     def __init__(self, settings: KafkaSettings, node: str, spool: Spool, metrics: AgentMetrics, *,
                  max_in_flight: int = 256, stall_after_ms: int = 1000) -> None:
         self._topic = settings.raw_topic

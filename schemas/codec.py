@@ -21,6 +21,7 @@ it with anything but `CodecError`.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 import zlib
@@ -192,9 +193,20 @@ class CaptureWriter:
     def flush(self) -> None:
         self._fh.flush()
 
-    def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+    def tell(self) -> int:
+        """Bytes written so far (flushed or buffered)."""
+        return self._fh.tell()
+
+    def close(self, discard: bool = False) -> None:
+        """Flush and close; with `discard`, a failing flush is ignored (after the disk refused a
+        write: the file is closed all the same, and the caller cuts off what is not whole)."""
+        if self._fh.closed:
+            return
+        if discard:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            return
+        self._fh.close()
 
     def __enter__(self) -> CaptureWriter:
         return self
