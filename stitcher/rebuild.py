@@ -157,8 +157,11 @@ def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool
         where = "OTLP"
     elif out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w") as fh:
-            write_json_lines(result.spans, fh)
+        try:
+            with open(out_path, "w") as fh:
+                write_json_lines(result.spans, fh)
+        except OSError as exc:       # a write on a file names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(out_path)) from exc
         where = str(out_path)
     else:
         write_json_lines(result.spans, click.get_text_stream("stdout"))

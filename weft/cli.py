@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -14,13 +15,23 @@ from weft.config import ConfigError
 _COMMAND_MODULES = ("infra.cli", "probe_agent.cli", "stitcher.cli", "weft.commands")
 
 
+# The disk said no: the machine's to fix, not a bug to debug.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 class _WeftGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
-        # a bad setting is the user's to fix: one sentence naming the key, never a traceback
+        # a bad setting or a full disk is the user's to fix: one sentence, never a traceback
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRORS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"cannot write{where}: {exc.strerror}; what was written before "
+                                       "is incomplete") from None
 
 
 @click.group(cls=_WeftGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -143,3 +143,17 @@ def test_an_agent_whose_capture_disk_fills_stops_and_says_so(small_disk: Path, t
     while held & loaded_prog_ids():
         assert time.monotonic() < deadline, f"programs {held & loaded_prog_ids()} still loaded"
         time.sleep(0.1)
+
+
+def test_a_batch_command_whose_output_disk_fills_says_so_in_one_sentence(small_disk: Path,
+                                                                         tmp_path: Path) -> None:
+    captures = tmp_path / "captures"
+    subprocess.run([WEFT, "simulate", "--nodes", "3", "--rps", "50", "--seconds", "2",
+                    "--capture-dir", str(captures)], check=True, capture_output=True, timeout=120)
+    out = small_disk / "out.jsonl"
+    done = subprocess.run([WEFT, "rebuild", *map(str, sorted(captures.glob("*.wcap"))), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write {out}: No space left on device; what was written before is incomplete")
