@@ -406,8 +406,7 @@ def _credentials(kafka: KafkaSettings) -> Any:
         return None
     context = None
     if kafka.security_protocol.endswith("SSL"):
-        # librdkafka takes a CA file or a directory of them ("probe": the system's own)
-        ca = "" if kafka.ssl_ca_location == "probe" else kafka.ssl_ca_location
+        ca = kafka.ca_path   # librdkafka takes a CA file or a directory of them
         ca_dir = bool(ca) and Path(ca).is_dir()
         context = ssl.create_default_context(cafile=None if ca_dir else ca or None,
                                              capath=ca if ca_dir else None)

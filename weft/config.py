@@ -54,12 +54,16 @@ class KafkaSettings:
         if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
             raise ConfigError("kafka.ssl_certificate_location and kafka.ssl_key_location go together: "
                               "set both or neither")
-        # librdkafka's "probe" looks in the system's usual places; anything else is a path
-        ca = "" if self.ssl_ca_location == "probe" else self.ssl_ca_location
-        _must_exist("kafka.ssl_ca_location", ca)
+        _must_exist("kafka.ssl_ca_location", self.ca_path)
         _must_exist("kafka.ssl_certificate_location", self.ssl_certificate_location)
         _must_exist("kafka.ssl_key_location", self.ssl_key_location)
         return self
+
+    @property
+    def ca_path(self) -> str:
+        """The CA file or directory to read; "" for none or for librdkafka's "probe" (the
+        system's usual places)."""
+        return "" if self.ssl_ca_location == "probe" else self.ssl_ca_location
 
     def confluent(self) -> dict[str, str]:
         """librdkafka client settings (producer or consumer) for these settings."""
