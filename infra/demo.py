@@ -59,6 +59,8 @@ class ServiceSpec:
     calls: tuple[Call, ...] = ()
 
 
+# What each demo service says of itself, as an SDK would read it; Weft puts it on their spans.
+DEMO_RESOURCE = "service.namespace=weft-demo,deployment.environment.name=demo"
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("front", "python", 0, 8001, (Call("catalog", "spawn"), Call("cart", "spawn"))),
     ServiceSpec("catalog", "go", 1, 8002, (Call("pricing", "goroutine", via_vip=True),)),
@@ -160,7 +162,7 @@ class DemoApp:
         self.vip = self.nodes.expose(VIP_PORT, self.nodes[pricing.node], pricing.port)
         for s in SERVICES:
             log = open(self.work_dir / f"{s.name}.log", "wb")  # noqa: SIM115 - the child owns it
-            env = {**_env(), "OTEL_SERVICE_NAME": s.name}
+            env = {**_env(), "OTEL_SERVICE_NAME": s.name, "OTEL_RESOURCE_ATTRIBUTES": DEMO_RESOURCE}
             self.procs[s.name] = self.nodes[s.node].popen(self._argv(s, go_binary), stdout=log,
                                                           stderr=subprocess.STDOUT, env=env)
             log.close()

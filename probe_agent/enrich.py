@@ -1,13 +1,14 @@
 """Process information from /proc: what the kernel records leave out.
 
-For a pid: executable base name, OTEL_SERVICE_NAME from its environment (only that variable is
-kept; nothing else of the environment leaves this module), parent pid, start time as Unix ns,
-cgroup v2 id, and the runtime: "go" when the executable is a Go binary (it has one of the ELF
-sections only Go's linker writes: `.go.buildinfo`, which every Go toolchain since 1.13 writes,
-stripped or not, and which some release builds remove afterwards; the function table
-`.gopclntab`, which the Go runtime itself needs; the `.note.go.buildid` note). A Go process taken
-for a threaded one would get thread-based links and injected contexts, both wrong for goroutines
-that move between threads. Results are cached
+For a pid: executable base name, its own resource (`probe_agent.resource`: OTEL_SERVICE_NAME and
+OTEL_RESOURCE_ATTRIBUTES from its environment — only those two variables are read; nothing else
+of the environment leaves this module — and container.id / k8s.pod.uid from its cgroup path),
+parent pid, start time as Unix ns, cgroup v2 id, and the runtime: "go" when the executable is a
+Go binary (it has one of the ELF sections only Go's linker writes: `.go.buildinfo`, which every
+Go toolchain since 1.13 writes, stripped or not, and which some release builds remove
+afterwards; the function table `.gopclntab`, which the Go runtime itself needs; the
+`.note.go.buildid` note). A Go process taken for a threaded one would get thread-based links
+and injected contexts, both wrong for goroutines that move between threads. Results are cached
 in a bounded LRU; an exec or an exit drops the entry. The runtime is cached per executable file
 ((device, inode, mtime, size) of /proc/PID/exe), also bounded, so a hundred processes of one binary
 cost one ELF read.
@@ -15,6 +16,7 @@ cost one ELF read.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -25,10 +27,12 @@ from typing import BinaryIO, NamedTuple
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from probe_agent.resource import resource_of
 from schemas import weft_events_pb2 as pb
 
-_SERVICE_VAR = b"OTEL_SERVICE_NAME="
+logger = logging.getLogger(__name__)
 _MAX_ENVIRON = 1 << 20  # read at most this much of an environment
+_MAX_WARNED = 256       # distinct warnings about malformed OTEL_RESOURCE_ATTRIBUTES
 _TICKS = os.sysconf("SC_CLK_TCK")
 _GO_SECTIONS = (".go.buildinfo", ".gopclntab", ".data.rel.ro.gopclntab", ".note.go.buildid")
 
@@ -57,6 +61,18 @@ def cgroup_id(path: str | Path, mount: Path | None = None) -> int:
     return _cgroup_dir(path, mount or cgroup2_mount()).stat().st_ino
 
 
+def cgroup_path_of(proc_dir: Path) -> str:
+    """A process's cgroup v2 path from /proc/PID/cgroup (relative to the reader's cgroup
+    namespace), or "" when unreadable."""
+    try:
+        for line in (proc_dir / "cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        pass
+    return ""
+
+
 class CgroupScope(NamedTuple):
     """A cgroup v2 directory traced with its whole subtree (cgroups created later included)."""
 
@@ -81,13 +97,6 @@ def cgroup_scope(path: str | Path, mount: Path | None = None) -> CgroupScope:
 def _boot_unix_ns() -> int:
     # /proc/PID/stat starttime counts clock ticks since boot on CLOCK_BOOTTIME.
     return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
-def service_name_from_environ(data: bytes) -> str:
-    for entry in data.split(b"\0"):
-        if entry.startswith(_SERVICE_VAR):
-            return entry[len(_SERVICE_VAR):].decode("utf-8", "replace")
-    return ""
 
 
 def runtime_of_elf(fh: BinaryIO) -> str:
@@ -142,6 +151,7 @@ class ProcessInfoCache:
         self._boot_ns = _boot_unix_ns()
         self.runtimes = RuntimeCache(max(16, min(max_entries, 1024)))
         self.misses = 0   # processes gone before they could be read
+        self._warned: set[str] = set()   # malformed resource variables already logged
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -183,22 +193,27 @@ class ProcessInfoCache:
             # would override the right record announced earlier. Treat it as gone.
             return None
         exe = exe.removesuffix(" (deleted)")
-        service = ""
+        environ = b""
         try:
             with open(base / "environ", "rb") as fh:
-                service = service_name_from_environ(fh.read(_MAX_ENVIRON))
+                environ = fh.read(_MAX_ENVIRON)
         except OSError:
             pass
-        return pb.ProcessInfo(pid=pid, ppid=ppid, exe=exe, service_name=service or exe,
-                              cgroup_id=self._cgroup_of(base),
+        cgroup_path = cgroup_path_of(base)
+        resource = resource_of(environ, cgroup_path)
+        warning = f"{exe}: {resource.problem}"
+        if resource.problem and len(self._warned) < _MAX_WARNED and warning not in self._warned:
+            self._warned.add(warning)  # once: a service's replicas share their environment
+            logger.warning("process %d (%s): %s", pid, exe, resource.problem)
+        info = pb.ProcessInfo(pid=pid, ppid=ppid, exe=exe, service_name=resource.service_name or exe,
+                              cgroup_id=self._cgroup_id(cgroup_path),
                               start_ns=self._boot_ns + start_ticks * 1_000_000_000 // _TICKS,
                               runtime=self.runtimes.of(base / "exe"))
+        info.resource_attributes.update(resource.attributes)
+        return info
 
-    def _cgroup_of(self, base: Path) -> int:
+    def _cgroup_id(self, cgroup_path: str) -> int:
         try:
-            for line in (base / "cgroup").read_text().splitlines():
-                if line.startswith("0::"):
-                    return cgroup_id(line[3:], self._mount)
+            return cgroup_id(cgroup_path, self._mount) if cgroup_path else 0
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0

@@ -135,6 +135,26 @@ class ProcessInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ResourceAttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TS_NS_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     PPID_FIELD_NUMBER: _builtins.int
@@ -143,6 +163,7 @@ class ProcessInfo(_message.Message):
     CGROUP_ID_FIELD_NUMBER: _builtins.int
     START_NS_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    RESOURCE_ATTRIBUTES_FIELD_NUMBER: _builtins.int
     ts_ns: _builtins.int
     pid: _builtins.int
     ppid: _builtins.int
@@ -155,6 +176,13 @@ class ProcessInfo(_message.Message):
     """process start time, Unix ns (tells pid reuse apart)"""
     runtime: _builtins.str
     """"go" for Go binaries, else empty"""
+    @_builtins.property
+    def resource_attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the process would put in its own OpenTelemetry resource: its OTEL_RESOURCE_ATTRIBUTES,
+        and container.id / k8s.pod.uid from its cgroup path. Never the keys Weft sets itself
+        (schemas/resource.py: service.name travels as service_name); bounded in count and length.
+        """
+
     def __init__(
         self,
         *,
@@ -166,10 +194,11 @@ class ProcessInfo(_message.Message):
         cgroup_id: _builtins.int = ...,
         start_ns: _builtins.int = ...,
         runtime: _builtins.str = ...,
+        resource_attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "exe", b"exe", "pid", b"pid", "ppid", b"ppid", "runtime", b"runtime", "service_name", b"service_name", "start_ns", b"start_ns", "ts_ns", b"ts_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "exe", b"exe", "pid", b"pid", "ppid", b"ppid", "resource_attributes", b"resource_attributes", "runtime", b"runtime", "service_name", b"service_name", "start_ns", b"start_ns", "ts_ns", b"ts_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

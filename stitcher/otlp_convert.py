@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii as _quote  # the C escaper json.dumps uses
 from typing import Any
@@ -197,6 +197,7 @@ class JsonSpan:
     node: str
     attributes: dict[str, Any]
     error: bool = False      # span status Error (5xx, a client's 4xx, no response)
+    resource: dict[str, Any] = field(default_factory=dict)   # every attribute of its resource
 
 
 def _plain(value: dict[str, Any]) -> Any:
@@ -223,4 +224,4 @@ def read_json_spans(lines: Iterable[str]) -> Iterator[JsonSpan]:
                                    sp.get("name", ""), str(sp.get("kind", "")).removeprefix("SPAN_KIND_"),
                                    int(sp.get("startTimeUnixNano", 0)), int(sp.get("endTimeUnixNano", 0)),
                                    str(res.get("service.name", "")), str(res.get("host.name", "")), attrs,
-                                   sp.get("status", {}).get("code") in ("STATUS_CODE_ERROR", 2))
+                                   sp.get("status", {}).get("code") in ("STATUS_CODE_ERROR", 2), res)

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probe_agent.enrich import ProcessInfoCache
+from probe_agent.enrich import ProcessInfoCache, cgroup_path_of
 from probe_agent.gobinary import (
     NEWPROC1,
     NEWPROC_FUNC1,
@@ -125,7 +125,7 @@ class GoroutineProbe:
             pid = int(entry.name)
             if procs.runtimes.of(entry / "exe") != "go":
                 continue
-            if ctx.cgroups and not any(scope.holds(_cgroup_path(entry)) for scope in ctx.cgroups):
+            if ctx.cgroups and not any(scope.holds(cgroup_path_of(entry)) for scope in ctx.cgroups):
                 continue
             self.register(pid)
 
@@ -257,17 +257,6 @@ def _mapped_at(proc_dir: Path, exe: Path) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _cgroup_path(proc_dir: Path) -> str:
-    """The process's cgroup v2 path ("" when unreadable: in no scope)."""
-    try:
-        for line in (proc_dir / "cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:]
-    except OSError:
-        pass
-    return ""
 
 
 def _exe_name(exe: Path) -> str:

@@ -96,7 +96,9 @@ from stitcher.engine.records import (
     inj_key,
     kids_key,
     n20,
+    parse_proc_record,
     proc_prefix,
+    proc_record,
     seq_key,
     span_key,
     tuple_key,
@@ -283,9 +285,7 @@ class Engine:
                 watermark = max(watermark, ev.watermark.ts_ns)
             elif kind == "process":
                 p = ev.process
-                txn.hsetnx(proc_prefix(node, p.pid) + ":proc", n20(p.ts_ns),
-                           f"{_safe(p.service_name or p.exe)}{SEP}{_safe(p.exe)}"
-                           + (f"{SEP}{_safe(p.runtime)}" if p.runtime else ""))
+                txn.hsetnx(proc_prefix(node, p.pid) + ":proc", n20(p.ts_ns), proc_record(p))
             elif kind == "thread_spawn":
                 t = ev.thread_spawn
                 if not t.new_process and t.child_pid == t.parent_pid and t.child_tid != t.parent_tid:
@@ -985,10 +985,6 @@ def invalid_reason(role: int, start_ns: int, end_ns: int) -> str:
     return ""
 
 
-def _safe(text: str) -> str:
-    return text.replace(SEP, "?") if SEP in text else text
-
-
 def _runtime(proc: Mapping[str, str], known_by_ns: int) -> str:
     """"go" when any ProcessInfo record of the process with ts <= `known_by_ns` says so, else "".
     Only records up to the decision time count: by then every one of them is in the store,
@@ -998,14 +994,14 @@ def _runtime(proc: Mapping[str, str], known_by_ns: int) -> str:
     record hiding an earlier "go"). No record by then: "" (thread rules)."""
     bound = ""     # n20(known_by_ns), formatted only when a record says "go" (few do)
     for ts, value in proc.items():
-        if value.endswith(_GO_TAIL) and value.count(SEP) >= 2:
+        if _GO_FIELD in value and parse_proc_record(value).runtime == "go":
             bound = bound or n20(known_by_ns)
             if ts <= bound:
                 return "go"
     return ""
 
 
-_GO_TAIL = SEP + "go"   # a record whose last field (the runtime, given 2 separators) is "go"
+_GO_FIELD = SEP + "go"   # in every record whose runtime field is "go" (and in few others)
 
 
 def _overlapping(intervals: list[tuple[int, int]]) -> bool:
@@ -1025,8 +1021,8 @@ def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
     stamp = n20(ev.start)
     before = [k for k in proc if k <= stamp]
     chosen = max(before) if before else min(proc)
-    service, exe = proc[chosen].split(SEP)[:2]
-    return Resource(service or exe or "unknown_service", ev.node, ev.pid, exe)
+    rec = parse_proc_record(proc[chosen])
+    return Resource(rec.service or rec.exe or "unknown_service", ev.node, ev.pid, rec.exe, rec.attrs)
 
 
 def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:

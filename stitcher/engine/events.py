@@ -44,9 +44,10 @@ def blind(ts: int, until: int, records: int = 1) -> pb.Event:
     return wrap(pb.BlindSpan(ts_ns=ts, until_ns=until, records=records))
 
 
-def process(pid: int, service: str, exe: str, ts: int, runtime: str = "") -> pb.Event:
+def process(pid: int, service: str, exe: str, ts: int, runtime: str = "",
+            attrs: dict[str, str] | None = None) -> pb.Event:
     return wrap(pb.ProcessInfo(ts_ns=ts, pid=pid, exe=exe, service_name=service, start_ns=ts,
-                               runtime=runtime))
+                               runtime=runtime, resource_attributes=attrs))
 
 
 def thread_spawn(pid: int, parent_tid: int, child_tid: int, ts: int) -> pb.Event:

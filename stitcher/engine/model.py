@@ -27,16 +27,18 @@ LINK_TYPES: tuple[str, ...] = (
 
 
 class Resource(NamedTuple):
-    """One traced process on one node (OTel resource: service.name, host.name, process.*)."""
+    """One traced process on one node (OTel resource: service.name, host.name, process.*, and
+    what the process brings itself: schemas/resource.py)."""
 
     service_name: str
     node: str
     pid: int
     exe: str
+    attrs: tuple[tuple[str, str], ...] = ()   # sorted by key, none of the keys above
 
     def attributes(self) -> tuple[tuple[str, AttrValue], ...]:
         return (("service.name", self.service_name), ("host.name", self.node),
-                ("process.pid", self.pid), ("process.executable.name", self.exe))
+                ("process.pid", self.pid), ("process.executable.name", self.exe), *self.attrs)
 
 
 class Span(NamedTuple):

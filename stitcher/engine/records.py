@@ -14,7 +14,8 @@ numeric order in every backend.
                                    without a marker (pb.BlindSpan)
     w:{s:<sid>}              hash  span record: ev (the request), dec (decision), tr (trace), out
     w:{s:<sid>}:kids         set   decided children waiting for this span's trace
-    w:{p:<node>|<pid>}:proc  hash  "<ts>" → "service\\x1fexe[\\x1fruntime]" (ProcessInfo)
+    w:{p:<node>|<pid>}:proc  hash  "<ts>" → `proc_record` (ProcessInfo):
+                                   "service\\x1fexe[\\x1fruntime[\\x1fk=v\\x1ek=v...]]"
     w:{p:<node>|<pid>}:lin:<tid>  zset  score µs, "<ts>|s<parent tid>" (spawn) / "<ts>|x" (exit)
     w:{p:<node>|<pid>}:go:<goid>  hash  "p" → "<parent goid>|<ts>" (`go` statement)
     w:{p:<node>|<pid>}:t<tid> / :g<goid>
@@ -35,8 +36,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from schemas import weft_events_pb2 as pb
+from schemas.resource import bounded
 
 SEP = "\x1f"
+ATTR_SEP = "\x1e"       # between the key=value pairs of a process record's attributes
 WM = "w:{g}:wm"
 META = "w:{g}:meta"
 EXPECT = "w:{g}:expect"
@@ -80,6 +83,41 @@ def tuple_key(canon: str) -> str:
 
 def inj_key(span_hex: str) -> str:
     return f"w:{{i:{span_hex}}}"
+
+
+def _safe(text: str, also: str = "") -> str:
+    """`text` with the record's separators (and the characters in `also`) replaced by "?"."""
+    for bad in (SEP, ATTR_SEP, *also):
+        if bad in text:
+            text = text.replace(bad, "?")
+    return text
+
+
+def proc_record(p: pb.ProcessInfo) -> str:
+    """A ProcessInfo as its `:proc` hash value. A record without resource attributes is written
+    as stitchers before them wrote it, so that state and golden outputs stay the same."""
+    fields = [_safe(p.service_name or p.exe), _safe(p.exe)]
+    attrs = bounded(p.resource_attributes.items()) if p.resource_attributes else []
+    if p.runtime or attrs:
+        fields.append(_safe(p.runtime))
+    if attrs:
+        fields.append(ATTR_SEP.join(f"{_safe(k, '=')}={_safe(v)}" for k, v in attrs))
+    return SEP.join(fields)
+
+
+class ProcRecord(NamedTuple):
+    service: str
+    exe: str
+    runtime: str
+    attrs: tuple[tuple[str, str], ...]
+
+
+def parse_proc_record(value: str) -> ProcRecord:
+    parts = value.split(SEP)
+    parts += [""] * (4 - len(parts))
+    pairs = (a.partition("=") for a in parts[3].split(ATTR_SEP)) if parts[3] else ()
+    attrs = tuple((k, v) for k, _, v in pairs)
+    return ProcRecord(parts[0], parts[1], parts[2], attrs)
 
 
 _new_tuple = tuple.__new__   # builds a NamedTuple from its values without the keyword-handling __new__

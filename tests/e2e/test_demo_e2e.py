@@ -120,6 +120,11 @@ def test_stitched_trees_have_no_wrong_parent_and_every_black_box_edge(
                  if (stitched[t["span"]].service, stitched[t["span"]].node)
                  != (r["service"], pipeline.app.node_of(r["service"]))]
     assert misplaced == [], f"{len(misplaced)} spans on the wrong process: {misplaced[:10]}"
+    # ... with the resource attributes the service gave itself (OTEL_RESOURCE_ATTRIBUTES).
+    own = {"service.namespace": "weft-demo", "deployment.environment.name": "demo"}
+    unnamed = [span.service for span in (stitched[t["span"]] for t in truth)
+               if span.service != "driver" and {k: span.resource.get(k) for k in own} != own]
+    assert unnamed == [], f"{len(unnamed)} spans without their service's own resource: {unnamed[:10]}"
 
 
 def _describe(row: dict[str, str], true: dict[str, str], stitched: dict[str, JsonSpan]) -> tuple[str, ...]:

@@ -65,6 +65,7 @@ def sample_events_current() -> list[pb.Event]:
     those of `sample_events()`; today's decoder must still read them."""
     events = sample_events()
     events[0].process.runtime = "go"    # ProcessInfo.runtime = 8
+    events[0].process.resource_attributes["service.namespace"] = "shop"   # = 9
     events[6].http.assigned_traceparent = "00-0af7651916cd43dd8448eb211c80319c-5fb1c3a6e2d40b17-01"  # = 19
     events.append(wrap(pb.LostRequest(  # Event.lost_http = 10
         role=pb.ROLE_SERVER, start_ns=T0 + 7, end_ns=T0 + 707, pid=4242, tid=4245, goid=10,

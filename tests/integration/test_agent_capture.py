@@ -95,6 +95,10 @@ def assert_text_fields_end_in_zeros(capture: Path) -> None:
     assert seen >= 4
 
 
+RESOURCE_VARIABLE = "service.namespace=shop, deployment.environment.name=ci%2Fe2e,host.name=spoofed"
+RESOURCE = {"service.namespace": "shop", "deployment.environment.name": "ci/e2e"}
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[RunningAgent]:
     capture = tmp_path / "agent.wcap"
@@ -133,7 +137,8 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
         (www / name).write_text("r\n")
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                "--protocol", "HTTP/1.1"],  # keep-alive
-                              cwd=www, env={**os.environ, "OTEL_SERVICE_NAME": service},
+                              cwd=www, env={**os.environ, "OTEL_SERVICE_NAME": service,
+                                            "OTEL_RESOURCE_ATTRIBUTES": RESOURCE_VARIABLE},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: port_open("127.0.0.1", port), 10, "http.server")
@@ -222,11 +227,13 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
         # Unix time, close to now (ktime offset applied).
         assert abs(s.start_ns - time.time_ns()) < 120 * 10**9
 
-    # The server's ProcessInfo (service name from OTEL_SERVICE_NAME) precedes its first request.
+    # The server's ProcessInfo (service name from OTEL_SERVICE_NAME, its own resource
+    # attributes) precedes its first request.
     kinds = [(e.WhichOneof("kind"), e) for e in events]
     first_http = next(i for i, (k, e) in enumerate(kinds) if k == "http" and e.http.pid == server.pid)
     infos = [e.process for k, e in kinds[:first_http] if k == "process" and e.process.pid == server.pid]
     assert infos and infos[-1].service_name == service
+    assert dict(infos[-1].resource_attributes) == RESOURCE
     assert infos[-1].exe.startswith("python3")
     assert infos[-1].ppid == os.getpid()
     assert abs(infos[-1].start_ns - time.time_ns()) < 120 * 10**9
@@ -239,3 +246,13 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
     assert max(gaps) <= 200 * 10**6, [g // 10**6 for g in gaps]
     assert events[-1].WhichOneof("kind") == "watermark"
     assert marks[-1] >= max(h.end_ns for h in served)
+
+    # Rebuilt offline, the server's spans carry that resource, after Weft's own keys.
+    out = tmp_path / "traces.jsonl"
+    subprocess.run([sys.executable, "-c", "from weft.cli import main; main()", "rebuild",
+                    str(agent.capture), "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    resources = [{a["key"]: next(iter(a["value"].values())) for a in rs["resource"]["attributes"]}
+                 for line in out.read_text().splitlines() for rs in json.loads(line)["resourceSpans"]]
+    assert [r for r in resources if r["service.name"] == service] == [
+        {"service.name": service, "host.name": "e2e", "process.pid": str(server.pid),
+         "process.executable.name": infos[-1].exe, **RESOURCE}]

@@ -1,4 +1,5 @@
-"""Process enrichment from the real /proc: exe, OTEL_SERVICE_NAME, ppid, start time, cgroup id."""
+"""Process enrichment from the real /proc: exe, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
+container and pod from the cgroup path, ppid, start time, cgroup id."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from probe_agent.enrich import (
     ProcessInfoCache,
     RuntimeCache,
     cgroup_id,
-    service_name_from_environ,
 )
 from tests.cgroups import private_cgroup
 from tests.workloads.servers import go_binary
@@ -27,10 +27,40 @@ def child_cgroup() -> Iterator[Path]:
         yield path
 
 
-def test_service_name_only_from_its_own_variable() -> None:
-    env = b"PATH=/bin\0MY_OTEL_SERVICE_NAME=no\0OTEL_SERVICE_NAME=checkout\0SECRET=x\0"
-    assert service_name_from_environ(env) == "checkout"
-    assert service_name_from_environ(b"PATH=/bin\0") == ""
+def test_a_containerised_process_brings_its_own_resource(child_cgroup: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A process in a cgroup named as containerd names a Kubernetes container, with the
+    variables the OpenTelemetry Operator sets: its resource has them, its pod and its container,
+    and nothing else of its environment. A malformed list is dropped and logged once."""
+    pod, cid = "0f6c3a52-1b2d-4e5f-8a9b-0c1d2e3f4a5b", "9c" * 32
+    container = (child_cgroup / f"kubepods-besteffort-pod{pod.replace('-', '_')}.slice"
+                 / f"cri-containerd-{cid}.scope")
+    container.mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"], "DB_PASSWORD": "hunter2",
+           "OTEL_RESOURCE_ATTRIBUTES": "service.name=cart,k8s.namespace.name=shop,k8s.pod.name=cart-7d9f%2D1"}
+    good = subprocess.Popen(["sleep", "30"], env=env)
+    bad = subprocess.Popen(["sleep", "30"], env={**env, "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=%zz"})
+    try:
+        for proc in (good, bad):
+            (container / "cgroup.procs").write_text(str(proc.pid))
+        cache = ProcessInfoCache(max_entries=4)
+        info = cache.get(good.pid)
+        assert info is not None and info.service_name == "cart"
+        assert dict(info.resource_attributes) == {"k8s.namespace.name": "shop", "k8s.pod.name": "cart-7d9f-1",
+                                                  "k8s.pod.uid": pod, "container.id": cid}
+        assert b"hunter2" not in info.SerializeToString()
+        for _ in range(2):
+            cache.forget(bad.pid)
+            info = cache.get(bad.pid)
+            assert info is not None and info.service_name == "sleep"
+            assert dict(info.resource_attributes) == {"k8s.pod.uid": pod, "container.id": cid}
+        warned = [r.getMessage() for r in caplog.records if "OTEL_RESOURCE_ATTRIBUTES" in r.getMessage()]
+        assert warned == [f"process {bad.pid} (sleep): OTEL_RESOURCE_ATTRIBUTES ignored: the value of "
+                          "k8s.pod.name has a % that starts no %XX escape"]
+    finally:
+        for proc in (good, bad):
+            proc.kill()
+            proc.wait()
 
 
 def test_process_info_of_a_real_process_in_its_own_cgroup(child_cgroup: Path) -> None:

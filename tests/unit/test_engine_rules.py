@@ -12,9 +12,11 @@ import pytest
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import make_frame
+from schemas.resource import MAX_ATTRIBUTES, MAX_VALUE_LENGTH
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.engine import events as E
 from stitcher.engine.ids import root_trace_id, span_id
+from stitcher.engine.records import ProcRecord, parse_proc_record, proc_record
 from stitcher.engine.store import StateStore
 from stitcher.state_memory import BatchedMemoryStateStore, MemoryStateStore
 
@@ -323,6 +325,40 @@ def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
     assert attrs["network.peer.address"] == "192.0.2.7" and attrs["network.peer.port"] == 5555
     assert s.resource.attributes() == (("service.name", "checkout"), ("host.name", "A"),
                                        ("process.pid", 100), ("process.executable.name", "python3"))
+
+
+def test_the_process_own_resource_attributes_follow_weft_own(store: StateStore) -> None:
+    """What the process brings (its OTEL_RESOURCE_ATTRIBUTES, its container) comes after Weft's
+    keys, sorted; a key Weft sets itself or a separator in a value cannot bend the record; a Go
+    runtime is still told apart with the attributes after it; an exec changes them."""
+    own = {"service.namespace": "shop", "k8s.pod.uid": "0f6c3a52-1b2d-4e5f-8a9b-0c1d2e3f4a5b",
+           "host.name": "spoofed", "odd": "a\x1fb\x1ec=d"}
+    spans, _ = run(store, {"A": [E.process(100, "checkout", "python3", t(-1000), attrs=own),
+                                 srv("/pay", 0, 10),
+                                 E.process(100, "refunds", "refunds", t(20), runtime="go",
+                                           attrs={"deployment.environment.name": "prod"}),
+                                 srv("/refund", 30, 40, tid=100), cli("/call", 32, 35, tid=100)]})
+    assert spans["S/pay@A"].resource.attributes() == (
+        ("service.name", "checkout"), ("host.name", "A"), ("process.pid", 100),
+        ("process.executable.name", "python3"),
+        ("k8s.pod.uid", "0f6c3a52-1b2d-4e5f-8a9b-0c1d2e3f4a5b"), ("odd", "a?b?c=d"),
+        ("service.namespace", "shop"))
+    assert spans["S/refund@A"].resource.attributes()[3:] == (
+        ("process.executable.name", "refunds"), ("deployment.environment.name", "prod"))
+    assert spans["C/call@A"].parent_span_id == b""   # Go: never linked by its OS thread
+
+
+def test_a_process_record_reads_back_whatever_its_age() -> None:
+    old = "checkout\x1fpython3"
+    assert parse_proc_record(old) == ProcRecord("checkout", "python3", "", ())
+    assert parse_proc_record(old + "\x1fgo") == ProcRecord("checkout", "python3", "go", ())
+    info = pb.ProcessInfo(exe="gopls", service_name="ide", resource_attributes={"a": "1", "b=c": "2"})
+    assert parse_proc_record(proc_record(info)) == ProcRecord("ide", "gopls", "", (("a", "1"), ("b?c", "2")))
+    assert proc_record(pb.ProcessInfo(exe="x", service_name="y")) == "y\x1fx"   # as before attributes
+    many = {f"k{i:03d}": "v" * 1000 for i in range(100)}
+    got = parse_proc_record(proc_record(pb.ProcessInfo(exe="x", resource_attributes=many))).attrs
+    assert [k for k, _ in got] == [f"k{i:03d}" for i in range(MAX_ATTRIBUTES)]
+    assert {len(v) for _, v in got} == {MAX_VALUE_LENGTH}
 
 
 def test_spans_wait_for_the_watermark_then_export_once(store: StateStore) -> None:
