@@ -27,6 +27,8 @@ CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CA
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 LOCKDOWN_PATH = Path("/sys/kernel/security/lockdown")
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+PID_NAMESPACE_PATH = Path("/proc/self/ns/pid")
+PROC_PID_INIT_INO = 0xEFFFFFFC   # the initial PID namespace's inode (include/linux/proc_ns.h)
 
 # Without these the agent cannot see connections, requests or thread lineage at all. Socket
 # reads and writes are seen at sock_{send,recv}_length (inside the call, with the sock: bytes and
@@ -68,6 +70,7 @@ class Check:
 class KernelFeatures:
     kernel: str
     root: bool
+    host_pids: bool                             # in the host's PID namespace, as the kernel's ids are
     capabilities: tuple[str, ...]               # those of CAPABILITIES in CapEff
     btf: bool
     tracefs: str | None                         # where tracefs was read; None: absent/unreadable
@@ -130,6 +133,11 @@ class KernelFeatures:
     def blocking_problems(self) -> list[str]:
         """What stops the agent, each as a sentence that says what to do."""
         problems = []
+        if not self.host_pids:
+            problems.append("the agent runs in a PID namespace of its own (a container's): the kernel "
+                            "names processes by the host's ids, which this /proc does not show, and "
+                            "the agent could not tell its own traffic apart; run it in the host's "
+                            "PID namespace (Kubernetes: hostPID: true; docker run --pid=host)")
         if not (self.root or self.has_cap("CAP_BPF") or self.has_cap("CAP_SYS_ADMIN")):
             problems.append("weft agent needs CAP_BPF: run as root or grant CAP_BPF,CAP_PERFMON")
         if not self.btf:
@@ -163,6 +171,8 @@ class KernelFeatures:
         caps = ", ".join(self.capabilities) or "none of CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN/CAP_NET_ADMIN"
         lines = [f"kernel: {self.kernel}",
                  f"privileges: {'root' if self.root else 'not root'}; effective capabilities: {caps}",
+                 "PID namespace: " + ("the host's" if self.host_pids
+                                      else "its own (a container's), not the host's"),
                  f"BTF: {'present at ' + str(BTF_PATH) if self.btf else 'missing (' + str(BTF_PATH) + ')'}"]
         missing = self.missing_tracepoints
         if self.tracefs is None:
@@ -224,6 +234,15 @@ def effective_capabilities(status_text: str | None = None) -> tuple[str, ...]:
         if line.startswith("CapEff:"):
             mask = int(line.split()[1], 16)
     return tuple(name for name, bit in CAPABILITIES.items() if mask >> bit & 1)
+
+
+def in_host_pid_namespace(path: Path = PID_NAMESPACE_PATH) -> bool:
+    """Whether this process is in the initial PID namespace, whose ids BPF programs see. True
+    when it cannot be told (no /proc/self/ns: a kernel without namespaces has only that one)."""
+    try:
+        return os.stat(path).st_ino == PROC_PID_INIT_INO
+    except OSError:
+        return True
 
 
 def lockdown_mode(path: Path = LOCKDOWN_PATH) -> str:
@@ -437,7 +456,7 @@ def probe_kernel() -> KernelFeatures:
     offsets, offsets_detail = _offsets() if btf else (
         tuple((f"{s}.{m}", None) for s, m in OFFSETS), f"no BTF at {BTF_PATH}")
     return KernelFeatures(
-        kernel=os.uname().release, root=root, capabilities=caps,
+        kernel=os.uname().release, root=root, host_pids=in_host_pid_namespace(), capabilities=caps,
         btf=btf, tracefs=str(tracefs) if tracefs else None,
         tracepoints=tracepoints_present(REQUIRED_TRACEPOINTS),
         lockdown=lockdown_mode(), bcc=checks["bcc"], kprobes=checks["kprobes"],

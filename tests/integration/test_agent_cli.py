@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WEFT = [sys.executable, "-c", "from weft.cli import main; main()"]
 
 
-def run_weft(*args: str, user: int | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+def run_weft(*args: str, user: int | None = None, prefix: tuple[str, ...] = (),
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    if user:
+        prefix = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *prefix)
     return subprocess.run([*prefix, *WEFT, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test"})
 
@@ -33,6 +35,25 @@ def test_not_root_is_refused_with_one_sentence() -> None:
     assert result.returncode == 1, result
     assert "weft agent needs root" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.bpf
+def test_a_pid_namespace_of_its_own_is_refused_with_one_sentence() -> None:
+    """As in a container without hostPID: the kernel's process ids are not this /proc's, so the
+    agent would attribute requests to the wrong processes and trace its own Kafka traffic."""
+    container = ("unshare", "--pid", "--fork", "--mount-proc")
+    result = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap", prefix=container)
+    assert result.returncode == 1, result
+    assert result.stdout.strip().splitlines()[-1] == (
+        "weft agent cannot run here: the agent runs in a PID namespace of its own (a container's): "
+        "the kernel names processes by the host's ids, which this /proc does not show, and the agent "
+        "could not tell its own traffic apart; run it in the host's PID namespace (Kubernetes: "
+        "hostPID: true; docker run --pid=host)"), result
+    assert "Traceback" not in result.stdout + result.stderr
+    doctor = run_weft("doctor", prefix=container)
+    assert doctor.returncode == 1 and "PID namespace: its own (a container's)" in doctor.stdout
+    assert "BLOCKING: the agent runs in a PID namespace of its own" in doctor.stderr
+    assert "PID namespace: the host's" in run_weft("doctor").stdout
 
 
 def test_unknown_cgroup_is_refused_with_one_sentence() -> None:
