@@ -1032,23 +1032,31 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
     parent, link, _ext, flag = dec.split("|")
     trace, _, _, split = tr.split("|")
     remote_ip = _ip(raddr)
-    if host and host[0] != "[":
-        host = host.rsplit(":", 1)[0]
+    authority = host    # the Host header as sent: host[:port]
+    if host:
+        host = host[1:host.find("]")] if host[0] == "[" else host.rsplit(":", 1)[0]
     head: tuple[tuple[str, AttrValue], ...] = (
         (("http.request.method", method or "_OTHER"), ("url.path", path),
          ("http.response.status_code", status))
         if status else (("http.request.method", method or "_OTHER"), ("url.path", path)))
+    # Weft reads plain-text HTTP/1.x only: the scheme is always http.
     if role == ROLE_SERVER:
-        attrs = (*head, ("server.address", host or _ip(laddr)), ("server.port", lport),
-                 ("client.address", remote_ip), ("network.peer.address", remote_ip),
-                 ("network.peer.port", rport), ("weft.link", link))
-    else:
-        attrs = (*head, ("server.address", host or remote_ip), ("server.port", rport),
+        attrs = (*head, ("url.scheme", "http"), ("server.address", host or _ip(laddr)),
+                 ("server.port", lport), ("client.address", remote_ip), ("client.port", rport),
                  ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
+    else:
+        if not authority:
+            bracketed = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
+            authority = bracketed if rport == 80 else f"{bracketed}:{rport}"
+        attrs = (*head, ("url.full", f"http://{authority}{path}"), ("server.address", host or remote_ip),
+                 ("server.port", rport), ("network.peer.address", remote_ip), ("network.peer.port", rport),
+                 ("weft.link", link))
     if flag:
         attrs += ((f"weft.{flag}", True),)
     if not status:   # no status line before the connection closed (HttpRequest NO_RESPONSE)
         attrs += (("error.type", NO_RESPONSE_ERROR),)
+    elif _failed(role, status):   # the conventions' error.type for a failing status: the code
+        attrs += (("error.type", str(status)),)
     if split == "split":
         attrs += (("weft.split_from", parent),)
         parent = ""

@@ -314,15 +314,33 @@ def test_span_status_follows_the_http_conventions(store: StateStore) -> None:
 
 
 def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
+    """The HTTP conventions' attributes, required ones included (url.scheme on a server span,
+    url.full on a client span, error.type with the status code of a failed call)."""
+    def call(path: str, remote: tuple[str, int], host: str, status: int) -> pb.Event:
+        return E.http("client", pid=100, tid=11, start=t(2), end=t(8), cookie=next(_cookies),
+                      local=(A_IP, 40001), remote=remote, path=path, host=host, status=status)
+
     spans, _ = run(store, {"A": [E.process(100, "checkout", "python3", t(-1000)),
-                          srv("/pay", 0, 10, status=503, remote=("192.0.2.7", 5555))]})
+                                 srv("/pay", 0, 10, status=503, remote=("192.0.2.7", 5555)),
+                                 call("/quote", ("2001:db8::9", 8080), "", 404),
+                                 call("/stock", (B_IP, 80), "stock.shop", 200),
+                                 call("/v6", ("2001:db8::9", 80), "[2001:db8::9]:80", 200)]})
     s = spans["S/pay@A"]
     assert (s.kind, s.name, s.error) == ("SERVER", "GET /pay", True)
-    attrs = dict(s.attributes)
-    assert attrs["http.request.method"] == "GET" and attrs["url.path"] == "/pay"
-    assert attrs["http.response.status_code"] == 503
-    assert attrs["server.port"] == 80 and attrs["client.address"] == "192.0.2.7"
-    assert attrs["network.peer.address"] == "192.0.2.7" and attrs["network.peer.port"] == 5555
+    assert dict(s.attributes) == {
+        "http.request.method": "GET", "url.path": "/pay", "http.response.status_code": 503,
+        "url.scheme": "http", "server.address": A_IP, "server.port": 80,
+        "client.address": "192.0.2.7", "client.port": 5555, "network.peer.address": "192.0.2.7",
+        "network.peer.port": 5555, "weft.link": "root", "error.type": "503"}
+    quote, stock, v6 = (dict(spans[f"C/{p}@A"].attributes) for p in ("quote", "stock", "v6"))
+    assert quote == {
+        "http.request.method": "GET", "url.path": "/quote", "http.response.status_code": 404,
+        "url.full": "http://[2001:db8::9]:8080/quote", "server.address": "2001:db8::9",
+        "server.port": 8080, "network.peer.address": "2001:db8::9", "network.peer.port": 8080,
+        "weft.link": "thread", "error.type": "404"}
+    assert (stock["url.full"], stock["server.address"], "error.type" in stock) == (
+        "http://stock.shop/stock", "stock.shop", False)
+    assert (v6["url.full"], v6["server.address"]) == ("http://[2001:db8::9]:80/v6", "2001:db8::9")
     assert s.resource.attributes() == (("service.name", "checkout"), ("host.name", "A"),
                                        ("process.pid", 100), ("process.executable.name", "python3"))
 
