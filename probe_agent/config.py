@@ -40,6 +40,7 @@ class AgentSettings:
     stall_after_ms: int = 1000             # an unacknowledged frame this old means "broker away"
     metrics_port: int = 0                  # Prometheus endpoint; 0 = off
     metrics_addr: str = "127.0.0.1"
+    health_stall_s: float = 10.0           # /healthz fails when no poll round ended for this long
     process_cache_size: int = 8192         # bounded /proc enrichment cache
     clock_refresh_s: float = 10.0          # ktime → Unix offset re-sampled this often
     map_fill_interval_s: float = 10.0      # BPF map fill gauges refreshed this often
@@ -63,8 +64,9 @@ class AgentSettings:
                               "must be <= 200 (the stitcher relies on it)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"agent.metrics_port={self.metrics_port}: must be 0 (off) or a TCP port")
-        if self.clock_refresh_s <= 0 or self.map_fill_interval_s <= 0:
-            raise ConfigError("agent.clock_refresh_s and agent.map_fill_interval_s must be > 0")
+        if self.clock_refresh_s <= 0 or self.map_fill_interval_s <= 0 or self.health_stall_s <= 0:
+            raise ConfigError("agent.clock_refresh_s, agent.map_fill_interval_s and "
+                              "agent.health_stall_s must be > 0")
         return self
 
     def spool_path(self) -> Path:

@@ -3,9 +3,11 @@ test process), served over HTTP only when a port is configured."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.codec import EVENT_KINDS
+from weft.health import Check, HealthApp, always_ok
+from weft.health import serve as serve_http
 
 
 class AgentMetrics:
@@ -76,5 +78,7 @@ class AgentMetrics:
         got = self.registry.get_sample_value(name, {"node": self.node, **labels})
         return float(got or 0.0)
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "127.0.0.1", live: Check = always_ok) -> int:
+        """/metrics, and /healthz and /readyz (both `live`: an agent has nothing to wait for
+        once its programs are attached), from a daemon thread; returns the port."""
+        return serve_http(HealthApp(self.registry, live, live), port, addr)

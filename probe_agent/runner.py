@@ -180,6 +180,7 @@ class AgentRunner:
         self._announced: OrderedDict[int, None] = OrderedDict()
         self._pid_filter: set[int] | None = set(settings.pids) if settings.pids else None
         self._first_pids = frozenset(settings.pids)
+        self.last_round_at = time.monotonic()   # when a poll round last ended (/healthz reads it)
         self._stop = False
         self.failure = ""                 # why the run ended early (the sink failed), else empty
         self._round_left = settings.round_budget
@@ -330,8 +331,16 @@ class AgentRunner:
                 self._not_scheduled(off_cpu)
             elif took > 2 * interval:
                 logger.info("slow round: %.0f ms", took * 1000)
+            self.last_round_at = started + took
             time.sleep(max(0.0, interval - took))
             due = started + max(interval, took)
+
+    def liveness(self) -> tuple[bool, str]:
+        """/healthz: the poll loop turns (else the rings fill and records are lost)."""
+        since = time.monotonic() - self.last_round_at
+        if since > self.settings.health_stall_s:
+            return False, f"no poll round has ended for {since:.0f} s"
+        return True, f"last poll round ended {since * 1000:.0f} ms ago"
 
     def _not_scheduled(self, seconds: float) -> None:
         self.metrics.late_rounds.inc()
@@ -847,7 +856,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
         print(str(exc), flush=True)
         return 1
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_addr)
+        metrics.serve(settings.metrics_port, settings.metrics_addr, live=runner.liveness)
     scope = (f"cgroups {', '.join(settings.cgroups)}" if settings.cgroups else
              f"pids {', '.join(map(str, settings.pids))}" if settings.pids else "every process")
     print(f"weft agent {settings.node}: {kernel_line}; probes "

@@ -57,6 +57,7 @@ from stitcher.consumer_lag import ConsumerLag
 from stitcher.deadletter import DeadLetterProducer
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.engine.core import invalid_http
+from stitcher.health import WorkerHealth
 from stitcher.metrics import StitchCollector
 from stitcher.metrics import serve as serve_metrics
 from stitcher.sinks import JsonLinesSink, SpanSink
@@ -95,6 +96,8 @@ class StitchSettings:
     metrics_addr: str = "127.0.0.1"
     startup_wait_s: float = 30.0          # how long to wait at start for Kafka and Redis to answer
     stop_timeout_s: float = 15.0          # how long Faust may take to stop before the worker leaves anyway
+    health_stall_s: float = 60.0          # /healthz fails after this long without the event loop
+                                          # running, or behind without a batch joined
 
     def expected(self) -> list[str]:
         return [n.strip() for n in self.expect_nodes.split(",") if n.strip()]
@@ -117,8 +120,9 @@ class StitchSettings:
                               f"{self.batch_wait_ms}: each must be 1..10000")
         if self.startup_wait_s < 0:
             raise ConfigError(f"stitch.startup_wait_s={self.startup_wait_s}: must be >= 0")
-        if self.stop_timeout_s <= 0:
-            raise ConfigError(f"stitch.stop_timeout_s={self.stop_timeout_s}: must be > 0")
+        if self.stop_timeout_s <= 0 or self.health_stall_s <= 0:
+            raise ConfigError(f"stitch.stop_timeout_s={self.stop_timeout_s} and health_stall_s="
+                              f"{self.health_stall_s}: each must be > 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"stitch.metrics_port={self.metrics_port}: must be 0 (off) or a TCP port")
         if not 1 <= self.fetch_max_wait_ms <= 60_000:
@@ -301,6 +305,11 @@ class FrameStitcher:
             logger.warning("could not acknowledge %d exported spans (%s); a later worker "
                            "may export them again", len(done), exc)
 
+    @property
+    def last_batch_at(self) -> float:
+        """time.monotonic() when the last batch ended, joined or failed (0.0: none yet)."""
+        return self._last_done
+
     def release_if_idle(self, idle_s: float = 0.002) -> None:
         """Give the lease back when no frame came for `idle_s` (called between frames)."""
         if self.lease is not None and self.lease.held and time.monotonic() - self._last_done >= idle_s:
@@ -420,7 +429,7 @@ def _credentials(kafka: KafkaSettings) -> Any:
 
 
 def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSettings,
-             lag: ConsumerLag | None = None) -> Any:
+             lag: ConsumerLag | None = None, health: WorkerHealth | None = None) -> Any:
     """The Faust app: one agent on the raw topic, concurrency 1, values as raw bytes."""
     from stitcher.faust_fetch import app_class  # Faust loads here: `weft` starts fast otherwise
 
@@ -490,9 +499,17 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
 
     app.timer(0.005)(release_idle)
 
+    if health is not None:
+        async def beat() -> None:
+            health.beat()
+
+        app.timer(1.0)(beat)
+
     async def assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
         tps = args[0] if args else kwargs.get("assigned", ())
         parts = sorted(tp.partition for tp in tps if tp.topic == kafka.raw_topic)
+        if health is not None:
+            health.joined = True
         logger.info("weft-stitch pid %d assigned %s partitions %s", os.getpid(), kafka.raw_topic, parts)
 
     async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -563,13 +580,15 @@ def run_worker(kafka: KafkaSettings, redis_settings: RedisSettings, settings: St
     stitcher = build_stitcher(kafka, redis_settings, settings, engine_config, sink)
     stitcher.export_unacknowledged()
     lag = ConsumerLag(settings.hold_timeouts_lag)
+    health = WorkerHealth(stitcher, lag, settings.health_stall_s)
     if settings.metrics_port:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(StitchCollector(stitcher, lag))
-        port = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
-        logger.info("weft-stitch pid %d metrics on http://%s:%d/metrics", os.getpid(),
-                    settings.metrics_addr, port)
-    app = make_app(kafka, stitcher, settings, lag)
+        port = serve_metrics(registry, settings.metrics_port, settings.metrics_addr,
+                             live=health.live, ready=health.ready)
+        logger.info("weft-stitch pid %d metrics on http://%s:%d/metrics (and /healthz, /readyz)",
+                    os.getpid(), settings.metrics_addr, port)
+    app = make_app(kafka, stitcher, settings, lag, health)
     import faust
 
     finish = _once(lambda: _finish_worker(stitcher, sink))

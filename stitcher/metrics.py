@@ -15,13 +15,15 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stitcher.consumer_lag import ConsumerLag
 from stitcher.engine import Engine
 from stitcher.sinks import SpanSink
+from weft.health import Check, HealthApp, always_ok
+from weft.health import serve as serve_http
 
 if TYPE_CHECKING:  # the worker module imports this one
     from stitcher.app import FrameStitcher, StitchCounters
@@ -152,7 +154,8 @@ def _consumer_metrics(lag: ConsumerLag) -> Iterator[GaugeMetricFamily]:
     yield gauge
 
 
-def serve(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> int:
-    """Serve `registry` over HTTP (a daemon thread); returns the port (given 0: the one chosen)."""
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    return int(server.server_port)
+def serve(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1", *,
+          live: Check = always_ok, ready: Check = always_ok) -> int:
+    """Serve `registry` over HTTP, with /healthz and /readyz (a daemon thread); returns the port
+    (given 0: the one chosen)."""
+    return serve_http(HealthApp(registry, live, ready), port, addr)

@@ -156,6 +156,10 @@ def test_agent_captures_http_lineage_and_watermarks_and_leaves_nothing_attached(
         with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as r:
             metrics_text = r.read().decode()
         assert re.search(r'weft_agent_events_total\{kind="process",node="e2e"\} [1-9]', metrics_text)
+        for probe in ("healthz", "readyz"):   # what a Kubernetes probe asks
+            with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/{probe}", timeout=5) as r:
+                assert r.status == 200
+                assert re.fullmatch(r"ok: last poll round ended \d+ ms ago\n", r.read().decode())
 
         def http_counted() -> bool:  # counted from the records' headers, not decoded
             url = f"http://127.0.0.1:{agent.metrics_port}/metrics"

@@ -5,7 +5,9 @@ dead-letter topic with its reason."""
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class StreamResult:
     frames_done: list[int]
     frames_sent: int
     metrics: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]  # per worker, at the end
+    probes: list[dict[str, tuple[int, str]]]   # per worker: /healthz and /readyz → (status, text)
 
 
 def _scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) -> list[
@@ -58,6 +61,14 @@ def _scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) ->
         if done >= spans or time.monotonic() > deadline:
             return scraped
         time.sleep(0.2)
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,10 +99,11 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             rx.wait_for(len(expected), timeout=90)
             run.wait_consumed(4, sent + 2)  # + the two bad records; spans can be out before the tail
             metrics = _scrape_until_exported(ports, len(expected))
+            probes = [{p: _probe(port, p) for p in ("/healthz", "/readyz")} for port in ports]
         finally:
             codes = [w.stop() for w in run.workers]  # SIGTERM: flush, then exit
         yield StreamResult(run, expected, received_bytes(rx.requests), codes,
-                           [w.frames_done() for w in run.workers], sent, metrics)
+                           [w.frames_done() for w in run.workers], sent, metrics, probes)
 
 
 def test_two_workers_export_exactly_the_rebuild(two_workers: StreamResult) -> None:
@@ -131,6 +143,14 @@ def test_the_workers_metrics_count_what_they_did(two_workers: StreamResult) -> N
         partitions = [dict(labels)["partition"] for (name, labels), _ in m.items()
                       if name == "weft_stitch_consumer_lag_messages"]
         assert partitions and set(partitions) <= {"0", "1", "2", "3"}
+
+
+def test_each_worker_answers_its_health_probes(two_workers: StreamResult) -> None:
+    for probes in two_workers.probes:
+        for path in ("/healthz", "/readyz"):
+            status, text = probes[path]
+            assert status == 200 and re.fullmatch(r"ok: \d+ messages behind, last batch [\d.]+ s ago\n",
+                                                  text), (path, status, text)
 
 
 def test_garbage_goes_to_the_dead_letter_topic(two_workers: StreamResult) -> None:

@@ -1,0 +1,53 @@
+"""A stitcher worker's answers to /healthz and /readyz (served by weft/health.py).
+
+Live: the worker's event loop runs (a Faust timer beats every second) and, when messages wait on
+its partitions, it joins them: a worker that is behind and has not finished a batch for
+`stitch.health_stall_s` is stuck — a Faust consumer thread that died, a store that never answers
+— and a restart hands its partitions to a worker that reads them. Ready: live, and in the
+consumer group (partitions were assigned at least once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from stitcher.consumer_lag import ConsumerLag
+
+
+class _Progress(Protocol):
+    @property
+    def last_batch_at(self) -> float: ...   # time.monotonic() when a batch last ended (0: never)
+
+
+class WorkerHealth:
+    def __init__(self, progress: _Progress, lag: ConsumerLag, stall_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._progress = progress
+        self._lag = lag
+        self.stall_s = stall_s
+        self._clock = clock
+        self.started_at = self.beat_at = clock()
+        self.joined = False
+
+    def beat(self) -> None:
+        """The event loop ran (a Faust timer calls this)."""
+        self.beat_at = self._clock()
+
+    def live(self) -> tuple[bool, str]:
+        now = self._clock()
+        quiet = now - self.beat_at
+        if quiet > self.stall_s:
+            return False, f"the worker's event loop has not run for {quiet:.0f} s"
+        waiting = self._lag.total
+        idle = now - max(self._progress.last_batch_at, self.started_at)
+        if waiting and idle > self.stall_s:
+            return False, (f"{waiting} messages wait on its partitions and no batch was joined "
+                           f"for {idle:.0f} s")
+        return True, f"{waiting} messages behind, last batch {idle:.1f} s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.joined:
+            return False, "not in the consumer group yet (no partitions assigned so far)"
+        return self.live()
