@@ -41,7 +41,7 @@ def test_not_root_is_refused_with_one_sentence() -> None:
 def test_a_pid_namespace_of_its_own_is_refused_with_one_sentence() -> None:
     """As in a container without hostPID: the kernel's process ids are not this /proc's, so the
     agent would attribute requests to the wrong processes and trace its own Kafka traffic."""
-    container = ("unshare", "--pid", "--fork", "--mount-proc")
+    container = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc")  # no agent outlives a failure
     result = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap", prefix=container)
     assert result.returncode == 1, result
     assert result.stdout.strip().splitlines()[-1] == (
