@@ -994,14 +994,14 @@ def _runtime(proc: Mapping[str, str], known_by_ns: int) -> str:
     record hiding an earlier "go"). No record by then: "" (thread rules)."""
     bound = ""     # n20(known_by_ns), formatted only when a record says "go" (few do)
     for ts, value in proc.items():
-        if _GO_FIELD in value and parse_proc_record(value).runtime == "go":
+        if value.endswith(_GO_TAIL) and value.count(SEP) >= 2:
             bound = bound or n20(known_by_ns)
             if ts <= bound:
                 return "go"
     return ""
 
 
-_GO_FIELD = SEP + "go"   # in every record whose runtime field is "go" (and in few others)
+_GO_TAIL = SEP + "go"   # a record whose last field (the runtime, given 2+ separators) is "go"
 
 
 def _overlapping(intervals: list[tuple[int, int]]) -> bool:

@@ -14,8 +14,8 @@ numeric order in every backend.
                                    without a marker (pb.BlindSpan)
     w:{s:<sid>}              hash  span record: ev (the request), dec (decision), tr (trace), out
     w:{s:<sid>}:kids         set   decided children waiting for this span's trace
-    w:{p:<node>|<pid>}:proc  hash  "<ts>" → `proc_record` (ProcessInfo):
-                                   "service\\x1fexe[\\x1fruntime[\\x1fk=v\\x1ek=v...]]"
+    w:{p:<node>|<pid>}:proc  hash  "<ts>" → `proc_record` (ProcessInfo): "service\\x1fexe[\\x1fruntime]",
+                                   with attributes "service\\x1fexe\\x1fk=v\\x1ek=v...\\x1fruntime"
     w:{p:<node>|<pid>}:lin:<tid>  zset  score µs, "<ts>|s<parent tid>" (spawn) / "<ts>|x" (exit)
     w:{p:<node>|<pid>}:go:<goid>  hash  "p" → "<parent goid>|<ts>" (`go` statement)
     w:{p:<node>|<pid>}:t<tid> / :g<goid>
@@ -94,14 +94,16 @@ def _safe(text: str, also: str = "") -> str:
 
 
 def proc_record(p: pb.ProcessInfo) -> str:
-    """A ProcessInfo as its `:proc` hash value. A record without resource attributes is written
-    as stitchers before them wrote it, so that state and golden outputs stay the same."""
+    """A ProcessInfo as its `:proc` hash value: "service SEP exe [SEP attrs] [SEP runtime]". The
+    runtime stays the last field, where stitchers from before resource attributes look for "go",
+    so that during a rolling upgrade they still read every record right; a record without
+    attributes is written exactly as they wrote it."""
     fields = [_safe(p.service_name or p.exe), _safe(p.exe)]
     attrs = bounded(p.resource_attributes.items()) if p.resource_attributes else []
-    if p.runtime or attrs:
-        fields.append(_safe(p.runtime))
     if attrs:
         fields.append(ATTR_SEP.join(f"{_safe(k, '=')}={_safe(v)}" for k, v in attrs))
+    if p.runtime or attrs:
+        fields.append(_safe(p.runtime))
     return SEP.join(fields)
 
 
@@ -114,10 +116,11 @@ class ProcRecord(NamedTuple):
 
 def parse_proc_record(value: str) -> ProcRecord:
     parts = value.split(SEP)
-    parts += [""] * (4 - len(parts))
-    pairs = (a.partition("=") for a in parts[3].split(ATTR_SEP)) if parts[3] else ()
-    attrs = tuple((k, v) for k, _, v in pairs)
-    return ProcRecord(parts[0], parts[1], parts[2], attrs)
+    if len(parts) < 4:   # no attributes: service, exe[, runtime]
+        parts += [""] * (3 - len(parts))
+        return ProcRecord(parts[0], parts[1], parts[2], ())
+    pairs = (a.partition("=") for a in parts[2].split(ATTR_SEP)) if parts[2] else ()
+    return ProcRecord(parts[0], parts[1], parts[3], tuple((k, v) for k, _, v in pairs))
 
 
 _new_tuple = tuple.__new__   # builds a NamedTuple from its values without the keyword-handling __new__

@@ -373,6 +373,9 @@ def test_a_process_record_reads_back_whatever_its_age() -> None:
     info = pb.ProcessInfo(exe="gopls", service_name="ide", resource_attributes={"a": "1", "b=c": "2"})
     assert parse_proc_record(proc_record(info)) == ProcRecord("ide", "gopls", "", (("a", "1"), ("b?c", "2")))
     assert proc_record(pb.ProcessInfo(exe="x", service_name="y")) == "y\x1fx"   # as before attributes
+    # stitchers from before attributes (a rolling upgrade) look for a last field "go"
+    go = proc_record(pb.ProcessInfo(exe="srv", runtime="go", resource_attributes={"a": "1"}))
+    assert go.endswith("\x1fgo") and parse_proc_record(go) == ProcRecord("srv", "srv", "go", (("a", "1"),))
     many = {f"k{i:03d}": "v" * 1000 for i in range(100)}
     got = parse_proc_record(proc_record(pb.ProcessInfo(exe="x", resource_attributes=many))).attrs
     assert [k for k, _ in got] == [f"k{i:03d}" for i in range(MAX_ATTRIBUTES)]
