@@ -233,6 +233,7 @@ class Reachability(NamedTuple):
     ok: bool
     detail: str
     listening: bool
+    warning: str = ""   # answered, but is set up in a way that costs Weft data (one sentence)
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -83,6 +83,7 @@ def reachable(settings: RedisSettings, timeout_s: float = 2.0) -> Reachability:
                                   retry=NO_RETRY, **settings.client_kwargs())
     try:
         client.ping()
+        warning = _eviction_risk(client, settings.url)
     except redis.RedisError as exc:
         if not _listening(settings.url, timeout_s):
             return Reachability(False, f"no answer from {_safe(settings.url)} ({exc})", listening=False)
@@ -91,7 +92,24 @@ def reachable(settings: RedisSettings, timeout_s: float = 2.0) -> Reachability:
                                    "settings", listening=True)
     finally:
         client.close()
-    return Reachability(True, f"{_safe(settings.url)} answers PING", listening=True)
+    return Reachability(True, f"{_safe(settings.url)} answers PING", listening=True, warning=warning)
+
+
+def _eviction_risk(client: redis.Redis, url: str) -> str:
+    """A sentence when this Redis drops keys once it is full, else "" (also when it will not
+    say). Every key Weft writes has a TTL, so the volatile-* policies evict them as surely as
+    the allkeys-* ones; a silently dropped key costs a span its link, or exports it twice."""
+    try:
+        memory = client.info("memory")
+    except redis.RedisError:
+        return ""
+    policy, limit = str(memory.get("maxmemory_policy", "noeviction")), int(memory.get("maxmemory", 0))
+    if policy == "noeviction" or limit <= 0:
+        return ""
+    return (f"{_safe(url)} evicts keys when full (maxmemory {limit / 2**20:.0f} MiB, maxmemory-policy "
+            f"{policy}): under memory pressure it would drop join state, and spans would lose their "
+            "links or be exported twice; set maxmemory-policy noeviction (a full Redis then refuses "
+            "writes: the stitcher retries, then stops with the reason) or give Weft a Redis of its own")
 
 
 def _listening(url: str, timeout_s: float) -> bool:

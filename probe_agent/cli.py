@@ -26,7 +26,8 @@ def doctor(as_json: bool) -> None:
               "redis": redis_server.reachable(rds, timeout_s=2.0)}
     problems = features.blocking_problems()
     if as_json:
-        report = {**features.to_dict(), **{name: {"reachable": check.ok, "detail": check.detail}
+        report = {**features.to_dict(), **{name: {"reachable": check.ok, "detail": check.detail,
+                                                   "warning": check.warning}
                                             for name, check in checks.items()}}
         click.echo(json.dumps(report, indent=2))
     else:
@@ -36,6 +37,8 @@ def doctor(as_json: bool) -> None:
             click.echo(f"header injection: {line}")
         for name, check in checks.items():
             click.echo(f"{name}: {'reachable' if check.ok else 'not reachable'}: {check.detail}")
+            if check.warning:
+                click.echo(f"{name}: warning: {check.warning}")
         for problem in problems:
             click.echo(f"BLOCKING: {problem}", err=True)
         click.echo("the agent can run here" if not problems else "the agent cannot run here")

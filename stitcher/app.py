@@ -547,6 +547,10 @@ def wait_for_dependencies(kafka: KafkaSettings | None, redis_settings: RedisSett
                   "Kafka": broker.reachable(kafka, timeout_s=2.0) if kafka else None}
         failed = {name: check for name, check in checks.items() if check is not None and not check.ok}
         problems = [f"{name}: {check.detail}" for name, check in failed.items()]
+        for check in checks.values():
+            if check is not None and check.warning and check.warning not in told:
+                logger.warning("%s", check.warning)
+                told.add(check.warning)
         if not problems:
             return
         if time.monotonic() >= deadline:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from infra.procs import free_port, stop_daemon
 from infra.redis_server import start_redis
@@ -59,6 +60,32 @@ def test_a_redis_that_refuses_the_session_is_not_called_missing(infra: Any) -> N
                            "the session (")
     assert line.endswith("check redis.password / redis.username and the redis.ssl_* settings.")
     assert "Kafka:" not in line and "weft infra up" not in line
+
+
+def test_a_redis_that_evicts_is_named_with_what_to_do(infra: Any, tmp_path: Path) -> None:
+    """A Redis with a memory limit and an eviction policy would drop join state when full: the
+    stitcher says so at start (and `weft doctor` too); the shared Redis (no limit) draws nothing."""
+    port = free_port()
+    daemon = start_redis(tmp_path / "redis", port)
+    try:
+        redis.Redis(port=port).config_set("maxmemory", str(64 << 20))
+        redis.Redis(port=port).config_set("maxmemory-policy", "volatile-lru")
+        url = f"redis://127.0.0.1:{port}/0"
+        done = _stitch("--redis-url", url, "--bootstrap", f"127.0.0.1:{free_port()}",
+                       WEFT_STITCH_STARTUP_WAIT_S="0")
+        doctor = subprocess.run([WEFT, "doctor"], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "WEFT_REDIS_URL": url})
+    finally:
+        stop_daemon(daemon)
+    sentence = (f"{url} evicts keys when full (maxmemory 64 MiB, maxmemory-policy volatile-lru): under "
+                "memory pressure it would drop join state, and spans would lose their links or be "
+                "exported twice; set maxmemory-policy noeviction (a full Redis then refuses writes: the "
+                "stitcher retries, then stops with the reason) or give Weft a Redis of its own")
+    assert done.returncode == 1 and sentence in done.stderr, done.stderr    # then: Kafka is missing
+    assert f"redis: warning: {sentence}" in doctor.stdout, doctor.stdout
+    quiet = _stitch("--redis-url", infra.redis_url, "--bootstrap", f"127.0.0.1:{free_port()}",
+                    WEFT_STITCH_STARTUP_WAIT_S="0")
+    assert "evicts keys" not in quiet.stderr
 
 
 def test_a_bad_setting_is_one_sentence() -> None:
