@@ -375,6 +375,12 @@ def _lease_poll_s(waits: int) -> float:
     return min(0.0005 * (1 << min(waits - 1, 3)), 0.004)
 
 
+def _described(exc: Exception) -> str:
+    """"Type: message": redis-py's own repr of its server errors drops the message (an
+    OutOfMemoryError reads "server:OutOfMemoryError"), and the message is the reason."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def exit_hard(sink: SpanSink, reason: str) -> None:
     """Leave without acking or committing anything more: the broker will redeliver."""
     message = f"{reason} — exiting (code {EXIT_STORE_DOWN}) so the frame is redelivered"
@@ -479,7 +485,8 @@ def make_app(kafka: KafkaSettings, stitcher: FrameStitcher, settings: StitchSett
             except Exception as exc:  # escaping would ack the batch and lose it
                 first, last = events[0].message, events[-1].message
                 exit_hard(stitcher.sink, f"frames {first.topic}[{first.partition}]@{first.offset}"
-                                         f"..[{last.partition}]@{last.offset} could not be stored: {exc!r}")
+                                         f"..[{last.partition}]@{last.offset} could not be stored: "
+                                         f"{_described(exc)}")
 
     app.agent(topic, name="weft.stitch", concurrency=1)(stitch)
 
