@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from infra.procs import free_port
 from schemas import weft_events_pb2 as pb
 from schemas.codec import encode_frame, make_frame, wrap
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
+from tests.http_get import http_get
 from tests.integration.stitch_harness import (
     StitchRun,
     read_topic,
@@ -63,14 +63,6 @@ def _scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) ->
         time.sleep(0.2)
 
 
-def _probe(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -99,7 +91,8 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             rx.wait_for(len(expected), timeout=90)
             run.wait_consumed(4, sent + 2)  # + the two bad records; spans can be out before the tail
             metrics = _scrape_until_exported(ports, len(expected))
-            probes = [{p: _probe(port, p) for p in ("/healthz", "/readyz")} for port in ports]
+            probes = [{p: http_get(f"http://127.0.0.1:{port}{p}") for p in ("/healthz", "/readyz")}
+                      for port in ports]
         finally:
             codes = [w.stop() for w in run.workers]  # SIGTERM: flush, then exit
         yield StreamResult(run, expected, received_bytes(rx.requests), codes,

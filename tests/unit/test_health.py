@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 
 from stitcher.consumer_lag import ConsumerLag
 from stitcher.health import WorkerHealth
+from tests.http_get import http_get
 from weft.health import HealthApp, serve
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return http_get(f"http://127.0.0.1:{port}{path}")
 
 
 def test_the_checks_answer_beside_the_metrics() -> None:
