@@ -1,10 +1,10 @@
 """A stitcher worker's answers to /healthz and /readyz (served by weft/health.py).
 
-Live: the worker's event loop runs (a Faust timer beats every second) and, when messages wait on
-its partitions, it joins them: a worker that is behind and has not finished a batch for
-`stitch.health_stall_s` is stuck — a Faust consumer thread that died, a store that never answers
-— and a restart hands its partitions to a worker that reads them. Ready: live, and in the
-consumer group (partitions were assigned at least once).
+Live: while Faust starts; then while the worker's event loop runs (a Faust timer beats every
+second) and, when messages wait on its partitions, it joins them: a worker that is behind and
+has not finished a batch for `stitch.health_stall_s` is stuck (a Faust consumer thread that
+died, a store that never answers), and a restart hands its partitions to a worker that reads
+them. Ready: live, and in the consumer group (partitions were assigned at least once).
 """
 
 from __future__ import annotations
@@ -28,20 +28,26 @@ class WorkerHealth:
         self._lag = lag
         self.stall_s = stall_s
         self._clock = clock
-        self.started_at = self.beat_at = clock()
+        self.created_at = clock()
+        self.running_since: float | None = None   # the event loop's first beat
+        self.beat_at = 0.0
         self.joined = False
 
     def beat(self) -> None:
         """The event loop ran (a Faust timer calls this)."""
         self.beat_at = self._clock()
+        if self.running_since is None:
+            self.running_since = self.beat_at
 
     def live(self) -> tuple[bool, str]:
         now = self._clock()
+        if self.running_since is None:   # Faust is starting (joining a broker may take a while)
+            return True, f"starting for {now - self.created_at:.0f} s"
         quiet = now - self.beat_at
         if quiet > self.stall_s:
             return False, f"the worker's event loop has not run for {quiet:.0f} s"
         waiting = self._lag.total
-        idle = now - max(self._progress.last_batch_at, self.started_at)
+        idle = now - max(self._progress.last_batch_at, self.running_since)
         if waiting and idle > self.stall_s:
             return False, (f"{waiting} messages wait on its partitions and no batch was joined "
                            f"for {idle:.0f} s")

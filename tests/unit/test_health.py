@@ -46,7 +46,10 @@ def test_a_worker_is_stuck_when_its_loop_stops_or_it_is_behind_and_joins_nothing
     now = [1000.0]
     progress, lag = _Progress(), ConsumerLag(threshold=20)
     health = WorkerHealth(progress, lag, stall_s=60, clock=lambda: now[0])
+    now[0] += 90         # Faust takes its time to start: not a reason to be restarted
+    assert health.live() == (True, "starting for 90 s")
     assert health.ready() == (False, "not in the consumer group yet (no partitions assigned so far)")
+    health.beat()
     health.joined = True
     now[0] += 100        # idle with nothing to read: fine, as long as the loop beats
     health.beat()
