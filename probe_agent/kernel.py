@@ -71,6 +71,8 @@ class KernelFeatures:
     kernel: str
     root: bool
     host_pids: bool                             # in the host's PID namespace, as the kernel's ids are
+    cgroup_view: str                            # why the cgroup v2 mount here is not the host's whole
+                                                # hierarchy (a container's own), or "" when it is
     capabilities: tuple[str, ...]               # those of CAPABILITIES in CapEff
     btf: bool
     tracefs: str | None                         # where tracefs was read; None: absent/unreadable
@@ -101,7 +103,7 @@ class KernelFeatures:
     @property
     def header_injection(self) -> str:
         """How Weft can put a traceparent on the wire here."""
-        if self.sock_ops.ok and self.sk_msg.ok:
+        if self.sock_ops.ok and self.sk_msg.ok and not self.cgroup_view:
             return "sk_msg"
         if self.write_user.ok:
             return "probe_write_user"
@@ -109,7 +111,9 @@ class KernelFeatures:
 
     def injection_sentences(self) -> list[str]:
         """Which injection form is active and why the other is not, one plain sentence each."""
-        if self.sock_ops.ok and self.sk_msg.ok:
+        if self.sock_ops.ok and self.sk_msg.ok and self.cgroup_view:
+            form_b = f"form (b), sock_ops + sk_msg, is not available here: {self.cgroup_view}."
+        elif self.sock_ops.ok and self.sk_msg.ok:
             form_b = ("form (b), sock_ops + sk_msg with bpf_msg_push_data, is active: "
                       "it works for any language and is allowed under lockdown.")
         else:
@@ -173,6 +177,7 @@ class KernelFeatures:
                  f"privileges: {'root' if self.root else 'not root'}; effective capabilities: {caps}",
                  "PID namespace: " + ("the host's" if self.host_pids
                                       else "its own (a container's), not the host's"),
+                 "cgroup v2: " + (self.cgroup_view or "the host's whole hierarchy is mounted"),
                  f"BTF: {'present at ' + str(BTF_PATH) if self.btf else 'missing (' + str(BTF_PATH) + ')'}"]
         missing = self.missing_tracepoints
         if self.tracefs is None:
@@ -271,6 +276,33 @@ def tracepoints_present(names: tuple[str, ...]) -> tuple[tuple[str, bool], ...]:
     root = tracefs_root()
     return tuple((name, root is not None and _is("file", root / "events" / name.replace(":", "/") / "id"))
                  for name in names)
+
+
+def container_cgroup_view(mountinfo: Path = Path("/proc/self/mountinfo"),
+                          init: Path = Path("/proc/1")) -> str:
+    """A sentence when the cgroup v2 hierarchy mounted here is only this container's own subtree,
+    else "". That is the case when the mount's root is this process's cgroup namespace root
+    (mountinfo shows "/") and that root is below the host's: the host's init process, seen
+    through the same namespace, then sits at a path starting "/..". A container runtime mounts
+    cgroup2 so, in a private cgroup namespace; a sock_ops program attached at that mount's root
+    sees that container's sockets alone."""
+    from probe_agent.enrich import cgroup_path_of
+
+    found: tuple[str, str] | None = None
+    try:
+        for line in mountinfo.read_text().splitlines():
+            fields, _, rest = line.partition(" - ")
+            if rest.split(" ", 1)[0] == "cgroup2":
+                parts = fields.split()
+                found = (parts[3], parts[4])   # the last one: mounted over any earlier one
+    except OSError:
+        return ""
+    if found is None or found[0] != "/" or not cgroup_path_of(init).startswith("/.."):
+        return ""
+    return (f"the cgroup v2 hierarchy at {found[1]} is this container's own, not the host's (its "
+            "cgroup namespace starts below the host's root), so header injection would reach this "
+            "container alone and --cgroup cannot name another one; mount the host's /sys/fs/cgroup "
+            "there (Kubernetes: a hostPath volume)")
 
 
 def cgroup2_root() -> Path | None:
@@ -456,7 +488,8 @@ def probe_kernel() -> KernelFeatures:
     offsets, offsets_detail = _offsets() if btf else (
         tuple((f"{s}.{m}", None) for s, m in OFFSETS), f"no BTF at {BTF_PATH}")
     return KernelFeatures(
-        kernel=os.uname().release, root=root, host_pids=in_host_pid_namespace(), capabilities=caps,
+        kernel=os.uname().release, root=root, host_pids=in_host_pid_namespace(),
+        cgroup_view=container_cgroup_view(), capabilities=caps,
         btf=btf, tracefs=str(tracefs) if tracefs else None,
         tracepoints=tracepoints_present(REQUIRED_TRACEPOINTS),
         lockdown=lockdown_mode(), bcc=checks["bcc"], kprobes=checks["kprobes"],

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from probe_agent.enrich import cgroup2_mount
 from schemas.codec import decode_frame
+from tests.cgroups import private_cgroup
 
 ROOT = Path(__file__).resolve().parents[2]
 WEFT = [sys.executable, "-c", "from weft.cli import main; main()"]
@@ -54,6 +56,36 @@ def test_a_pid_namespace_of_its_own_is_refused_with_one_sentence() -> None:
     assert doctor.returncode == 1 and "PID namespace: its own (a container's)" in doctor.stdout
     assert "BLOCKING: the agent runs in a PID namespace of its own" in doctor.stderr
     assert "PID namespace: the host's" in run_weft("doctor").stdout
+
+
+@pytest.mark.bpf
+def test_a_container_s_own_cgroup_hierarchy_is_named_and_injection_refused() -> None:
+    """As a container runtime sets a container up: its own cgroup namespace, below the host's
+    root, and cgroup2 mounted afresh in it. sock_ops attached at that mount's root would see
+    that container's sockets alone, so header injection is refused, saying why."""
+    mount = cgroup2_mount()
+    with private_cgroup("weft-ctr") as cgroup:
+        script = (f"echo $$ > {cgroup}/cgroup.procs && exec unshare --cgroup --mount --propagation "
+                  f"private sh -c 'umount -l {mount} && mount -t cgroup2 none {mount} && exec \"$0\" "
+                  f"\"$@\"' \"$@\"")
+
+        def inside(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["sh", "-c", script, "sh", *WEFT, *args], cwd=ROOT, text=True,
+                                  capture_output=True, timeout=60,
+                                  env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test"})
+
+        doctor = inside("doctor")
+        agent = inside("agent", "--node", "x", "--capture", "/tmp/never.wcap", "--inject-headers")
+    why = (f"the cgroup v2 hierarchy at {mount} is this container's own, not the host's (its cgroup "
+           "namespace starts below the host's root), so header injection would reach this container "
+           "alone and --cgroup cannot name another one; mount the host's /sys/fs/cgroup there "
+           "(Kubernetes: a hostPath volume)")
+    assert f"cgroup v2: {why}" in doctor.stdout, doctor.stdout + doctor.stderr
+    assert f"header injection: form (b), sock_ops + sk_msg, is not available here: {why}." in doctor.stdout
+    assert agent.returncode == 1, agent
+    assert agent.stdout.strip().splitlines()[-1] == (
+        f"weft agent --inject-headers: form (b), sock_ops + sk_msg, is not available here: {why}.")
+    assert "cgroup v2: the host's whole hierarchy is mounted" in run_weft("doctor").stdout
 
 
 def test_unknown_cgroup_is_refused_with_one_sentence() -> None:
