@@ -201,16 +201,21 @@ class ProcessInfoCache:
             pass
         cgroup_path = cgroup_path_of(base)
         resource = resource_of(environ, cgroup_path)
-        warning = f"{exe}: {resource.problem}"
-        if resource.problem and len(self._warned) < _MAX_WARNED and warning not in self._warned:
-            self._warned.add(warning)  # once: a service's replicas share their environment
-            logger.warning("process %d (%s): %s", pid, exe, resource.problem)
+        if resource.problem:
+            self._warn_once(pid, exe, resource.problem)
         info = pb.ProcessInfo(pid=pid, ppid=ppid, exe=exe, service_name=resource.service_name or exe,
                               cgroup_id=self._cgroup_id(cgroup_path),
                               start_ns=self._boot_ns + start_ticks * 1_000_000_000 // _TICKS,
                               runtime=self.runtimes.of(base / "exe"))
         info.resource_attributes.update(resource.attributes)
         return info
+
+    def _warn_once(self, pid: int, exe: str, problem: str) -> None:
+        """Log a malformed resource variable once: a service's replicas share their environment."""
+        key = f"{exe}: {problem}"
+        if key not in self._warned and len(self._warned) < _MAX_WARNED:
+            self._warned.add(key)
+            logger.warning("process %d (%s): %s", pid, exe, problem)
 
     def _cgroup_id(self, cgroup_path: str) -> int:
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from probe_agent.btf import BtfError, member_offset
+from probe_agent.enrich import cgroup_path_of
 
 # Capability bit numbers (include/uapi/linux/capability.h).
 CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
@@ -286,8 +287,6 @@ def container_cgroup_view(mountinfo: Path = Path("/proc/self/mountinfo"),
     through the same namespace, then sits at a path starting "/..". A container runtime mounts
     cgroup2 so, in a private cgroup namespace; a sock_ops program attached at that mount's root
     sees that container's sockets alone."""
-    from probe_agent.enrich import cgroup_path_of
-
     found: tuple[str, str] | None = None
     try:
         for line in mountinfo.read_text().splitlines():
