@@ -99,10 +99,12 @@ def topic_partitions(bootstrap: str, timeout_s: float = 5.0) -> dict[str, int]:
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 
-class _LastFailure(logging.Handler):
-    """Keeps the last connection failure librdkafka logged. Its FAIL lines carry the cause (a
-    TLS or SASL handshake error, a session closed by the broker) that the error returned to
-    the caller reduces to "Broker transport failure"."""
+class _FailureCause(logging.Handler):
+    """Keeps the most detailed connection failure librdkafka logged. Its FAIL lines carry the
+    cause (a TLS or SASL handshake error, a session closed by the broker) that the error
+    returned to the caller reduces to "Broker transport failure". One failed handshake is
+    logged in a long form (with librdkafka's hint, e.g. "verify that ssl.ca.location is
+    correctly configured") and, on some retries, a short one: the longest is kept."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,7 +114,9 @@ class _LastFailure(logging.Handler):
         message = record.getMessage()
         if message.startswith("FAIL"):
             # "FAIL [rdkafka#producer-1] [thrd:ssl://h:p/bootstrap]: ssl://h:p/bootstrap: <cause>"
-            self.cause = message.rpartition("/bootstrap: ")[2] or message
+            cause = message.rpartition("/bootstrap: ")[2] or message
+            if len(cause) > len(self.cause):
+                self.cause = cause
 
 
 def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> Reachability:
@@ -123,7 +127,7 @@ def reachable(settings: KafkaSettings, timeout_s: float = 2.0) -> Reachability:
                for host, _, port in hosts):
         return Reachability(False, f"no answer from {settings.bootstrap} (nothing accepts TCP "
                                    "connections there)", listening=False)
-    failure = _LastFailure()
+    failure = _FailureCause()
     rdkafka_log = logging.getLogger(f"{__name__}.reachable")   # this probe's own: not printed
     rdkafka_log.propagate = False
     rdkafka_log.setLevel(logging.INFO)

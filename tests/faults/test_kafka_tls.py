@@ -118,8 +118,9 @@ def test_a_client_without_the_certificate_or_the_ca_is_refused_in_one_sentence(
         "no client certificate": (
             {"WEFT_KAFKA_SSL_CERTIFICATE_LOCATION": "", "WEFT_KAFKA_SSL_KEY_LOCATION": ""},
             "SSL connection closed by peer"),
+        # librdkafka logs this one in a long form (with its hint) and a short one
         "another CA": ({"WEFT_KAFKA_SSL_CA_LOCATION": str(TestPki.make(tmp_path / "other").ca.cert)},
-                       "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed"),
+                       "error:0A000086:SSL routines::certificate verify failed"),
     }
     for case, (env, cause) in cases.items():
         done = stitch_once(tls_kafka, infra, tmp_path, **env)
