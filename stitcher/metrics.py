@@ -134,11 +134,13 @@ def _export_metrics(sink: SpanSink) -> Iterator[CounterMetricFamily | GaugeMetri
     s = sink.stats
     spans = CounterMetricFamily("weft_stitch_export_spans",
                                 "spans by export outcome: exported (confirmed by the receiver), failed "
-                                "(given up after retries), dropped (export queue stayed full)",
+                                "(given up after retries), dropped (export queue stayed full), "
+                                "sampled_out (trace left out by OTEL_TRACES_SAMPLER)",
                                 labels=("result",))
     spans.add_metric(("exported",), s.exported)
     spans.add_metric(("failed",), s.failed)
     spans.add_metric(("dropped",), s.dropped)
+    spans.add_metric(("sampled_out",), s.sampled_out)
     yield spans
     yield _counter("weft_stitch_export_batches", "export requests that succeeded", s.batches)
     yield GaugeMetricFamily("weft_stitch_export_queue_spans", "spans waiting to be exported",

@@ -133,7 +133,8 @@ def _count_frames(paths: Sequence[str | Path]) -> int:
               help="YAML file whose `engine:` section sets the join rules (else WEFT_CONFIG, WEFT_ENGINE_*)")
 def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool,
                     config_file: str | None) -> None:
-    """Stitch capture files offline into traces."""
+    """Stitch capture files offline into traces: every trace (OTEL_TRACES_SAMPLER is not read, so
+    this gives back the traces a sampling stitcher left out)."""
     if otlp and out_path is not None:
         raise click.UsageError("give --out FILE or --otlp, not both")
     try:

@@ -27,6 +27,7 @@ from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
 from stitcher.app import FrameStitcher, StitchSettings, Where, wait_for_dependencies
 from stitcher.engine import Engine, EngineConfig, StateStore
+from stitcher.sampling import TraceSampler, sampled
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
@@ -214,6 +215,7 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         raise click.UsageError("give exactly one of --out FILE or --otlp")
     kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
     engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    sampler = TraceSampler.from_env()
     redis_settings = (load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
                       if store == "redis" else None)
     wait_for_dependencies(kafka, redis_settings, wait_s=0)   # a batch job: ask once
@@ -236,6 +238,9 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         from stitcher.otlp import OtlpSpanExporter
 
         sink = OtlpSpanExporter()
+    if not sampler.keeps_all:
+        click.echo(f"sampling: {sampler.describe()}", err=True)
+    sink = sampled(sink, sampler)
     try:
         result = replay(kafka, topic or kafka.raw_topic, state, sink, engine_config, stall_s)
     finally:
@@ -244,3 +249,5 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
     click.echo(f"replayed {result.frames} frames, {result.events} events → {result.spans} spans in "
                f"{result.seconds:.1f} s ({result.events / max(result.seconds, 1e-9):,.0f} events/s); "
                f"{result.undecodable} undecodable frames skipped")
+    if sink.stats.sampled_out:
+        click.echo(f"the sampler left out {sink.stats.sampled_out} of the {result.spans} spans")

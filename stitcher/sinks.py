@@ -20,6 +20,7 @@ class ExportStats:
     exported: int = 0
     failed: int = 0     # spans in batches the exporter gave up on after its retries
     dropped: int = 0    # spans refused because the queue stayed full
+    sampled_out: int = 0  # spans of traces the sampler left out (stitcher.sampling)
     batches: int = 0
     last_export_monotonic: float = 0.0
 

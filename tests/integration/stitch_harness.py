@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import encode_frame
@@ -192,3 +194,23 @@ def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 30) -> list[
     finally:
         consumer.close()
     return out
+
+
+def scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) -> list[
+        dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """Every worker's metrics, once their exporters have counted `spans` between them (a
+    receiver has the spans a moment before the exporter counts its batch confirmed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scraped = [scrape_metrics(p) for p in ports]
+        done = sum(m.get(("weft_stitch_export_spans_total", (("result", "exported"),)), 0) for m in scraped)
+        if done >= spans or time.monotonic() > deadline:
+            return scraped
+        time.sleep(0.2)
+
+
+def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.procs import free_port
 from schemas import weft_events_pb2 as pb
@@ -27,6 +25,8 @@ from tests.integration.stitch_harness import (
     read_topic,
     rebuild_spans,
     received_bytes,
+    scrape_metrics,
+    scrape_until_exported,
     span_bytes,
 )
 from tests.otlp_receiver import OtlpReceiver
@@ -50,26 +50,6 @@ class StreamResult:
     probes: list[dict[str, tuple[int, str]]]   # per worker: /healthz and /readyz → (status, text)
 
 
-def _scrape_until_exported(ports: list[int], spans: int, timeout: float = 30) -> list[
-        dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    """Every worker's metrics, once their exporters have counted `spans` between them (a
-    receiver has the spans a moment before the exporter counts its batch confirmed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        scraped = [_scrape(p) for p in ports]
-        done = sum(m.get(("weft_stitch_export_spans_total", (("result", "exported"),)), 0) for m in scraped)
-        if done >= spans or time.monotonic() > deadline:
-            return scraped
-        time.sleep(0.2)
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
 @pytest.fixture(scope="module")
 def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamResult]:
     sim = Simulation(SimConfig(nodes=6, rps=25, seconds=3, seed=11))
@@ -90,7 +70,7 @@ def two_workers(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                extra=[(b"node-garbage", GARBAGE), (node.encode(), bad)])
             rx.wait_for(len(expected), timeout=90)
             run.wait_consumed(4, sent + 2)  # + the two bad records; spans can be out before the tail
-            metrics = _scrape_until_exported(ports, len(expected))
+            metrics = scrape_until_exported(ports, len(expected))
             probes = [{p: http_get(f"http://127.0.0.1:{port}{p}") for p in ("/healthz", "/readyz")}
                       for port in ports]
         finally:
@@ -124,6 +104,7 @@ def test_the_workers_metrics_count_what_they_did(two_workers: StreamResult) -> N
     assert total("weft_stitch_spans_total") == len(r.expected)
     assert total("weft_stitch_export_spans_total", result="exported") == len(r.expected)
     assert total("weft_stitch_export_spans_total", result="failed") == 0
+    assert total("weft_stitch_export_spans_total", result="sampled_out") == 0   # no sampler set
     assert total("weft_stitch_dead_letters_total", reason="undecodable frame") == 1
     assert total("weft_stitch_dead_letters_total", reason="invalid event") == 1
     assert total("weft_stitch_links_total", link="cross_node") > 0
@@ -195,7 +176,7 @@ def test_partitions_lost_in_a_rebalance_leave_the_workers_lag(infra: Any, tmp_pa
     ports = [free_port(), free_port()]
 
     def lag_partitions(port: int) -> set[int]:
-        return {int(dict(labels)["partition"]) for (name, labels), _ in _scrape(port).items()
+        return {int(dict(labels)["partition"]) for (name, labels), _ in scrape_metrics(port).items()
                 if name == "weft_stitch_consumer_lag_messages"}
 
     def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:

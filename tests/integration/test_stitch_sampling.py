@@ -1,0 +1,79 @@
+"""`OTEL_TRACES_SAMPLER` on a real `weft stitch` worker (Kafka, Redis, OTLP/gRPC receiver) and on
+`weft replay`: exactly the spans of the traces the sampler keeps are exported, counted on the
+worker's metrics, and a replay with the same setting keeps the same traces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.procs import free_port
+from stitcher.otlp_convert import request_from_json
+from stitcher.sampling import TraceSampler
+from stitcher.simulate import SimConfig, Simulation, interleaved_frames
+from tests.integration.stitch_harness import (
+    WEFT,
+    StitchRun,
+    rebuild_spans,
+    received_bytes,
+    scrape_until_exported,
+    span_bytes,
+)
+from tests.otlp_receiver import OtlpReceiver
+
+pytestmark = [pytest.mark.infra, pytest.mark.slow]
+
+RATIO = "0.3"
+SAMPLER_ENV = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": RATIO}
+
+
+def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
+        infra: Any, tmp_path: Path) -> None:
+    sim = Simulation(SimConfig(nodes=4, rps=25, seconds=3, seed=31))
+    sim.run()
+    spans = rebuild_spans(interleaved_frames(sim), sim.node_names)
+    keeps = TraceSampler(float(RATIO)).keeps
+    expected = span_bytes(s for s in spans if keeps(s.trace_id))
+    assert 0 < len(expected) < len(spans)
+    run = StitchRun.fresh(infra, sim.node_names, partitions=2)
+    port = free_port()
+    with OtlpReceiver() as rx:
+        try:
+            worker = run.start_worker(tmp_path / "worker.log", rx.endpoint,
+                                      {**SAMPLER_ENV, "WEFT_STITCH_METRICS_PORT": str(port)})
+            run.wait_assigned(2)
+            sent = run.produce(interleaved_frames(sim))
+            rx.wait_for(len(expected), timeout=90)
+            run.wait_consumed(2, sent)
+            [metrics] = scrape_until_exported([port], len(expected))
+        finally:
+            code = worker.stop()     # SIGTERM: flush, then exit
+        assert code == 0, worker.tail()
+        assert received_bytes(rx.requests) == expected    # every kept span once, no other
+    assert metrics[("weft_stitch_spans_total", ())] == len(spans)    # the join saw every span
+    assert metrics[("weft_stitch_export_spans_total", (("result", "exported"),))] == len(expected)
+    assert metrics[("weft_stitch_export_spans_total", (("result", "sampled_out"),))] == \
+        len(spans) - len(expected)
+    assert f"sampling: parentbased_traceidratio {RATIO}: traces exported by trace id" in worker.text()
+
+    out = tmp_path / "replay.jsonl"
+    done = subprocess.run([WEFT, "replay", "--bootstrap", run.bootstrap, "--topic", run.raw_topic,
+                           "--out", str(out)], env={**os.environ, **SAMPLER_ENV},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert received_bytes(request_from_json(line) for line in out.read_text().splitlines()) == expected
+    assert f"the sampler left out {len(spans) - len(expected)} of the {len(spans)} spans" in done.stdout
+
+
+def test_a_bad_sampler_setting_stops_the_worker_in_one_sentence(infra: Any, tmp_path: Path) -> None:
+    done = subprocess.run([WEFT, "stitch", "--redis-url", infra.redis_url, "--bootstrap", infra.bootstrap],
+                          env={**os.environ, "OTEL_TRACES_SAMPLER": "traceidratio",
+                               "OTEL_TRACES_SAMPLER_ARG": "10%", "WEFT_RUN_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0
+    assert out.splitlines() == ["Error: OTEL_TRACES_SAMPLER_ARG='10%': a ratio from 0 to 1, e.g. 0.1"], out
