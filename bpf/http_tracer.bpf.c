@@ -1013,6 +1013,7 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
         __builtin_memcpy(x->span, o->span, 16);
         x->serial = 0;
         x->kind = WEFT_CTX_INJECTED;
+        x->unsampled = o->unsampled;
         o->pushed = 0; /* taken; the injector rewrites the slot in place next time */
         return;
     }

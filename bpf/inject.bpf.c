@@ -5,7 +5,7 @@
  *       socket this host connected (client side) goes into the SOCKHASH `socks`.
  *   sk_msg verdict on `socks`  every send on those sockets, in the sending thread: a per-socket
  *       state machine follows HTTP/1.x requests (request line, headers, Content-Length body) and
- *       inserts "traceparent: 00-<trace>-<span>-01\r\n" with bpf_msg_push_data.
+ *       inserts "traceparent: 00-<trace>-<span>-<flags>\r\n" with bpf_msg_push_data.
  * Where the line goes: when the request line and the whole header block are in one send, right
  *   after the request line; when the header block ends in a later send, just before the blank line
  *   that ends it (only then is it known that the request carries no traceparent of its own). A
@@ -34,15 +34,19 @@
  *   send, bytes that are not HTTP/1.x. Never injects for processes in go_pids (goroutines move
  *   between threads, so a thread's context is not theirs).
  * Kernel needs: sock_ops, sk_msg, SOCKHASH, bpf_msg_push_data/pull_data (4.17+), cgroup v2.
+ * Sampled flag: 01, or with -DWEFT_SAMPLE_BOUND=B (the agent's OTEL_TRACES_SAMPLER keeps a share
+ *   of traces) 01 when the trace id's low 64 bits are below B, else 00 — the stitcher's own test
+ *   (weft/sampling.py), so a downstream service records exactly the traces Weft exports.
  * -D constants: WEFT_SELF_PID, WEFT_MAX_CONNS, WEFT_MAX_TASKS, WEFT_INJ_SCAN (bytes of a message
- *   followed, power of two), WEFT_INJ_WINDOW (bytes per tail call; SCAN / WINDOW calls at most).
+ *   followed, power of two), WEFT_INJ_WINDOW (bytes per tail call; SCAN / WINDOW calls at most),
+ *   WEFT_SAMPLE_BOUND (optional, above).
  */
 #include "common.h"
 #include "inject.h"
 
 #define AF_INET 2
 #define AF_INET6 10
-#define INJ_LEN 70 /* "traceparent: 00-" 32 "-" 16 "-01\r\n" */
+#define INJ_LEN 70 /* "traceparent: 00-" 32 "-" 16 "-01\r\n" (or -00) */
 #define LINEAR_MAX 4096 /* a message up to one page is made one buffer again after the push */
 
 enum inj_stat {
@@ -407,6 +411,28 @@ static __always_inline int find_trace(u32 tid, u64 *trace)
     return 1;
 }
 
+#ifdef WEFT_SAMPLE_BOUND
+/* The value of eight lower-case hex characters, the first one in the lowest byte of w. */
+static __always_inline u64 hex8_value(u64 w)
+{
+    /* each byte to its nibble: '0'-'9' is 0x30-0x39, 'a'-'f' 0x61-0x66 (bit 6 set: add 9) */
+    u64 n = (w & 0x0f0f0f0f0f0f0f0fULL) + 9 * ((w >> 6) & 0x0101010101010101ULL);
+    /* fold neighbours, the earlier character the more significant: 8 nibbles -> 4 bytes -> ... */
+    n = ((n & 0x00ff00ff00ff00ffULL) << 4) | ((n >> 8) & 0x00ff00ff00ff00ffULL);
+    n = ((n & 0x0000ffff0000ffffULL) << 8) | ((n >> 16) & 0x0000ffff0000ffffULL);
+    return ((n & 0xffffffffULL) << 16) | (n >> 32);
+}
+
+/* 1 when the sampler leaves this trace out: its id's low 64 bits (hex characters 16-31) are not
+ * below the bound. */
+static __always_inline u8 unsampled(const u64 *trace)
+{
+    return (hex8_value(trace[2]) << 32 | hex8_value(trace[3])) >= (u64)WEFT_SAMPLE_BOUND;
+}
+#else
+#define unsampled(trace) 0
+#endif
+
 static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u32 ports)
 {
     u32 tid = (u32)pid_tgid;
@@ -447,7 +473,7 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
         weft_stat(IST_PUSH_FAILED);
         return 0;
     }
-    /* "traceparent: 00-<trace>-<span>-01\r\n", written a word at a time */
+    /* "traceparent: 00-<trace>-<span>-<flags>\r\n", written a word at a time */
     *(u64 *)p = W8('t', 'r', 'a', 'c', 'e', 'p', 'a', 'r');
     *(u64 *)(p + 8) = W8('e', 'n', 't', ':', ' ', '0', '0', '-');
     *(u64 *)(p + 16) = trace[0];
@@ -457,7 +483,8 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
     p[48] = '-';
     *(u64 *)(p + 49) = span[0];
     *(u64 *)(p + 57) = span[1];
-    *(u32 *)(p + 65) = '-' | '0' << 8 | '1' << 16 | '\r' << 24;
+    u8 left_out = unsampled(trace);
+    *(u32 *)(p + 65) = '-' | '0' << 8 | ('1' - left_out) << 16 | '\r' << 24;
     p[69] = '\n';
     /* at most one push per send: a second request in one message stops injection on the
      * connection, and the later chunks of a large send are body. The thread's slot from its
@@ -470,12 +497,14 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
         slot->ports = ports;
         slot->pushed = INJ_LEN;
         slot->seq_taken = 0;
+        slot->unsampled = left_out;
     } else {
         struct weft_inj_out o = {};
         __builtin_memcpy(o.trace, trace, 32);
         __builtin_memcpy(o.span, span, 16);
         o.ports = ports;
         o.pushed = INJ_LEN;
+        o.unsampled = left_out;
         weft_inj_out.update(&tid, &o);
     }
     weft_stat(IST_INJECTED);

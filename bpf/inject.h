@@ -23,7 +23,8 @@ struct weft_tpctx {
     char span[16];  /* hex */
     u8 kind;        /* WEFT_CTX_* */
     u8 open;        /* weft_ctx only: server requests of this thread still unanswered */
-    u8 pad[6];
+    u8 unsampled;   /* INJECTED: the flags on the wire were 00 (the sampler left the trace out) */
+    u8 pad[5];
 }; /* 64 bytes */
 
 /* A thread created while its parent served a request: valid while weft_ctx[tid].serial == serial. */
@@ -41,7 +42,8 @@ struct weft_inj_out {
     u32 ports;      /* local port << 16 | remote port of the connection written to */
     u32 pushed;     /* bytes inserted; 0: the tracer took this record into its client request */
     u8 seq_taken;   /* the tracer already corrected this call's sequence number */
-    u8 pad[7];
+    u8 unsampled;   /* trace flags 00 on the wire, else 01 */
+    u8 pad[6];
 };
 
 /* Eight lower-case hex characters for the eight nibbles of r, nibble k in byte k (the order a

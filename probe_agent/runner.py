@@ -47,6 +47,7 @@ from probe_agent.sinks import FrameSink
 from schemas import records
 from schemas import weft_events_pb2 as pb
 from schemas.codec import REQUEST_KINDS
+from weft.sampling import TraceSampler
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class _Loaded:
 class AgentRunner:
     def __init__(self, settings: AgentSettings, sink: FrameSink, metrics: AgentMetrics, *,
                  probes: Sequence[Probe] | None = None, cgroups: tuple[CgroupScope, ...] = (),
-                 clock: KtimeClock | None = None) -> None:
+                 clock: KtimeClock | None = None, sampler: TraceSampler | None = None) -> None:
         self.settings = settings
         self.sink = sink
         self.metrics = metrics
@@ -162,7 +163,7 @@ class AgentRunner:
             from probe_agent.probes.inject import INJECT_FLAG, InjectProbe
 
             if not any(p.name == "inject" for p in self.probes):
-                self.probes.insert(0, InjectProbe(settings.cgroups))
+                self.probes.insert(0, InjectProbe(settings.cgroups, sampler or TraceSampler()))
             extra[INJECT_FLAG] = 1
         self.clock = clock or KtimeClock(settings.clock_refresh_s)
         # Aim a few poll rounds early so that loop jitter keeps watermarks within the interval.
@@ -816,6 +817,8 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
                                 pids=tuple(pids) if pids else None, capture=capture,
                                 metrics_port=metrics_port, inject_headers=inject_headers)
         kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
+        # the sampled flag of the traceparents it injects (read only then: nothing else uses it)
+        sampler = TraceSampler.from_env() if settings.inject_headers else TraceSampler()
     except ConfigError as exc:
         print(f"weft agent: {exc}", flush=True)
         return 2
@@ -848,7 +851,10 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
             print(f"weft agent: the Kafka client refused the kafka settings: {exc.args[0].str()}", flush=True)
             return 2
         where = f"kafka {kafka.bootstrap} topic {kafka.raw_topic}"
-    runner = AgentRunner(settings, sink, metrics, cgroups=scopes)
+    runner = AgentRunner(settings, sink, metrics, cgroups=scopes, sampler=sampler)
+    if settings.inject_headers and not sampler.keeps_all:
+        kernel_line += (f"; injected traceparents say sampled for {sampler.name} {sampler.ratio:g} of "
+                        "traces (OTEL_TRACES_SAMPLER: give the stitchers the same)")
     runner.install_signal_handlers()
     try:
         runner.load()

@@ -27,7 +27,7 @@ record the request's start (= req.start), so a reader orders records by their he
     req   := start u64 end u64 pid u32 tid u32 seq u32 status u16 has_seq u8 flags u8
              method_len path_len host_len tp_len ts_len done_headers no_body (u8 each) pad
              method[8] path[128] host[64] traceparent[56] tracestate[64] goid u64
-    tpctx := serial u64 trace_hex[32] span_hex[16] kind u8 pad[7]
+    tpctx := serial u64 trace_hex[32] span_hex[16] kind u8 open u8 unsampled u8 pad[5]
 
 Text fields are valid up to their length and zero after it (the kernel clears a request slot
 before reusing it: records leave the node as they are). The kernel cuts the path at '?' or '#'
@@ -86,7 +86,7 @@ TUPLE = struct.Struct("<16s16sHHBBBx")
 REQ = struct.Struct("<QQIIIHBBBBBBBBBx8s128s64s56s64sQ")
 COOKIE = struct.Struct("<Q")
 CONN_COUNTS = struct.Struct("<QQQ")  # cookie, bytes_sent, bytes_recv
-TPCTX = struct.Struct("<Q32s16sB7x")  # header injection ids (bpf/inject.h struct weft_tpctx)
+TPCTX = struct.Struct("<Q32s16sBxB5x")  # header injection ids (bpf/inject.h struct weft_tpctx)
 THREAD_SPAWN_BODY = struct.Struct("<II")  # child_pid, child_tid
 EXEC_FIXED = struct.Struct("<QII")  # start_ns, ppid, filename_len
 FILENAME_MAX = 128
@@ -152,7 +152,7 @@ def _http(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
      laddr, raddr, lport, rport, family, role, _mid,
      start, end, pid, tid, seq, status, has_seq, flags, m_len, p_len, h_len, tp_len, ts_len, _done, _nb,
      method, path, host, tp, ts, goid,
-     _serial, tp_trace, tp_span, tp_kind) = HTTP_RECORD.unpack_from(buf, off)
+     _serial, tp_trace, tp_span, tp_kind, tp_unsampled) = HTTP_RECORD.unpack_from(buf, off)
     req = event.http
     req.role = ROLES.get(role, pb.ROLE_UNSPECIFIED)
     req.start_ns = start + offset_ns
@@ -178,7 +178,8 @@ def _http(event: pb.Event, buf: bytes, off: int, offset_ns: int) -> None:
     if flags & ~INTERNAL_FLAGS:
         req.flags = flags & ~INTERNAL_FLAGS
     if tp_kind:  # header injection on
-        ours = f"00-{tp_trace.decode('latin-1')}-{tp_span.decode('latin-1')}-01"
+        # the flags the injector wrote: 00 when the agent's sampler left the trace out
+        ours = f"00-{tp_trace.decode('latin-1')}-{tp_span.decode('latin-1')}-0{0 if tp_unsampled else 1}"
         if tp_kind == TP_ASSIGNED:
             req.assigned_traceparent = ours
         elif tp_kind == TP_INJECTED:

@@ -60,11 +60,12 @@ from stitcher.engine.core import invalid_http
 from stitcher.health import WorkerHealth
 from stitcher.metrics import StitchCollector
 from stitcher.metrics import serve as serve_metrics
-from stitcher.sampling import TraceSampler, sampled
+from stitcher.sampling import sampled
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section, run_dir
 from weft.logs import thin_client_logs
+from weft.sampling import TraceSampler
 
 logger = logging.getLogger(__name__)
 

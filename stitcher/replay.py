@@ -27,11 +27,12 @@ from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
 from stitcher.app import FrameStitcher, StitchSettings, Where, wait_for_dependencies
 from stitcher.engine import Engine, EngineConfig, StateStore
-from stitcher.sampling import TraceSampler, sampled
+from stitcher.sampling import sampled
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, KafkaSettings, RedisSettings, load_section
 from weft.logs import librdkafka_logger
+from weft.sampling import TraceSampler
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from probe_agent.probes.base import BPF_DIR, ProbeContext, RingSpec, common_cflags
 from schemas import weft_events_pb2 as pb
+from weft.sampling import TraceSampler
 
 if TYPE_CHECKING:
     from bcc import BPF
@@ -31,11 +32,6 @@ INJECT_FLAG = "WEFT_INJECT"  # -D flag that makes the other probes use the share
 _BPF_F_ALLOW_MULTI = 2
 
 
-def traceparent(trace_hex: bytes, span_hex: bytes) -> str:
-    """The header value the kernel side builds from hex ids."""
-    return f"00-{trace_hex.decode('ascii')}-{span_hex.decode('ascii')}-01"
-
-
 class InjectProbe:
     """sock_ops fills a SOCKHASH with client sockets; sk_msg inserts the traceparent line."""
 
@@ -46,14 +42,18 @@ class InjectProbe:
     stat_names: Sequence[str] = ("injected", "had_traceparent", "root", "go", "gave_up", "push_failed",
                                  "socks_full", "ambiguous", "fast_path")
 
-    def __init__(self, cgroup_paths: Sequence[str] = ()) -> None:
+    def __init__(self, cgroup_paths: Sequence[str] = (), sampler: TraceSampler | None = None) -> None:
         self.cgroup_paths = tuple(cgroup_paths)
+        self.sampler = sampler or TraceSampler()   # the flags of the traceparent it writes
         self._attached: list[tuple[Any, int, int]] = []  # (function, fd, attach type)
         self._cgroup_fds: list[int] = []
         self._bpf: Any = None
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
-        return [*common_cflags(ctx), f"-DWEFT_INJ_SCAN={SCAN_MAX}", f"-DWEFT_INJ_WINDOW={WINDOW}"]
+        flags = [*common_cflags(ctx), f"-DWEFT_INJ_SCAN={SCAN_MAX}", f"-DWEFT_INJ_WINDOW={WINDOW}"]
+        if not self.sampler.keeps_all:
+            flags.append(f"-DWEFT_SAMPLE_BOUND={self.sampler.bound}ULL")
+        return flags
 
     def attach(self, bpf: BPF, ctx: ProbeContext) -> None:
         from bcc import BPF as _BPF

@@ -24,11 +24,12 @@ WEFT = [sys.executable, "-c", "from weft.cli import main; main()"]
 
 
 def run_weft(*args: str, user: int | None = None, prefix: tuple[str, ...] = (),
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+             timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     if user:
         prefix = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *prefix)
     return subprocess.run([*prefix, *WEFT, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test"})
+                          timeout=timeout,
+                          env={**os.environ, "WEFT_RUN_DIR": "/tmp/weft-cli-test", **(env or {})})
 
 
 @pytest.mark.usefixtures("reachable_by_nobody")
@@ -101,6 +102,11 @@ def test_bad_setting_names_the_key() -> None:
     assert "agent.node" in result.stdout
     both = run_weft("agent", "--kafka", "127.0.0.1:1", "--capture", "/tmp/never.wcap")
     assert both.returncode == 2 and "not both" in both.stdout
+    # the sampler sets the flags of injected traceparents: read, and refused, only with injection
+    sampler = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}
+    bad = run_weft("agent", "--node", "x", "--capture", "/tmp/never.wcap", "--inject-headers", env=sampler)
+    assert bad.returncode == 2
+    assert bad.stdout.strip() == "weft agent: OTEL_TRACES_SAMPLER_ARG=2: a ratio from 0 to 1", bad
 
 
 @pytest.mark.bpf

@@ -34,6 +34,7 @@ from stitcher.engine.core import Engine
 from stitcher.state_memory import MemoryStateStore
 from tests.cgroups import private_cgroup
 from tests.integration.inject_workloads import OWN_TP, call
+from weft.sampling import TraceSampler
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -86,7 +87,8 @@ class Procs:
 
 
 class Agent:
-    def __init__(self, tmp: Path, cgroup: Path, inject: bool, metrics_port: int = 0) -> None:
+    def __init__(self, tmp: Path, cgroup: Path, inject: bool, metrics_port: int = 0,
+                 env: dict[str, str] | None = None) -> None:
         self.capture = tmp / f"agent-{'on' if inject else 'off'}.wcap"
         self.log = tmp / f"agent-{'on' if inject else 'off'}.log"
         self.metrics_port = metrics_port
@@ -96,7 +98,8 @@ class Agent:
             argv.append("--inject-headers")
         if metrics_port:
             argv += ["--metrics-port", str(metrics_port)]
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
         wait_until(lambda: "weft agent inj:" in self.log.read_text() or self.proc.poll() is not None,
                    90, "the agent's start-up line")
         assert self.proc.poll() is None, self.log.read_text()
@@ -459,3 +462,46 @@ def test_a_lost_server_record_leaves_no_context_behind(
     lost = [ev.lost_http for ev in events if ev.WhichOneof("kind") == "lost_http"
             and ev.lost_http.role == pb.ROLE_SERVER and ev.lost_http.tuple.local_port == port]
     assert lost, "the ring did not fill: the test shows nothing"
+
+
+def test_injected_flags_follow_the_agents_sampler(tmp_path: Path, cgroup: Path) -> None:
+    """With OTEL_TRACES_SAMPLER=traceidratio at 0.5 the injector writes flags 01 for a trace the
+    stitcher's sampler keeps and 00 for one it leaves out, so a downstream SDK records what Weft
+    exports: for new traces (roots) and for the trace of the request a thread serves. The agent
+    records the header as it went on the wire, flags included."""
+    sampler = TraceSampler(0.5)
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True,
+                  env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    # low 64 bits of the trace id: 1 is kept, 2^64 - 2 is not
+    kept, left_out = f"{7:016x}{1:016x}", f"{7:016x}{(1 << 64) - 2:016x}"
+    try:
+        down, nested = free_port(), free_port()
+        procs.start(python("echo", str(down)))
+        procs.start(python("nested", str(nested), str(down)))
+        roots = [row for _ in range(4) for row in procs.run(python("client", str(down)))
+                 if row["case"] != "own"]
+        served = {}
+        for trace in (kept, left_out):
+            request = urllib.request.Request(f"http://127.0.0.1:{nested}/nested",
+                                             headers={"traceparent": f"00-{trace}-{1:016x}-01"})
+            with urllib.request.urlopen(request, timeout=20) as answer:
+                served[trace] = json.loads(answer.read())
+    finally:
+        procs.close()
+        events = agent.stop()
+    assert "injected traceparents say sampled for traceidratio 0.5 of traces" in agent.log.read_text()
+    injected = {h.injected_traceparent for h in events if h.role == pb.ROLE_CLIENT and h.injected_traceparent}
+    flags = []
+    for row in roots:
+        (tp,) = row["tp"]
+        _, trace, _, flag = tp.split("-")
+        assert flag == ("01" if sampler.keeps(bytes.fromhex(trace)) else "00"), tp
+        assert tp in injected, tp
+        flags.append(flag)
+    assert len(flags) >= 20 and set(flags) == {"00", "01"}   # both: 2^-19 odds otherwise
+    for trace, flag in ((kept, "01"), (left_out, "00")):
+        for key in ("same_thread", "spawned"):
+            (tp,) = served[trace][key]["tp"]
+            assert tp.split("-")[1::2] == [trace, flag], (key, tp)
+            assert tp in injected, tp

@@ -13,7 +13,6 @@ import pytest
 
 from infra.procs import free_port
 from stitcher.otlp_convert import request_from_json
-from stitcher.sampling import TraceSampler
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from tests.integration.stitch_harness import (
     WEFT,
@@ -24,6 +23,7 @@ from tests.integration.stitch_harness import (
     span_bytes,
 )
 from tests.otlp_receiver import OtlpReceiver
+from weft.sampling import TraceSampler
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 

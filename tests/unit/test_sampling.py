@@ -12,11 +12,12 @@ import pytest
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from stitcher.engine.model import Span
-from stitcher.sampling import SampledSink, TraceSampler, sampled
+from stitcher.sampling import SampledSink, sampled
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.sinks import JsonLinesSink
 from tests.integration.stitch_harness import rebuild_spans
 from weft.config import ConfigError
+from weft.sampling import TraceSampler
 
 
 @cache
