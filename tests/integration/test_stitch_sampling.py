@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.integration.stitch_harness import (
     StitchRun,
     rebuild_spans,
     received_bytes,
+    scrape_metrics,
     scrape_until_exported,
     span_bytes,
 )
@@ -50,6 +52,12 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
             rx.wait_for(len(expected), timeout=90)
             run.wait_consumed(2, sent)
             [metrics] = scrape_until_exported([port], len(expected))
+            # the traces left out may finish after the last kept one
+            deadline = time.monotonic() + 30
+            while metrics.get(("weft_stitch_spans_total", ()), 0) < len(spans) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+                metrics = scrape_metrics(port)
         finally:
             code = worker.stop()     # SIGTERM: flush, then exit
         assert code == 0, worker.tail()
