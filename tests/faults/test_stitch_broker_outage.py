@@ -5,8 +5,8 @@ aiokafka (under Faust) logs every failed reconnect, fetch and metadata refresh: 
 second with the broker gone (measured: 2,414 lines in 30 s). A stitcher on a fleet would write
 millions of lines over a long outage. The worker passes each kind of line on at most every 30 s,
 with the count of the ones held back. Stopping, Faust's consumer thread dies on the missing broker
-and Faust then waits for it forever; the worker leaves after `stitch.stop_timeout_s` anyway,
-having exported what it had."""
+and Faust then waits for it forever (usually: now and then it stops by itself); the worker
+leaves after `stitch.stop_timeout_s` anyway, having exported what it had."""
 
 from __future__ import annotations
 
@@ -65,4 +65,7 @@ def test_a_worker_outlives_its_broker_without_flooding_its_log(infra: Any, tmp_p
     assert errors, "the outage was not noticed"
     assert len(errors) <= 2 * len(kinds) + 5, "\n".join(errors[:40])
     assert code == 0 and stop_s < STOP_TIMEOUT_S + 10, (code, stop_s, worker.tail())
-    assert "leaving anyway" in worker.text() and "done: frames=" in worker.text()
+    assert "done: frames=" in worker.text(), worker.tail()
+    # Faust usually hangs here (its consumer thread died on the missing broker) and the watchdog
+    # makes the worker leave; now and then its consumer is still alive and Faust stops by itself
+    assert "leaving anyway" in worker.text() or stop_s < STOP_TIMEOUT_S, (stop_s, worker.tail())
