@@ -163,7 +163,7 @@ class AgentRunner:
             from probe_agent.probes.inject import INJECT_FLAG, InjectProbe
 
             if not any(p.name == "inject" for p in self.probes):
-                self.probes.insert(0, InjectProbe(settings.cgroups, sampler or TraceSampler()))
+                self.probes.insert(0, InjectProbe(settings.cgroups, sampler))
             extra[INJECT_FLAG] = 1
         self.clock = clock or KtimeClock(settings.clock_refresh_s)
         # Aim a few poll rounds early so that loop jitter keeps watermarks within the interval.
