@@ -1024,6 +1024,7 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
         weft_random_hex(x->trace, 32);
         weft_random_hex(x->span, 16);
         x->kind = WEFT_CTX_ASSIGNED;
+        x->parent = WEFT_PARENT_NONE;
         struct weft_tpctx *busy = weft_ctx.lookup(&tid);
         if (busy && busy->kind != WEFT_CTX_NONE) {
             /* a second request open on one thread: its sends can't be told apart */
@@ -1041,9 +1042,12 @@ static __always_inline void inject_after_scan(struct conn *c, struct parse_ctx *
     }
     if (p->inj_hdrs && x->kind == WEFT_CTX_ASSIGNED && r->tp_len == 55) {
         if (weft_trace_of(r->tp, 55, x->trace)) {
+            x->parent = weft_parent_of(r->tp);
             struct weft_tpctx *live = weft_ctx.lookup(&tid);
-            if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial)
+            if (live && live->kind == WEFT_CTX_ASSIGNED && live->serial == x->serial) {
                 __builtin_memcpy(live->trace, x->trace, 32);
+                live->parent = x->parent;
+            }
         }
     }
 }

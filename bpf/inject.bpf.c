@@ -36,10 +36,12 @@
  * Kernel needs: sock_ops, sk_msg, SOCKHASH, bpf_msg_push_data/pull_data (4.17+), cgroup v2.
  * Sampled flag: 01, or with -DWEFT_SAMPLE_BOUND=B (the agent's OTEL_TRACES_SAMPLER keeps a share
  *   of traces) 01 when the trace id's low 64 bits are below B, else 00 — the stitcher's own test
- *   (weft/sampling.py), so a downstream service records exactly the traces Weft exports.
+ *   (weft/sampling.py), so a downstream service records exactly the traces Weft exports. With
+ *   -DWEFT_SAMPLE_PARENT (a parentbased_* sampler, the default) a trace that came in with a
+ *   traceparent keeps that traceparent's flag, as the stitcher's parent-based test does.
  * -D constants: WEFT_SELF_PID, WEFT_MAX_CONNS, WEFT_MAX_TASKS, WEFT_INJ_SCAN (bytes of a message
  *   followed, power of two), WEFT_INJ_WINDOW (bytes per tail call; SCAN / WINDOW calls at most),
- *   WEFT_SAMPLE_BOUND (optional, above).
+ *   WEFT_SAMPLE_BOUND and WEFT_SAMPLE_PARENT (optional, above).
  */
 #include "common.h"
 #include "inject.h"
@@ -386,15 +388,17 @@ static __always_inline int fast_head(struct sk_msg_md *msg, u32 window, volatile
     return 0;
 }
 
-/* The trace id of the server request thread `tid` (or its creator) serves: 1; none: 0; -1 when
- * that thread serves several requests at once and the send's own one is unknown. */
-static __always_inline int find_trace(u32 tid, u64 *trace)
+/* The trace id of the server request thread `tid` (or its creator) serves, and in *parent how it
+ * came (WEFT_PARENT_*): 1; none: 0; -1 when that thread serves several requests at once and the
+ * send's own one is unknown. */
+static __always_inline int find_trace(u32 tid, u64 *trace, u8 *parent)
 {
     struct weft_tpctx *x = weft_ctx.lookup(&tid);
     if (x && x->kind != WEFT_CTX_NONE) { /* NONE: the slot of a finished request, kept for reuse */
         if (x->kind == WEFT_CTX_AMBIGUOUS)
             return -1;
         __builtin_memcpy(trace, x->trace, 32);
+        *parent = x->parent;
         return 1;
     }
     struct weft_ctx_ref *ref = weft_ctx_ref.lookup(&tid);
@@ -408,6 +412,7 @@ static __always_inline int find_trace(u32 tid, u64 *trace)
     if (!x || x->kind == WEFT_CTX_NONE || x->serial != serial)
         return 0; /* the creator moved on to another request, or finished */
     __builtin_memcpy(trace, x->trace, 32);
+    *parent = x->parent;
     return 1;
 }
 
@@ -433,11 +438,24 @@ static __always_inline u8 unsampled(const u64 *trace)
 #define unsampled(trace) 0
 #endif
 
+/* Flags 00 for this trace? With -DWEFT_SAMPLE_PARENT (a parentbased_* sampler) a trace that came
+ * with a traceparent keeps its caller's flag, as the SDK's ParentBased sampler does; any other
+ * trace is decided by its id. */
+static __always_inline u8 left_out(const u64 *trace, u8 parent)
+{
+#ifdef WEFT_SAMPLE_PARENT
+    if (parent != WEFT_PARENT_NONE)
+        return parent == WEFT_PARENT_UNSAMPLED;
+#endif
+    return unsampled(trace);
+}
+
 static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u32 ports)
 {
     u32 tid = (u32)pid_tgid;
     u64 trace[4], span[2];
-    int found = find_trace(tid, trace);
+    u8 parent = WEFT_PARENT_NONE;
+    int found = find_trace(tid, trace, &parent);
     if (found < 0) {
         weft_stat(IST_AMBIGUOUS); /* a wrong trace would be worse than none: seq still links it */
         return 0;
@@ -483,8 +501,8 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
     p[48] = '-';
     *(u64 *)(p + 49) = span[0];
     *(u64 *)(p + 57) = span[1];
-    u8 left_out = unsampled(trace);
-    *(u32 *)(p + 65) = '-' | '0' << 8 | ('1' - left_out) << 16 | '\r' << 24;
+    u8 flag_00 = left_out(trace, parent);
+    *(u32 *)(p + 65) = '-' | '0' << 8 | ('1' - flag_00) << 16 | '\r' << 24;
     p[69] = '\n';
     /* at most one push per send: a second request in one message stops injection on the
      * connection, and the later chunks of a large send are body. The thread's slot from its
@@ -497,14 +515,14 @@ static __always_inline int inject(struct sk_msg_md *msg, u32 at, u64 pid_tgid, u
         slot->ports = ports;
         slot->pushed = INJ_LEN;
         slot->seq_taken = 0;
-        slot->unsampled = left_out;
+        slot->unsampled = flag_00;
     } else {
         struct weft_inj_out o = {};
         __builtin_memcpy(o.trace, trace, 32);
         __builtin_memcpy(o.span, span, 16);
         o.ports = ports;
         o.pushed = INJ_LEN;
-        o.unsampled = left_out;
+        o.unsampled = flag_00;
         weft_inj_out.update(&tid, &o);
     }
     weft_stat(IST_INJECTED);

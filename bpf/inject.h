@@ -14,6 +14,12 @@
  * send belongs to is unknown; nothing is injected until all of them are answered */
 #define WEFT_CTX_AMBIGUOUS 3
 
+/* weft_tpctx.parent: whether the server request came with a traceparent (whose trace it took),
+ * and that traceparent's sampled flag, which a parent-based sampler passes on */
+#define WEFT_PARENT_NONE 0
+#define WEFT_PARENT_SAMPLED 1
+#define WEFT_PARENT_UNSAMPLED 2
+
 /* A trace context. In weft_ctx (tid -> context of the server request that thread serves; kind
  * NONE: it serves none now, the slot is kept for its next request) and per request in the http
  * tracer (copied into its record). */
@@ -24,7 +30,8 @@ struct weft_tpctx {
     u8 kind;        /* WEFT_CTX_* */
     u8 open;        /* weft_ctx only: server requests of this thread still unanswered */
     u8 unsampled;   /* INJECTED: the flags on the wire were 00 (the sampler left the trace out) */
-    u8 pad[5];
+    u8 parent;      /* ASSIGNED: WEFT_PARENT_*, the sampled flag of the incoming traceparent */
+    u8 pad[4];
 }; /* 64 bytes */
 
 /* A thread created while its parent served a request: valid while weft_ctx[tid].serial == serial. */
@@ -74,6 +81,17 @@ static __always_inline void weft_random_hex(char *out, u32 n)
 static __always_inline int weft_is_hex(char ch)
 {
     return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+}
+
+/* The sampled flag of a traceparent weft_trace_of accepted (WEFT_PARENT_SAMPLED or _UNSAMPLED), or
+ * WEFT_PARENT_NONE when its flags are not two hex digits: the flags' lowest bit is a digit's own
+ * lowest bit, and the opposite one for a-f (a is 10, 0x61). */
+static __always_inline u8 weft_parent_of(const char *tp)
+{
+    char hi = tp[53], lo = tp[54];
+    if (!weft_is_hex(hi) || !weft_is_hex(lo))
+        return WEFT_PARENT_NONE;
+    return ((lo & 1) ^ (lo > '9')) ? WEFT_PARENT_SAMPLED : WEFT_PARENT_UNSAMPLED;
 }
 
 /* "00-<32 hex>-<16 hex>-<2 hex>" with a non-zero trace id: copy the trace id, return 1. */

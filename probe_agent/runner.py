@@ -796,6 +796,15 @@ def _hash_maps(source: Path) -> tuple[str, ...]:
     return tuple(sorted({a or b for a, b in _HASH_MAP.findall(text)}))
 
 
+def _injected_flags(sampler: TraceSampler) -> str:
+    """What the start-up line says about the sampled flag of injected traceparents."""
+    if sampler.parent_based:
+        own = "" if sampler.keeps_every_root else (
+            f", sampled for {sampler.ratio:g} of the traces that start here")
+        return f"injected traceparents pass on the caller's sampled flag ({sampler.name}){own}"
+    return f"injected traceparents say sampled for {sampler.name} {sampler.ratio:g} of traces"
+
+
 def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
               pids: Sequence[int] | None = None, bootstrap: str | None = None,
               capture: str | None = None, metrics_port: int | None = None,
@@ -853,8 +862,7 @@ def run_agent(*, node: str | None = None, cgroups: Sequence[str] | None = None,
         where = f"kafka {kafka.bootstrap} topic {kafka.raw_topic}"
     runner = AgentRunner(settings, sink, metrics, cgroups=scopes, sampler=sampler)
     if settings.inject_headers and not sampler.keeps_all:
-        kernel_line += (f"; injected traceparents say sampled for {sampler.name} {sampler.ratio:g} of "
-                        "traces (OTEL_TRACES_SAMPLER: give the stitchers the same)")
+        kernel_line += f"; {_injected_flags(sampler)} (OTEL_TRACES_SAMPLER: give the stitchers the same)"
     runner.install_signal_handlers()
     try:
         runner.load()

@@ -27,7 +27,7 @@ record the request's start (= req.start), so a reader orders records by their he
     req   := start u64 end u64 pid u32 tid u32 seq u32 status u16 has_seq u8 flags u8
              method_len path_len host_len tp_len ts_len done_headers no_body (u8 each) pad
              method[8] path[128] host[64] traceparent[56] tracestate[64] goid u64
-    tpctx := serial u64 trace_hex[32] span_hex[16] kind u8 open u8 unsampled u8 pad[5]
+    tpctx := serial u64 trace_hex[32] span_hex[16] kind u8 open u8 unsampled u8 parent u8 pad[4]
 
 Text fields are valid up to their length and zero after it (the kernel clears a request slot
 before reusing it: records leave the node as they are). The kernel cuts the path at '?' or '#'

@@ -150,7 +150,7 @@ def _attrs_json(pairs: Iterable[tuple[str, AttrValue]]) -> str:
 def _span_json(span: Span) -> str:
     """One span object, its keys in sorted order, fields at their default left out. Built as
     one f-string of optional pieces ("" when left out): this runs once per span written."""
-    trace_id, span_id, parent_span_id, kind, name, start_ns, end_ns, attributes, _, error = span
+    trace_id, span_id, parent_span_id, kind, name, start_ns, end_ns, attributes, _, error, _ = span
     attrs = _attrs_json(attributes)
     head = f"{attrs}," if attrs else ""
     end = f'"endTimeUnixNano":"{end_ns:d}",' if end_ns else ""

@@ -1,11 +1,13 @@
 """Which traces a stitcher exports (`OTEL_TRACES_SAMPLER`, see weft.sampling): a sink in front
 of the exporter that passes the spans of the traces the sampler keeps.
 
-Weft decides per trace, by trace id, at export. The join still sees every event, so a kept trace
-is whole, and the raw events stay in Kafka and in capture files: `weft rebuild` (which does not
-sample) gives back any trace a stitcher left out. Trace ids are functions of the events, so every
-worker, a replay and a restarted worker make the same decision for every span of a trace, whenever
-each span is finished.
+Weft decides per trace at export: by trace id, or, for a trace that came in from outside under a
+`parentbased_*` sampler (the default), by its caller's sampled flag, which every span of it
+carries. The join still sees every event, so a kept trace is whole, and the raw events stay in
+Kafka and in capture files: `weft rebuild` (which does not sample) gives back any trace a
+stitcher left out. Trace ids and flags are functions of the events, so every worker, a replay and
+a restarted worker make the same decision for every span of a trace, whenever each span is
+finished.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class SampledSink:
         self.stats: ExportStats = inner.stats     # the same counters: one set per worker
 
     def export(self, spans: Sequence[Span]) -> None:
-        kept = [s for s in spans if self.sampler.keeps(s.trace_id)]
+        keeps = self.sampler.keeps_span
+        kept = [s for s in spans if keeps(s)]
         self.stats.sampled_out += len(spans) - len(kept)
         self.inner.export(kept)
 

@@ -54,6 +54,7 @@ class SimConfig:
     parallel_rate: float = 0.3    # handlers that fan out in parallel (spawned thread / goroutine)
     go_rate: float = 0.3          # services written in Go (goroutine lineage)
     foreign_tp_rate: float = 0.05  # entry requests carrying a foreign traceparent
+    foreign_unsampled_rate: float = 0.0  # of those, the ones whose caller did not sample (flags 00)
     injected_rate: float = 0.05   # hops where Weft injected a traceparent
     loadgen_rate: float = 0.2     # roots that start at a traced client (no server parent)
     close_rate: float = 0.3       # keep-alive connections closed after a request (port reuse)
@@ -208,7 +209,9 @@ class Simulation:
             else:
                 req = self._serve(rng.choice(entry), t, 0)
                 if rng.random() < cfg.foreign_tp_rate:
-                    req.foreign_tp = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64) | 1:016x}-01"
+                    flags = "00" if cfg.foreign_unsampled_rate and rng.random() < cfg.foreign_unsampled_rate \
+                        else "01"        # (no draw at the default: the same workload as before)
+                    req.foreign_tp = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64) | 1:016x}-{flags}"
 
     # ------------------------------------------------------- pass 2: threads and connections
 

@@ -2,10 +2,14 @@
 the stitcher (which traces it exports) and by the agent (the sampled flag of the `traceparent` it
 injects), so that a service downstream records exactly the traces Weft exports.
 
-The decision is by trace id, the OpenTelemetry Python SDK's `TraceIdRatioBased`: keep when the
-trace id's low 64 bits are below ratio × 2^64. A service instrumented with that SDK at the same
-ratio keeps the same traces. The `parentbased_*` samplers are read as their root sampler: Weft
-does not carry the sampled flag of a traceparent it did not inject.
+A trace that started in Weft (its root request came without a traceparent) is decided by trace id,
+the OpenTelemetry Python SDK's `TraceIdRatioBased`: keep when the trace id's low 64 bits are below
+ratio × 2^64. A service instrumented with that SDK at the same ratio keeps the same traces.
+
+A trace that came in from outside (its first traced request carried a traceparent Weft did not
+put there) is, under the `parentbased_*` samplers — the default among them — decided by that
+traceparent's sampled flag, as the SDK's `ParentBased` sampler with its default delegates decides
+for a remote parent: kept when the caller recorded it, left out when the caller did not.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
 
 from weft.config import ConfigError
 
@@ -23,9 +29,17 @@ SAMPLERS = (*_RATIO_OF, *_BY_ARG)
 _LOW_64 = (1 << 64) - 1
 
 
+class _SampledSpan(Protocol):
+    @property
+    def trace_id(self) -> bytes: ...
+    @property
+    def remote_sampled(self) -> bool | None: ...
+
+
 @dataclass(frozen=True)
 class TraceSampler:
-    """Keeps a trace when its id's low 64 bits are below `ratio` × 2^64."""
+    """Keeps a trace when its id's low 64 bits are below `ratio` × 2^64; a `parentbased_*` one
+    keeps a trace from outside when its caller's traceparent said sampled."""
 
     ratio: float = 1.0
     name: str = "always_on"
@@ -34,24 +48,44 @@ class TraceSampler:
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={self.ratio:g}: a ratio from 0 to 1")
 
-    @property
+    @cached_property
     def bound(self) -> int:
         return round(self.ratio * (_LOW_64 + 1))
 
+    @cached_property
+    def parent_based(self) -> bool:
+        return self.name.startswith("parentbased_")
+
     @property
-    def keeps_all(self) -> bool:
+    def keeps_every_root(self) -> bool:
+        """Every trace that starts in Weft is kept (the ratio is 1)."""
         return self.bound > _LOW_64
 
+    @property
+    def keeps_all(self) -> bool:
+        """Every trace is kept, whatever its caller said."""
+        return self.keeps_every_root and not self.parent_based
+
     def keeps(self, trace_id: bytes) -> bool:
+        """The decision for a trace that started in Weft."""
         return int.from_bytes(trace_id[8:16], "big") < self.bound
 
+    def keeps_span(self, span: _SampledSpan) -> bool:
+        """The decision for the trace of this span (the same for every span of a trace)."""
+        if self.parent_based and span.remote_sampled is not None:
+            return span.remote_sampled
+        return self.keeps(span.trace_id)
+
     def describe(self) -> str:
-        if self.keeps_all:
-            return f"{self.name}: every trace exported"
+        callers = "; a trace from outside by its caller's sampled flag" if self.parent_based else ""
+        if self.keeps_every_root:
+            but = " but those whose caller's traceparent said not sampled" if self.parent_based else ""
+            return f"{self.name}: every trace exported{but}"
+        rest = "the join sees all; `weft rebuild` recovers the rest"
         if self.ratio == 0.0:
-            return f"{self.name}: no trace exported (the join goes on; `weft rebuild` recovers them)"
-        return (f"{self.name} {self.ratio:g}: traces exported by trace id, about {self.ratio:.2%} of "
-                "them (the join sees all; `weft rebuild` recovers the rest)")
+            return f"{self.name}: no trace that starts here exported{callers} ({rest})"
+        return (f"{self.name} {self.ratio:g}: traces that start here exported by trace id, about "
+                f"{self.ratio:.2%} of them{callers} ({rest})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TraceSampler:

@@ -51,8 +51,10 @@ class InjectProbe:
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
         flags = [*common_cflags(ctx), f"-DWEFT_INJ_SCAN={SCAN_MAX}", f"-DWEFT_INJ_WINDOW={WINDOW}"]
-        if not self.sampler.keeps_all:
+        if not self.sampler.keeps_every_root:
             flags.append(f"-DWEFT_SAMPLE_BOUND={self.sampler.bound}ULL")
+        if self.sampler.parent_based:
+            flags.append("-DWEFT_SAMPLE_PARENT=1")
         return flags
 
     def attach(self, bpf: BPF, ctx: ProbeContext) -> None:

@@ -31,10 +31,12 @@ How one frame is handled (`Engine.process`):
        tuple different: "nat"); else the one client on the same connection tuple that contains S
        within the skew bound ("tuple"), among clients without a seq when S has one.
 3. *Traces*: a span's trace is its root's (hash of the root span id) or the incoming
-   traceparent's; a decided span waits (in its parent's `kids` set) until its parent's trace is
-   known, then is emitted exactly once (the record's `out` field). A span deeper than
-   max_trace_depth or starting max_trace_duration_s after its root starts a new trace instead
-   (attribute weft.split_from names the parent it would have had; counted). The bounds are
+   traceparent's, with that traceparent's sampled flag (Span.remote_sampled, what a
+   parent-based sampler decides by) carried down the trace; a decided span waits (in its
+   parent's `kids` set) until its parent's trace is known, then is emitted exactly once (the
+   record's `out` field). A span deeper than max_trace_depth or starting max_trace_duration_s
+   after its root starts a new trace instead (attribute weft.split_from names the parent it
+   would have had; counted). The bounds are
    depth and duration, not a span count: whether "the N+1th span" of a trace is cut would
    depend on the order decisions happen in, and output must not. A parent cycle (malformed
    input only) is cut at `flush()`: its spans become roots flagged weft.unresolved.
@@ -67,7 +69,7 @@ from functools import lru_cache
 
 from schemas import weft_events_pb2 as pb
 from stitcher.engine.config import EngineConfig
-from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id_hex
+from stitcher.engine.ids import parse_traceparent, root_trace_id, span_id_hex, traceparent_sampled
 from stitcher.engine.lineage import (
     Hop,
     ended_by,
@@ -110,6 +112,9 @@ FOREVER_NS = (1 << 63) - 1
 _IN_PROCESS = frozenset({"thread", "spawned_thread", "goroutine"})
 _ZERO = n20(0)
 _EV_CACHE_MAX = 500_000
+# The last field of a span's `tr` in a trace that came in from outside: the sampled flag of the
+# traceparent it came with, handed down to every span of the trace (Span.remote_sampled).
+_REMOTE_MARKS = {"r1": True, "r0": False}
 
 
 @dataclass
@@ -821,12 +826,12 @@ class Engine:
     # ------------------------------------------------------------------------------- traces
 
     def _trace_below(self, sid: str, rec: Http, parent_tr: str) -> str:
-        trace, depth_s, root_start_s, _ = parent_tr.split("|")
+        trace, depth_s, root_start_s, mark = parent_tr.split("|")
         depth, root_start = int(depth_s) + 1, int(root_start_s)
         if depth > self._max_depth or rec.start - root_start > self._max_duration:
             self.stats.trace_splits += 1
             return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|split"
-        return f"{trace}|{depth}|{root_start}|"
+        return f"{trace}|{depth}|{root_start}|{mark if mark in _REMOTE_MARKS else ''}"
 
     def _resolve_traces(self, txn: Txn, decided: list[_Decided]) -> list[Span]:
         """Give decided spans their trace when their parent's is known; emit what got one."""
@@ -842,7 +847,7 @@ class Engine:
                 root_trace = own[0] if own else root_trace_id(bytes.fromhex(sid)).hex()
                 tr = f"{root_trace}|0|{rec.start}|"
             elif ext:
-                tr = f"{ext}|1|{rec.start}|"
+                tr = f"{ext}|1|{rec.start}|{_remote_mark(rec.traceparent)}"
             else:
                 parent_tr = txn.hash(span_key(parent)).get("tr")
                 if parent_tr is None:
@@ -1025,12 +1030,18 @@ def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
     return Resource(rec.service or rec.exe or "unknown_service", ev.node, ev.pid, rec.exe, rec.attrs)
 
 
+def _remote_mark(traceparent: str) -> str:
+    sampled = traceparent_sampled(traceparent)
+    return "" if sampled is None else "r1" if sampled else "r0"
+
+
 def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
     # runs once per span: fields are unpacked once, the attributes built as one tuple
     (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, path, host, _, _,
      status) = ev
     parent, link, _ext, flag = dec.split("|")
     trace, _, _, split = tr.split("|")
+    remote_sampled = _REMOTE_MARKS.get(split)
     remote_ip = _ip(raddr)
     authority = host    # the Host header as sent: host[:port]
     if host:
@@ -1067,7 +1078,7 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
                              bytes.fromhex(parent) if parent else b"",
                              "SERVER" if role == ROLE_SERVER else "CLIENT",
                              f"{method} {path}" if method else "HTTP", start, end, attrs, resource,
-                             _failed(role, status)))
+                             _failed(role, status), remote_sampled))
 
 
 # error.type of a request that got no response: the connection closed first (the client gave

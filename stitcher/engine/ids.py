@@ -41,3 +41,13 @@ def parse_traceparent(value: str) -> tuple[str, str] | None:
     except ValueError:
         return None
     return trace, span
+
+
+def traceparent_sampled(value: str) -> bool | None:
+    """The sampled flag of a traceparent (its flags' lowest bit); None when the flags are not two
+    lower-case hex digits, as the agent's kernel side reads them (bpf/inject.h)."""
+    parts = value.strip().split("-")
+    flags = parts[3] if len(parts) >= 4 else ""
+    if len(flags) != 2 or not all(c in "0123456789abcdef" for c in flags):
+        return None
+    return bool(int(flags, 16) & 1)

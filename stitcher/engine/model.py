@@ -54,6 +54,9 @@ class Span(NamedTuple):
     attributes: tuple[tuple[str, AttrValue], ...]
     resource: Resource
     error: bool              # status Error: 5xx, 4xx of a client, or no response (core._failed)
+    # the sampled flag of the traceparent that brought this span's trace in from outside Weft;
+    # None when the trace started here (what a parent-based sampler decides by: weft.sampling)
+    remote_sampled: bool | None = None
 
     def attr(self, key: str, default: AttrValue | None = None) -> AttrValue | None:
         for k, v in self.attributes:

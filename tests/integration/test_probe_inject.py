@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -483,10 +483,7 @@ def test_injected_flags_follow_the_agents_sampler(tmp_path: Path, cgroup: Path) 
                  if row["case"] != "own"]
         served = {}
         for trace in (kept, left_out):
-            request = urllib.request.Request(f"http://127.0.0.1:{nested}/nested",
-                                             headers={"traceparent": f"00-{trace}-{1:016x}-01"})
-            with urllib.request.urlopen(request, timeout=20) as answer:
-                served[trace] = json.loads(answer.read())
+            served[trace] = _nested(nested, f"00-{trace}-{1:016x}-01")
     finally:
         procs.close()
         events = agent.stop()
@@ -505,3 +502,47 @@ def test_injected_flags_follow_the_agents_sampler(tmp_path: Path, cgroup: Path) 
             (tp,) = served[trace][key]["tp"]
             assert tp.split("-")[1::2] == [trace, flag], (key, tp)
             assert tp in injected, tp
+
+
+def _nested(port: int, traceparent: str) -> dict[str, Any]:
+    """What the `nested` server's calls (from its handler thread and a thread it spawns) carried
+    downstream, for one request that came with this traceparent."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/nested", headers={"traceparent": traceparent})
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        return cast(dict[str, Any], json.loads(answer.read()))
+
+
+def test_a_parent_based_sampler_passes_on_the_callers_flag(tmp_path: Path, cgroup: Path) -> None:
+    """With parentbased_traceidratio at 0.5 a request that came with a traceparent passes its flag
+    on, whatever its trace id says (the SDK's ParentBased); a new trace is decided by its id."""
+    sampler = TraceSampler(0.5)
+    procs = Procs(cgroup)
+    agent = Agent(tmp_path, cgroup, inject=True, env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                                      "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    kept, left_out = f"{7:016x}{1:016x}", f"{7:016x}{(1 << 64) - 2:016x}"
+    cases = [(kept, "00"), (left_out, "01"), (left_out, "03"), (kept, "0a")]   # flag: the last bit
+    try:
+        down, nested = free_port(), free_port()
+        procs.start(python("echo", str(down)))
+        procs.start(python("nested", str(nested), str(down)))
+        roots = [row for _ in range(4) for row in procs.run(python("client", str(down)))
+                 if row["case"] != "own"]
+        served = [_nested(nested, f"00-{trace}-{1:016x}-{flags}") for trace, flags in cases]
+    finally:
+        procs.close()
+        events = agent.stop()
+    assert ("injected traceparents pass on the caller's sampled flag (parentbased_traceidratio), sampled "
+            "for 0.5 of the traces that start here") in agent.log.read_text()
+    injected = {h.injected_traceparent for h in events if h.role == pb.ROLE_CLIENT and h.injected_traceparent}
+    for (trace, flags), answer in zip(cases, served, strict=True):
+        for key in ("same_thread", "spawned"):
+            (tp,) = answer[key]["tp"]
+            assert tp.split("-")[1::2] == [trace, "01" if int(flags, 16) & 1 else "00"], (flags, key, tp)
+            assert tp in injected, tp
+    flags_of_roots = set()
+    for row in roots:
+        (tp,) = row["tp"]
+        _, trace, _, flag = tp.split("-")
+        assert flag == ("01" if sampler.keeps(bytes.fromhex(trace)) else "00"), tp
+        flags_of_roots.add(flag)
+    assert flags_of_roots == {"00", "01"}

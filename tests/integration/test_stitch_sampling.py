@@ -35,12 +35,18 @@ SAMPLER_ENV = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_S
 
 def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
         infra: Any, tmp_path: Path) -> None:
-    sim = Simulation(SimConfig(nodes=4, rps=25, seconds=3, seed=31))
+    # a quarter of the entry requests come with a caller's traceparent, half of those not sampled
+    sim = Simulation(SimConfig(nodes=4, rps=25, seconds=3, seed=31, foreign_tp_rate=0.25,
+                               foreign_unsampled_rate=0.5))
     sim.run()
     spans = rebuild_spans(interleaved_frames(sim), sim.node_names)
-    keeps = TraceSampler(float(RATIO)).keeps
-    expected = span_bytes(s for s in spans if keeps(s.trace_id))
+    sampler = TraceSampler.from_env(SAMPLER_ENV)
+    expected = span_bytes(s for s in spans if sampler.keeps_span(s))
     assert 0 < len(expected) < len(spans)
+    # the callers' flags overrule the trace id both ways, so a sampler by id alone fails this test
+    by_id = {s.span_id for s in spans if sampler.keeps(s.trace_id)}
+    by_caller = {s.span_id for s in spans if sampler.keeps_span(s)}
+    assert by_caller - by_id and by_id - by_caller
     run = StitchRun.fresh(infra, sim.node_names, partitions=2)
     port = free_port()
     with OtlpReceiver() as rx:
@@ -66,7 +72,8 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
     assert metrics[("weft_stitch_export_spans_total", (("result", "exported"),))] == len(expected)
     assert metrics[("weft_stitch_export_spans_total", (("result", "sampled_out"),))] == \
         len(spans) - len(expected)
-    assert f"sampling: parentbased_traceidratio {RATIO}: traces exported by trace id" in worker.text()
+    assert f"sampling: parentbased_traceidratio {RATIO}: traces that start here exported by trace id" \
+        in worker.text()
 
     out = tmp_path / "replay.jsonl"
     done = subprocess.run([WEFT, "replay", "--bootstrap", run.bootstrap, "--topic", run.raw_topic,

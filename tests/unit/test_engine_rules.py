@@ -287,6 +287,32 @@ def test_traceparent_weft_injected_links_to_its_client(store: StateStore) -> Non
     assert spans["S/b@B"].trace_id == spans["S/a@A"].trace_id == root_trace_id(spans["S/a@A"].span_id)
 
 
+@pytest.mark.parametrize(("flags", "remote"), [("01", True), ("00", False), ("03", True), ("0a", False),
+                                             ("zz", None), ("", None)])
+def test_a_callers_sampled_flag_reaches_every_span_of_its_trace(store: StateStore, flags: str,
+                                                                remote: bool | None) -> None:
+    """The incoming traceparent's flag (Span.remote_sampled, what a parent-based sampler reads)
+    goes down the trace by every link type: thread, Weft's own injected header, seq; a trace split
+    off for depth starts in Weft and has none. Without a traceparent, none at all."""
+    caller = f"{FOREIGN[:-3]}-{flags}" if flags else ""
+    weft = f"00-{FOREIGN.split('-')[1]}-3333333333333333-{flags or '01'}"
+    spans, _ = run(store, {
+        "A": [srv("/a", 0, 100, traceparent=caller), cli("/b", 10, 50, injected=weft),
+              srv("/x", 200, 300, tid=12)],
+        "B": [srv("/b", 12, 48, pid=200, local=(B_IP, 80), remote=(A_IP, 40000), traceparent=weft),
+              cli("/c", 20, 40, pid=200, seq=91, local=(B_IP, 40001), remote=(VIP, 80))],
+        "C": [srv("/c", 22, 38, pid=300, seq=91, local=("10.0.0.3", 80), remote=(B_IP, 40001))]},
+        EngineConfig(max_trace_depth=4 if caller else 3))   # an outside caller's trace starts at 1
+    chain = [spans[k] for k in ("S/a@A", "C/b@A", "S/b@B", "C/c@B")]
+    for child, parent in zip(chain[1:], chain, strict=False):
+        assert child.parent_span_id == parent.span_id
+    assert spans["S/c@C#300"].attr("weft.split_from") == spans["C/c@B"].span_id.hex()
+    if not caller:
+        remote = None
+    assert [s.remote_sampled for s in chain] == [remote] * 4
+    assert spans["S/c@C#300"].remote_sampled is None and spans["S/x@A"].remote_sampled is None
+
+
 def test_ids_are_functions_of_the_events(store: StateStore) -> None:
     event = cli("/c", 10, 20)
     spans, _ = run(store, {"A": [event]})

@@ -9,9 +9,16 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from stitcher.engine.model import Span
+from stitcher.engine.model import Resource, Span
 from stitcher.sampling import SampledSink, sampled
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from stitcher.sinks import JsonLinesSink
@@ -92,6 +99,49 @@ def test_a_sampled_sink_passes_whole_traces_and_counts_the_rest(tmp_path: Path) 
 
 def test_a_sampler_that_keeps_everything_adds_no_step(tmp_path: Path) -> None:
     inner = JsonLinesSink(tmp_path / "out.jsonl")
-    assert sampled(inner, TraceSampler.from_env({})) is inner
+    assert sampled(inner, TraceSampler.from_env({"OTEL_TRACES_SAMPLER": "always_on"})) is inner
     assert sampled(inner, TraceSampler(1.0, "traceidratio")) is inner
+    assert sampled(inner, TraceSampler.from_env({})) is not inner   # parent-based: callers decide
     inner.shutdown()
+
+
+@pytest.mark.parametrize("name", ["parentbased_always_on", "parentbased_always_off",
+                                  "parentbased_traceidratio", "always_on", "traceidratio"])
+def test_a_trace_from_outside_is_decided_as_the_sdks_parent_based_sampler_decides(name: str) -> None:
+    """Against the SDK's sampler of the same name, given the caller's context as a remote parent
+    (or none, for a trace that starts in Weft)."""
+    env = {"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    ours = TraceSampler.from_env(env)
+    sdk = _sdk_sampler(name, 0.5)
+    rng = random.Random(name)
+    for _ in range(2_000):
+        trace_id = rng.getrandbits(128)
+        for remote in (None, True, False):
+            parent = None if remote is None else set_span_in_context(NonRecordingSpan(SpanContext(
+                trace_id, rng.getrandbits(64) | 1, is_remote=True,
+                trace_flags=TraceFlags(TraceFlags.SAMPLED if remote else TraceFlags.DEFAULT))))
+            expected = sdk.should_sample(parent, trace_id, "span").decision.is_sampled()
+            span = _SPAN._replace(trace_id=trace_id.to_bytes(16, "big"), remote_sampled=remote)
+            assert ours.keeps_span(span) == expected, (name, hex(trace_id), remote)
+
+
+def _sdk_sampler(name: str, ratio: float) -> Sampler:
+    return {"parentbased_always_on": ParentBased(ALWAYS_ON),
+            "parentbased_always_off": ParentBased(ALWAYS_OFF),
+            "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
+            "always_on": ALWAYS_ON, "traceidratio": TraceIdRatioBased(ratio)}[name]
+
+
+_SPAN = Span(b"", b"\x01" * 8, b"", "SERVER", "GET /", 1, 2, (), Resource("svc", "n", 1, "svc"), False)
+
+
+def test_the_default_sampler_leaves_out_the_traces_a_caller_did_not_sample(tmp_path: Path) -> None:
+    inner = JsonLinesSink(tmp_path / "out.jsonl")
+    sink = sampled(inner, TraceSampler.from_env({}))
+    spans = [_SPAN._replace(trace_id=bytes([i]) * 16, remote_sampled=remote)
+             for i, remote in enumerate((None, True, False, False, None))]
+    sink.export(spans)
+    sink.shutdown()
+    assert (inner.stats.exported, sink.stats.sampled_out) == (3, 2)
+    assert TraceSampler.from_env({}).describe() == (
+        "parentbased_always_on: every trace exported but those whose caller's traceparent said not sampled")
