@@ -82,10 +82,11 @@ class TraceSampler:
             but = " but those whose caller's traceparent said not sampled" if self.parent_based else ""
             return f"{self.name}: every trace exported{but}"
         rest = "the join sees all; `weft rebuild` recovers the rest"
+        traces = "traces that start here" if self.parent_based else "traces"
         if self.ratio == 0.0:
-            return f"{self.name}: no trace that starts here exported{callers} ({rest})"
-        return (f"{self.name} {self.ratio:g}: traces that start here exported by trace id, about "
-                f"{self.ratio:.2%} of them{callers} ({rest})")
+            return f"{self.name}: no {traces} exported{callers} ({rest})"
+        return (f"{self.name} {self.ratio:g}: {traces} exported by trace id, about {self.ratio:.2%} "
+                f"of them{callers} ({rest})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TraceSampler:

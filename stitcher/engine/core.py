@@ -36,10 +36,10 @@ How one frame is handled (`Engine.process`):
    parent's `kids` set) until its parent's trace is known, then is emitted exactly once (the
    record's `out` field). A span deeper than max_trace_depth or starting max_trace_duration_s
    after its root starts a new trace instead (attribute weft.split_from names the parent it
-   would have had; counted). The bounds are
-   depth and duration, not a span count: whether "the N+1th span" of a trace is cut would
-   depend on the order decisions happen in, and output must not. A parent cycle (malformed
-   input only) is cut at `flush()`: its spans become roots flagged weft.unresolved.
+   would have had; counted). The bounds are depth and duration, not a span count: whether "the
+   N+1th span" of a trace is cut would depend on the order decisions happen in, and output must
+   not. A parent cycle (malformed input only) is cut at `flush()`: its spans become roots
+   flagged weft.unresolved.
 
 Lost requests: a pb.LostRequest (the kernel had no room for a request's record; the agent
 passes on its thread, connection and times) is indexed as a candidate like any request but is

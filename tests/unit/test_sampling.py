@@ -145,3 +145,17 @@ def test_the_default_sampler_leaves_out_the_traces_a_caller_did_not_sample(tmp_p
     assert (inner.stats.exported, sink.stats.sampled_out) == (3, 2)
     assert TraceSampler.from_env({}).describe() == (
         "parentbased_always_on: every trace exported but those whose caller's traceparent said not sampled")
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("always_on", "always_on: every trace exported"),
+    ("always_off", "always_off: no traces exported (the join sees all; `weft rebuild` recovers the rest)"),
+    ("parentbased_always_off", "parentbased_always_off: no traces that start here exported; a trace from "
+                               "outside by its caller's sampled flag (the join sees all; `weft rebuild` "
+                               "recovers the rest)"),
+    ("traceidratio", "traceidratio 0.25: traces exported by trace id, about 25.00% of them (the join sees "
+                     "all; `weft rebuild` recovers the rest)"),
+])
+def test_the_sampler_says_what_it_exports(name: str, says: str) -> None:
+    sampler = TraceSampler.from_env({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    assert sampler.describe() == says
