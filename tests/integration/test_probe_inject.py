@@ -464,44 +464,69 @@ def test_a_lost_server_record_leaves_no_context_behind(
     assert lost, "the ring did not fill: the test shows nothing"
 
 
-def test_injected_flags_follow_the_agents_sampler(tmp_path: Path, cgroup: Path) -> None:
-    """With OTEL_TRACES_SAMPLER=traceidratio at 0.5 the injector writes flags 01 for a trace the
-    stitcher's sampler keeps and 00 for one it leaves out, so a downstream SDK records what Weft
-    exports: for new traces (roots) and for the trace of the request a thread serves. The agent
-    records the header as it went on the wire, flags included."""
-    sampler = TraceSampler(0.5)
+# low 64 bits of the trace id: 1 is kept at ratio 0.5, 2^64 - 2 is not
+KEPT, LEFT_OUT = f"{7:016x}{1:016x}", f"{7:016x}{(1 << 64) - 2:016x}"
+
+
+def _flags_run(tmp_path: Path, cgroup: Path, sampler: str,
+               incoming: list[tuple[str, str]]) -> tuple[str, list[list[str]]]:
+    """An agent with `sampler` at ratio 0.5, injecting: at least 20 root requests from a Python
+    client, each flagged by its trace id, and one request per (trace, flags) of `incoming` to a
+    threaded server whose calls from its handler thread and from a thread it spawns are each
+    flagged [same thread, spawned]. Every header checked equal to the one the agent recorded.
+    Returns the agent's log and those flags."""
     procs = Procs(cgroup)
     agent = Agent(tmp_path, cgroup, inject=True,
-                  env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
-    # low 64 bits of the trace id: 1 is kept, 2^64 - 2 is not
-    kept, left_out = f"{7:016x}{1:016x}", f"{7:016x}{(1 << 64) - 2:016x}"
+                  env={"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "0.5"})
     try:
         down, nested = free_port(), free_port()
         procs.start(python("echo", str(down)))
         procs.start(python("nested", str(nested), str(down)))
         roots = [row for _ in range(4) for row in procs.run(python("client", str(down)))
                  if row["case"] != "own"]
-        served = {}
-        for trace in (kept, left_out):
-            served[trace] = _nested(nested, f"00-{trace}-{1:016x}-01")
+        served = [_nested(nested, f"00-{trace}-{1:016x}-{flags}") for trace, flags in incoming]
     finally:
         procs.close()
         events = agent.stop()
-    assert "injected traceparents say sampled for traceidratio 0.5 of traces" in agent.log.read_text()
     injected = {h.injected_traceparent for h in events if h.role == pb.ROLE_CLIENT and h.injected_traceparent}
-    flags = []
+    by_id = TraceSampler(0.5)
+    root_flags = []
     for row in roots:
         (tp,) = row["tp"]
         _, trace, _, flag = tp.split("-")
-        assert flag == ("01" if sampler.keeps(bytes.fromhex(trace)) else "00"), tp
+        assert flag == ("01" if by_id.keeps(bytes.fromhex(trace)) else "00"), tp
         assert tp in injected, tp
-        flags.append(flag)
-    assert len(flags) >= 20 and set(flags) == {"00", "01"}   # both: 2^-19 odds otherwise
-    for trace, flag in ((kept, "01"), (left_out, "00")):
+        root_flags.append(flag)
+    assert len(root_flags) >= 20 and set(root_flags) == {"00", "01"}   # both: 2^-19 odds otherwise
+    passed_on = []
+    for (trace, _), answer in zip(incoming, served, strict=True):
+        flags = []
         for key in ("same_thread", "spawned"):
-            (tp,) = served[trace][key]["tp"]
-            assert tp.split("-")[1::2] == [trace, flag], (key, tp)
-            assert tp in injected, tp
+            (tp,) = answer[key]["tp"]
+            assert tp.split("-")[1] == trace and tp in injected, (key, tp)
+            flags.append(tp.split("-")[3])
+        passed_on.append(flags)
+    return agent.log.read_text(), passed_on
+
+
+def test_injected_flags_follow_the_agents_sampler(tmp_path: Path, cgroup: Path) -> None:
+    """With OTEL_TRACES_SAMPLER=traceidratio at 0.5 the injector writes flags 01 for a trace the
+    stitcher's sampler keeps and 00 for one it leaves out, so a downstream SDK records what Weft
+    exports: for new traces (roots) and for the trace of the request a thread serves, whatever its
+    caller said. The agent records the header as it went on the wire, flags included."""
+    log, passed_on = _flags_run(tmp_path, cgroup, "traceidratio", [(KEPT, "00"), (LEFT_OUT, "01")])
+    assert "injected traceparents say sampled for traceidratio 0.5 of traces" in log
+    assert passed_on == [["01", "01"], ["00", "00"]]
+
+
+def test_a_parent_based_sampler_passes_on_the_callers_flag(tmp_path: Path, cgroup: Path) -> None:
+    """With parentbased_traceidratio at 0.5 a request that came with a traceparent passes its flag
+    on, whatever its trace id says (the SDK's ParentBased); a new trace is decided by its id."""
+    cases = [(KEPT, "00"), (LEFT_OUT, "01"), (LEFT_OUT, "03"), (KEPT, "0a")]   # flag: the last bit
+    log, passed_on = _flags_run(tmp_path, cgroup, "parentbased_traceidratio", cases)
+    assert ("injected traceparents pass on the caller's sampled flag (parentbased_traceidratio), sampled "
+            "for 0.5 of the traces that start here") in log
+    assert passed_on == [["00", "00"], ["01", "01"], ["01", "01"], ["00", "00"]]
 
 
 def _nested(port: int, traceparent: str) -> dict[str, Any]:
@@ -510,39 +535,3 @@ def _nested(port: int, traceparent: str) -> dict[str, Any]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/nested", headers={"traceparent": traceparent})
     with urllib.request.urlopen(request, timeout=20) as answer:
         return cast(dict[str, Any], json.loads(answer.read()))
-
-
-def test_a_parent_based_sampler_passes_on_the_callers_flag(tmp_path: Path, cgroup: Path) -> None:
-    """With parentbased_traceidratio at 0.5 a request that came with a traceparent passes its flag
-    on, whatever its trace id says (the SDK's ParentBased); a new trace is decided by its id."""
-    sampler = TraceSampler(0.5)
-    procs = Procs(cgroup)
-    agent = Agent(tmp_path, cgroup, inject=True, env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                                                      "OTEL_TRACES_SAMPLER_ARG": "0.5"})
-    kept, left_out = f"{7:016x}{1:016x}", f"{7:016x}{(1 << 64) - 2:016x}"
-    cases = [(kept, "00"), (left_out, "01"), (left_out, "03"), (kept, "0a")]   # flag: the last bit
-    try:
-        down, nested = free_port(), free_port()
-        procs.start(python("echo", str(down)))
-        procs.start(python("nested", str(nested), str(down)))
-        roots = [row for _ in range(4) for row in procs.run(python("client", str(down)))
-                 if row["case"] != "own"]
-        served = [_nested(nested, f"00-{trace}-{1:016x}-{flags}") for trace, flags in cases]
-    finally:
-        procs.close()
-        events = agent.stop()
-    assert ("injected traceparents pass on the caller's sampled flag (parentbased_traceidratio), sampled "
-            "for 0.5 of the traces that start here") in agent.log.read_text()
-    injected = {h.injected_traceparent for h in events if h.role == pb.ROLE_CLIENT and h.injected_traceparent}
-    for (trace, flags), answer in zip(cases, served, strict=True):
-        for key in ("same_thread", "spawned"):
-            (tp,) = answer[key]["tp"]
-            assert tp.split("-")[1::2] == [trace, "01" if int(flags, 16) & 1 else "00"], (flags, key, tp)
-            assert tp in injected, tp
-    flags_of_roots = set()
-    for row in roots:
-        (tp,) = row["tp"]
-        _, trace, _, flag = tp.split("-")
-        assert flag == ("01" if sampler.keeps(bytes.fromhex(trace)) else "00"), tp
-        flags_of_roots.add(flag)
-    assert flags_of_roots == {"00", "01"}
