@@ -4,6 +4,7 @@ LocalInfra per bench run."""
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -18,8 +19,14 @@ from tests.bench.context import BenchContext
 def shared_infra(ctx: BenchContext) -> LocalInfra:
     """The broker and Redis for this bench run, started once on free ports, stopped by ctx.close()."""
     def start() -> tuple[object, Callable[[], None]]:
-        infra = LocalInfra.start(Path(tempfile.mkdtemp(prefix="weft-bench-")))
-        return infra, infra.stop
+        run_dir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+        infra = LocalInfra.start(run_dir)
+
+        def stop() -> None:
+            infra.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+        return infra, stop
 
     infra = ctx.once("infra", start)
     assert isinstance(infra, LocalInfra)

@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -120,9 +121,16 @@ def injected_share(capture: Path) -> float:
 
 
 def run(ctx: BenchContext) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="weft-bench-inject-"))
+    try:
+        return measure(ctx, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # nginx's files and six capture files, ~90 MB
+
+
+def measure(ctx: BenchContext, work: Path) -> dict[str, float]:
     seconds = 2.0 if ctx.quick else 5.0
     rounds = 3  # alternated (without, with) pairs: this machine is shared, one pair is too noisy
-    work = Path(tempfile.mkdtemp(prefix="weft-bench-inject-"))
     cgroup = CGROUP_ROOT / f"weft-bench-inject-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     cgroup.mkdir()
     off: list[float] = []
