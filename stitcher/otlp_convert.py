@@ -28,6 +28,15 @@ from stitcher.engine.model import AttrValue, Resource, Span
 SCOPE_NAME = "weft.stitcher"
 SCOPE_VERSION = "0.1.0"
 _KIND = {"SERVER": PbSpan.SPAN_KIND_SERVER, "CLIENT": PbSpan.SPAN_KIND_CLIENT}
+# OTLP span flags: the W3C sampled bit, and whether the parent is remote (bit 8: known, bit 9:
+# remote). A server span's parent came over the wire (a client span in another process, or a
+# caller's traceparent); a client span's parent is its own process's server span.
+_FLAGS_LOCAL_PARENT = 0x100 | 0x01
+_FLAGS_REMOTE_PARENT = 0x200 | 0x100 | 0x01
+
+
+def span_flags(span: Span) -> int:
+    return _FLAGS_REMOTE_PARENT if span.parent_span_id and span.kind == "SERVER" else _FLAGS_LOCAL_PARENT
 
 
 def _value(v: AttrValue) -> AnyValue:
@@ -54,7 +63,7 @@ def span_to_proto(span: Span) -> PbSpan:
     pb = PbSpan(trace_id=span.trace_id, span_id=span.span_id, parent_span_id=span.parent_span_id,
                 name=span.name, kind=_KIND[span.kind], start_time_unix_nano=span.start_ns,
                 end_time_unix_nano=span.end_ns, attributes=_attrs(span.attributes),
-                flags=0x100 | 0x01)  # has-is-remote-known | sampled
+                flags=span_flags(span))
     if span.error:
         pb.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
     return pb
@@ -160,8 +169,8 @@ def _span_json(span: Span) -> str:
     start = f',"startTimeUnixNano":"{start_ns:d}"' if start_ns else ""
     status = _ERROR_JSON if error else ""
     trace = f',"traceId":"{trace_id.hex()}"' if trace_id else ""
-    # "flags": has-is-remote-known | sampled
-    return f'{{{head}{end}"flags":257,{_KIND_JSON[kind]}{named}{parent}{own}{start}{status}{trace}}}'
+    flags = span_flags(span)
+    return f'{{{head}{end}"flags":{flags:d},{_KIND_JSON[kind]}{named}{parent}{own}{start}{status}{trace}}}'
 
 
 def request_from_json(line: str) -> ExportTraceServiceRequest:

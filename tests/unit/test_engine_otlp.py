@@ -64,6 +64,45 @@ def test_direct_json_line_is_byte_identical_to_the_protobuf_json_mapping(spans: 
     assert spans_to_json_line(spans) == request_to_json(spans_to_request(spans))
 
 
+def _sdk_flags() -> dict[tuple[str, bool], int]:
+    """The OTLP flags the OpenTelemetry SDK's own encoder writes for the spans Weft exports: a
+    server span under a context extracted from a caller's headers, a client span under it, and
+    both without a parent. Keyed by (kind, has parent)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    tracer = TracerProvider().get_tracer("t")
+    caller = TraceContextTextMapPropagator().extract(
+        {"traceparent": "00-0102030405060708090a0b0c0d0e0f10-0102030405060708-01"})
+    with tracer.start_as_current_span("s", context=caller, kind=SpanKind.SERVER) as server, \
+            tracer.start_as_current_span("c", kind=SpanKind.CLIENT) as client:
+        pass
+    with tracer.start_span("r", kind=SpanKind.SERVER) as root, \
+            tracer.start_span("o", kind=SpanKind.CLIENT) as lone:
+        pass
+    spans = {("SERVER", True): server, ("CLIENT", True): client, ("SERVER", False): root,
+             ("CLIENT", False): lone}
+    out = {}
+    for key, span in spans.items():
+        encoded = encode_spans([span])  # type: ignore[list-item]
+        out[key] = encoded.resource_spans[0].scope_spans[0].spans[0].flags
+    return out
+
+
+def test_span_flags_say_whether_the_parent_is_remote_as_the_sdk_does() -> None:
+    # bits 8-9 (is-remote known, is remote) as the SDK encodes them; bit 0: sampled (the SDK
+    # leaves bits 0-7 at 0, the spec recommends the W3C trace flags there)
+    for (kind, has_parent), sdk in _sdk_flags().items():
+        span = SPAN._replace(kind=kind, parent_span_id=SPAN.parent_span_id if has_parent else b"")
+        line = json.loads(spans_to_json_line([span]))
+        flags = line["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["flags"]
+        assert flags == spans_to_request([span]).resource_spans[0].scope_spans[0].spans[0].flags
+        assert flags == sdk | 0x01, (kind, has_parent)
+    assert _sdk_flags()[("SERVER", True)] == 0x300      # the reference does tell them apart
+
+
 def test_resource_groups_spans_once() -> None:
     other = SPAN._replace(span_id=b"\x01" * 8)
     request = spans_to_request([SPAN, other])
