@@ -60,6 +60,7 @@ from stitcher.engine.core import invalid_http
 from stitcher.health import WorkerHealth
 from stitcher.metrics import StitchCollector
 from stitcher.metrics import serve as serve_metrics
+from stitcher.routes import RouteSettings, routed
 from stitcher.sampling import sampled
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_redis import FrameLease, LeaseLostError, RedisStateStore
@@ -705,6 +706,7 @@ def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | 
         overrides["heartbeat_interval_s"] = min(StitchSettings.heartbeat_interval_s, session_timeout / 3)
     settings = load_section(StitchSettings, "stitch", config_file=config_file, **overrides)
     engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    routes = load_section(RouteSettings, "routes", config_file=config_file)
     sampler = TraceSampler.from_env()
     wait_for_dependencies(kafka, redis_settings, settings.startup_wait_s)
     sink: SpanSink
@@ -714,7 +716,8 @@ def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | 
         from stitcher.otlp import OtlpSpanExporter  # the OTel SDK loads only when exporting
         sink = OtlpSpanExporter()
     logger.info("sampling: %s", sampler.describe())
-    sink = sampled(sink, sampler)
+    logger.info("span names: %s", routes.describe())
+    sink = sampled(routed(sink, routes), sampler)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     sys.argv = [sys.argv[0]]  # Faust's worker parses argv itself
     run_worker(kafka, redis_settings, settings, engine_config, sink, loglevel=level)

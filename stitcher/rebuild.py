@@ -23,6 +23,7 @@ from schemas import weft_events_pb2 as pb
 from schemas.codec import CaptureReader, CodecError, decode_frame
 from stitcher.engine import Engine, EngineConfig, Span
 from stitcher.otlp_convert import spans_to_json_line
+from stitcher.routes import RouteNamer, RouteSettings
 from stitcher.state_memory import MemoryStateStore
 from weft.config import ConfigError, load_section
 
@@ -130,7 +131,8 @@ def _count_frames(paths: Sequence[str | Path]) -> int:
               help="OTLP JSON lines file (default: stdout)")
 @click.option("--otlp", is_flag=True, help="export over OTLP (OTEL_EXPORTER_OTLP_* settings)")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="YAML file whose `engine:` section sets the join rules (else WEFT_CONFIG, WEFT_ENGINE_*)")
+              help="YAML file whose `engine:` section sets the join rules and `routes:` the span names "
+                   "(else WEFT_CONFIG, WEFT_ENGINE_*, WEFT_ROUTES_*)")
 def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool,
                     config_file: str | None) -> None:
     """Stitch capture files offline into traces: every trace (OTEL_TRACES_SAMPLER is not read, so
@@ -139,6 +141,7 @@ def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool
         raise click.UsageError("give --out FILE or --otlp, not both")
     try:
         config = load_section(EngineConfig, "engine", config_file=config_file).validate()
+        routes = load_section(RouteSettings, "routes", config_file=config_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -150,24 +153,25 @@ def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool
                              on_frame=lambda n: progress.update(task, completed=n))
     except CodecError as exc:
         raise click.ClickException(f"cannot read capture: {exc}") from None
+    spans = RouteNamer(routes).rename_all(result.spans) if routes.renames else result.spans
     if otlp:
         from stitcher.otlp import OtlpSpanExporter
 
         with OtlpSpanExporter() as exporter:
-            exporter.export(result.spans)
+            exporter.export(spans)
         where = "OTLP"
     elif out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(out_path, "w") as fh:
-                write_json_lines(result.spans, fh)
+                write_json_lines(spans, fh)
         except OSError as exc:       # a write on a file names no file: say which one
             raise OSError(exc.errno, exc.strerror, str(out_path)) from exc
         where = str(out_path)
     else:
-        write_json_lines(result.spans, click.get_text_stream("stdout"))
+        write_json_lines(spans, click.get_text_stream("stdout"))
         where = "stdout"
     s = result.stats
-    click.echo(f"{result.frames} frames, {result.events} events → {len(result.spans)} spans to {where} "
+    click.echo(f"{result.frames} frames, {result.events} events → {len(spans)} spans to {where} "
                f"(duplicates {s['duplicates']}, late {s['late']}, ambiguous {s['ambiguous']}, "
                f"trace splits {s['trace_splits']})", err=True)

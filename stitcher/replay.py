@@ -27,6 +27,7 @@ from schemas import weft_events_pb2 as pb
 from schemas.codec import CodecError, decode_frame
 from stitcher.app import FrameStitcher, StitchSettings, Where, wait_for_dependencies
 from stitcher.engine import Engine, EngineConfig, StateStore
+from stitcher.routes import RouteSettings, routed
 from stitcher.sampling import sampled
 from stitcher.sinks import JsonLinesSink, SpanSink
 from stitcher.state_memory import MemoryStateStore
@@ -216,6 +217,7 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         raise click.UsageError("give exactly one of --out FILE or --otlp")
     kafka = load_section(KafkaSettings, "kafka", config_file=config_file, bootstrap=bootstrap)
     engine_config = load_section(EngineConfig, "engine", config_file=config_file)
+    routes = load_section(RouteSettings, "routes", config_file=config_file)
     sampler = TraceSampler.from_env()
     redis_settings = (load_section(RedisSettings, "redis", config_file=config_file, url=redis_url)
                       if store == "redis" else None)
@@ -241,7 +243,9 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         sink = OtlpSpanExporter()
     if not sampler.keeps_all:
         click.echo(f"sampling: {sampler.describe()}", err=True)
-    sink = sampled(sink, sampler)
+    if routes.renames:
+        click.echo(f"span names: {routes.describe()}", err=True)
+    sink = sampled(routed(sink, routes), sampler)
     try:
         result = replay(kafka, topic or kafka.raw_topic, state, sink, engine_config, stall_s)
     finally:

@@ -15,32 +15,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stitcher.engine.model import Span
-from stitcher.sinks import ExportStats, SpanSink
+from stitcher.sinks import ForwardingSink, SpanSink
 from weft.sampling import TraceSampler
 
 
-class SampledSink:
+class SampledSink(ForwardingSink):
     """A sink that passes on the spans of the traces `sampler` keeps and counts the rest."""
 
     def __init__(self, inner: SpanSink, sampler: TraceSampler) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.sampler = sampler
-        self.stats: ExportStats = inner.stats     # the same counters: one set per worker
 
     def export(self, spans: Sequence[Span]) -> None:
         keeps = self.sampler.keeps_span
         kept = [s for s in spans if keeps(s)]
         self.stats.sampled_out += len(spans) - len(kept)
         self.inner.export(kept)
-
-    def queued(self) -> int:
-        return self.inner.queued()
-
-    def force_flush(self, timeout_s: float = 30.0) -> bool:
-        return self.inner.force_flush(timeout_s)
-
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        self.inner.shutdown(timeout_s)
 
 
 def sampled(sink: SpanSink, sampler: TraceSampler) -> SpanSink:

@@ -34,6 +34,27 @@ class SpanSink(Protocol):
     def shutdown(self, timeout_s: float = 30.0) -> None: ...
 
 
+class ForwardingSink:
+    """A stage in front of another sink (sampling, route names): it shares the inner sink's
+    counters and passes flush and shutdown on; subclasses change what `export` hands over."""
+
+    def __init__(self, inner: SpanSink) -> None:
+        self.inner = inner
+        self.stats: ExportStats = inner.stats     # the same counters: one set per worker
+
+    def export(self, spans: Sequence[Span]) -> None:
+        self.inner.export(spans)
+
+    def queued(self) -> int:
+        return self.inner.queued()
+
+    def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return self.inner.force_flush(timeout_s)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self.inner.shutdown(timeout_s)
+
+
 class JsonLinesSink:
     """Spans as OTLP JSON lines (one ExportTraceServiceRequest per non-empty batch)."""
 

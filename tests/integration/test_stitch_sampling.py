@@ -1,6 +1,7 @@
-"""`OTEL_TRACES_SAMPLER` on a real `weft stitch` worker (Kafka, Redis, OTLP/gRPC receiver) and on
-`weft replay`: exactly the spans of the traces the sampler keeps are exported, counted on the
-worker's metrics, and a replay with the same setting keeps the same traces."""
+"""The export stages on a real `weft stitch` worker (Kafka, Redis, OTLP/gRPC receiver) and on
+`weft replay`: with `OTEL_TRACES_SAMPLER`, exactly the spans of the traces the sampler keeps are
+exported, counted on the worker's metrics, and a replay with the same setting keeps the same
+traces; with a `routes` setting, those spans are named by it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from infra.procs import free_port
 from stitcher.otlp_convert import request_from_json
+from stitcher.routes import RouteNamer, RouteSettings
 from stitcher.simulate import SimConfig, Simulation, interleaved_frames
 from tests.integration.stitch_harness import (
     WEFT,
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 RATIO = "0.3"
 SAMPLER_ENV = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": RATIO}
+EXPORT_ENV = {**SAMPLER_ENV, "WEFT_ROUTES_UNMATCHED": "method"}   # spans named by method alone
 
 
 def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
@@ -41,8 +44,10 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
     sim.run()
     spans = rebuild_spans(interleaved_frames(sim), sim.node_names)
     sampler = TraceSampler.from_env(SAMPLER_ENV)
-    expected = span_bytes(s for s in spans if sampler.keeps_span(s))
+    namer = RouteNamer(RouteSettings(unmatched="method"))
+    expected = span_bytes(namer.rename(s) for s in spans if sampler.keeps_span(s))
     assert 0 < len(expected) < len(spans)
+    assert not set(expected) & set(span_bytes(spans))     # every exported span was renamed
     # the callers' flags overrule the trace id both ways, so a sampler by id alone fails this test
     by_id = {s.span_id for s in spans if sampler.keeps(s.trace_id)}
     by_caller = {s.span_id for s in spans if sampler.keeps_span(s)}
@@ -52,7 +57,7 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
     with OtlpReceiver() as rx:
         try:
             worker = run.start_worker(tmp_path / "worker.log", rx.endpoint,
-                                      {**SAMPLER_ENV, "WEFT_STITCH_METRICS_PORT": str(port)})
+                                      {**EXPORT_ENV, "WEFT_STITCH_METRICS_PORT": str(port)})
             run.wait_assigned(2)
             sent = run.produce(interleaved_frames(sim))
             rx.wait_for(len(expected), timeout=90)
@@ -74,21 +79,27 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
         len(spans) - len(expected)
     assert f"sampling: parentbased_traceidratio {RATIO}: traces that start here exported by trace id" \
         in worker.text()
+    assert "span names: by method alone" in worker.text()
 
     out = tmp_path / "replay.jsonl"
     done = subprocess.run([WEFT, "replay", "--bootstrap", run.bootstrap, "--topic", run.raw_topic,
-                           "--out", str(out)], env={**os.environ, **SAMPLER_ENV},
+                           "--out", str(out)], env={**os.environ, **EXPORT_ENV},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert received_bytes(request_from_json(line) for line in out.read_text().splitlines()) == expected
     assert f"the sampler left out {len(spans) - len(expected)} of the {len(spans)} spans" in done.stdout
 
 
-def test_a_bad_sampler_setting_stops_the_worker_in_one_sentence(infra: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("env", "error"), [
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
+     "Error: OTEL_TRACES_SAMPLER_ARG='10%': a ratio from 0 to 1, e.g. 0.1"),
+    ({"WEFT_ROUTES_PATTERNS": "users/{id}"}, "Error: routes.patterns: 'users/{id}' must start with /"),
+], ids=["sampler", "routes"])
+def test_a_bad_export_setting_stops_the_worker_in_one_sentence(infra: Any, tmp_path: Path,
+                                                               env: dict[str, str], error: str) -> None:
     done = subprocess.run([WEFT, "stitch", "--redis-url", infra.redis_url, "--bootstrap", infra.bootstrap],
-                          env={**os.environ, "OTEL_TRACES_SAMPLER": "traceidratio",
-                               "OTEL_TRACES_SAMPLER_ARG": "10%", "WEFT_RUN_DIR": str(tmp_path)},
+                          env={**os.environ, **env, "WEFT_RUN_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     out = (done.stdout + done.stderr).strip()
     assert done.returncode != 0
-    assert out.splitlines() == ["Error: OTEL_TRACES_SAMPLER_ARG='10%': a ratio from 0 to 1, e.g. 0.1"], out
+    assert out.splitlines() == [error], out

@@ -1,0 +1,158 @@
+"""Low-cardinality span names: the route each request's path belongs to (section `routes:`).
+
+By default a span is named "{method} {path}" (the path as sent, query removed). Backends index
+span names and span-metrics pipelines make one series per name, so an API whose paths carry ids
+(`/users/4711/orders`) makes one name per id. These settings name a span by its route instead:
+
+- `patterns`: route templates, tried in the order given; `{id}` or `:id` stands for one path
+  segment, a final `*` for the rest of the path. `/users/{id}/orders` names
+  `/users/4711/orders` "GET /users/{id}/orders".
+- `unmatched` (a path no pattern matches): `path` keeps the raw path (the default);
+  `heuristic` replaces each segment that looks like an identifier with `*` (a number, four
+  digits in a row, a UUID, a hex hash, a long token, an email) and keeps words such as `v2`,
+  `oauth2` or `x509`; `method`
+  names the span by its method alone, as the OpenTelemetry HTTP conventions do when no route
+  is known.
+
+A server span gets the route as `http.route`, a client span as `url.template` (the conventions'
+names); `url.path` always keeps the path itself. A route from `heuristic` is a guess, not the
+application's own route table, so `patterns` should name the routes that matter.
+
+Renaming runs as a sink in front of the exporter, after the join: it changes no id and no link,
+so spans renamed by one worker and not by another (a changed setting) still form one trace.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from stitcher.engine.model import AttrValue, Span
+from stitcher.sinks import ForwardingSink, SpanSink
+from weft.config import ConfigError
+
+UNMATCHED_MODES = ("path", "heuristic", "method")
+WILDCARD = "*"
+
+_PARAM = re.compile(r"^(\{[^{}/]+\}|:[^/]+)$")
+# What an identifier looks like in a path segment: a number, a run of 4+ digits inside a word
+# (order-4711, INV2024; not v2, oauth2, x509), a UUID, a hex hash or object id, an email.
+_ID = re.compile(r"^\d+$|\d{4}|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+                 r"|^(?=.*\d)[0-9a-fA-F]{16,}$|@")
+_LONG_TOKEN = 32     # a segment this long is a token, digits or not
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    patterns: str | list[str] = ""    # YAML list, or comma-separated (WEFT_ROUTES_PATTERNS)
+    unmatched: str = "path"
+
+    def validate(self) -> RouteSettings:
+        if self.unmatched not in UNMATCHED_MODES:
+            raise ConfigError(f"routes.unmatched={self.unmatched!r}: "
+                              f"expected one of {', '.join(UNMATCHED_MODES)}")
+        for pattern in self.pattern_list():
+            if not pattern.startswith("/"):
+                raise ConfigError(f"routes.patterns: {pattern!r} must start with /")
+            if WILDCARD in pattern[:-1] or (pattern.endswith(WILDCARD) and not pattern.endswith("/*")):
+                raise ConfigError(f"routes.patterns: {pattern!r}: * may only be the last segment")
+        return self
+
+    def pattern_list(self) -> list[str]:
+        raw = self.patterns.split(",") if isinstance(self.patterns, str) else self.patterns
+        return [str(p).strip() for p in raw if str(p).strip()]
+
+    @property
+    def renames(self) -> bool:
+        return bool(self.pattern_list()) or self.unmatched != "path"
+
+    def describe(self) -> str:
+        """One line for the log: how spans are named."""
+        count = len(self.pattern_list())
+        matched = f"by {count} route pattern{'s' if count != 1 else ''}, else " if count else ""
+        rest = {"path": "by method and path", "heuristic": "by method and path with ids replaced by *",
+                "method": "by method alone"}[self.unmatched]
+        return f"{matched}{rest}"
+
+
+def _segments(path: str) -> list[str]:
+    """A path's segments; one trailing slash does not count (`/users/` is `/users`)."""
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    return path.split("/")[1:]
+
+
+def looks_like_id(segment: str) -> bool:
+    return len(segment) >= _LONG_TOKEN or _ID.search(segment) is not None
+
+
+_KEEP = ""    # `_route`: the span keeps its name (unmatched: path)
+
+
+class RouteNamer:
+    """Path → route: the route, None (no route: the span is named by its method alone) or
+    `_KEEP` (no pattern matched and `unmatched` is `path`)."""
+
+    def __init__(self, settings: RouteSettings) -> None:
+        self.settings = settings.validate()
+        self._patterns = [(p, _segments(p)) for p in settings.pattern_list()]
+        self.route = lru_cache(maxsize=65536)(self._route)
+
+    def _route(self, path: str) -> str | None:
+        segments = _segments(path) if path.startswith("/") else None
+        if segments is not None:
+            for pattern, want in self._patterns:
+                if _matches(want, segments):
+                    return pattern
+        mode = self.settings.unmatched
+        if mode == "path":
+            return _KEEP
+        if mode == "method" or segments is None:    # `*` (OPTIONS), or a proxy's absolute URL
+            return None
+        return "/" + "/".join(WILDCARD if looks_like_id(s) else s for s in segments)
+
+    def rename(self, span: Span) -> Span:
+        path = span.attr("url.path")
+        method = span.attr("http.request.method")
+        if not isinstance(path, str) or not isinstance(method, str) or not span.name.startswith(method):
+            return span     # no request line was read ("HTTP"): nothing to name it by
+        route = self.route(path)
+        if route is None:
+            return span._replace(name=method)
+        if route == _KEEP:
+            return span
+        key = "http.route" if span.kind == "SERVER" else "url.template"
+        attrs: tuple[tuple[str, AttrValue], ...] = (*span.attributes, (key, route))
+        return span._replace(name=f"{method} {route}", attributes=attrs)
+
+    def rename_all(self, spans: Sequence[Span]) -> list[Span]:
+        rename = self.rename
+        return [rename(s) for s in spans]
+
+
+def _matches(want: list[str], segments: list[str]) -> bool:
+    if want and want[-1] == WILDCARD:
+        head = want[:-1]
+        return len(segments) >= len(head) and _matches(head, segments[:len(head)])
+    if len(want) != len(segments):
+        return False
+    return all(w == s or (s != "" and _PARAM.match(w) is not None)
+               for w, s in zip(want, segments, strict=True))
+
+
+class RoutedSink(ForwardingSink):
+    """A sink that names spans by route (`RouteNamer`) before passing them on."""
+
+    def __init__(self, inner: SpanSink, namer: RouteNamer) -> None:
+        super().__init__(inner)
+        self.namer = namer
+
+    def export(self, spans: Sequence[Span]) -> None:
+        self.inner.export(self.namer.rename_all(spans))
+
+
+def routed(sink: SpanSink, settings: RouteSettings) -> SpanSink:
+    """`sink` itself when spans keep their path names (the default), else `sink` behind a namer."""
+    return RoutedSink(sink, RouteNamer(settings)) if settings.renames else sink
