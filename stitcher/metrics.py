@@ -48,6 +48,8 @@ _ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
     "trace_mismatch": ("weft_stitch_trace_mismatch",
                        "spans whose injected trace id differs from their parent's"),
     "unresolved": ("weft_stitch_unresolved", "spans cut loose from a parent cycle at the end of input"),
+    "ignored": ("weft_stitch_ignored_spans",
+                "spans not exported: their trace began with a request to engine.ignore_routes"),
 }
 
 

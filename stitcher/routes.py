@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from stitcher.engine.model import AttrValue, Span
+from stitcher.engine.paths import WILDCARD, PathPatterns, pattern_error, segments, split_list
 from stitcher.sinks import ForwardingSink, SpanSink
 from weft.config import ConfigError
 
 UNMATCHED_MODES = ("path", "heuristic", "method")
-WILDCARD = "*"
 
-_PARAM = re.compile(r"^(\{[^{}/]+\}|:[^/]+)$")
 # What an identifier looks like in a path segment: a number, a run of 4+ digits inside a word
 # (order-4711, INV2024; not v2, oauth2, x509), a UUID, a hex hash or object id, an email.
 _ID = re.compile(r"^\d+$|\d{4}|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -54,15 +53,13 @@ class RouteSettings:
             raise ConfigError(f"routes.unmatched={self.unmatched!r}: "
                               f"expected one of {', '.join(UNMATCHED_MODES)}")
         for pattern in self.pattern_list():
-            if not pattern.startswith("/"):
-                raise ConfigError(f"routes.patterns: {pattern!r} must start with /")
-            if WILDCARD in pattern[:-1] or (pattern.endswith(WILDCARD) and not pattern.endswith("/*")):
-                raise ConfigError(f"routes.patterns: {pattern!r}: * may only be the last segment")
+            error = pattern_error(pattern)
+            if error:
+                raise ConfigError(f"routes.patterns: {error}")
         return self
 
     def pattern_list(self) -> list[str]:
-        raw = self.patterns.split(",") if isinstance(self.patterns, str) else self.patterns
-        return [str(p).strip() for p in raw if str(p).strip()]
+        return split_list(self.patterns)
 
     @property
     def renames(self) -> bool:
@@ -75,13 +72,6 @@ class RouteSettings:
         rest = {"path": "by method and path", "heuristic": "by method and path with ids replaced by *",
                 "method": "by method alone"}[self.unmatched]
         return f"{matched}{rest}"
-
-
-def _segments(path: str) -> list[str]:
-    """A path's segments; one trailing slash does not count (`/users/` is `/users`)."""
-    if len(path) > 1 and path.endswith("/"):
-        path = path[:-1]
-    return path.split("/")[1:]
 
 
 def looks_like_id(segment: str) -> bool:
@@ -97,21 +87,20 @@ class RouteNamer:
 
     def __init__(self, settings: RouteSettings) -> None:
         self.settings = settings.validate()
-        self._patterns = [(p, _segments(p)) for p in settings.pattern_list()]
+        self._patterns = PathPatterns(settings.pattern_list())
         self.route = lru_cache(maxsize=65536)(self._route)
 
     def _route(self, path: str) -> str | None:
-        segments = _segments(path) if path.startswith("/") else None
-        if segments is not None:
-            for pattern, want in self._patterns:
-                if _matches(want, segments):
-                    return pattern
+        matched = self._patterns.match(path)
+        if matched is not None:
+            return matched
         mode = self.settings.unmatched
         if mode == "path":
             return _KEEP
-        if mode == "method" or segments is None:    # `*` (OPTIONS), or a proxy's absolute URL
+        have = segments(path)
+        if mode == "method" or have is None:    # `*` (OPTIONS), or a proxy's absolute URL
             return None
-        return "/" + "/".join(WILDCARD if looks_like_id(s) else s for s in segments)
+        return "/" + "/".join(WILDCARD if looks_like_id(s) else s for s in have)
 
     def rename(self, span: Span) -> Span:
         path = span.attr("url.path")
@@ -130,16 +119,6 @@ class RouteNamer:
     def rename_all(self, spans: Sequence[Span]) -> list[Span]:
         rename = self.rename
         return [rename(s) for s in spans]
-
-
-def _matches(want: list[str], segments: list[str]) -> bool:
-    if want and want[-1] == WILDCARD:
-        head = want[:-1]
-        return len(segments) >= len(head) and _matches(head, segments[:len(head)])
-    if len(want) != len(segments):
-        return False
-    return all(w == s or (s != "" and _PARAM.match(w) is not None)
-               for w, s in zip(want, segments, strict=True))
 
 
 class RoutedSink(ForwardingSink):

@@ -1,9 +1,11 @@
-"""EngineConfig: the join engine's time bounds (seconds in config, nanoseconds inside)."""
+"""EngineConfig: the join engine's time bounds (seconds in config, nanoseconds inside), link rules
+and the routes whose traces are left out."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stitcher.engine.paths import pattern_error, split_list
 from weft.config import ConfigError
 
 _NS = 1_000_000_000
@@ -24,14 +26,21 @@ class EngineConfig:
     max_lineage_depth: int = 16        # thread / goroutine ancestors looked at
     link_by_seq: bool = True           # cross-node: (tuple, TCP seq) match; off: header/tuple only
     link_by_tuple: bool = True         # cross-node: (tuple, time) fallback; off: never
+    # route patterns (stitcher.engine.paths; YAML list or comma-separated) of requests whose
+    # traces are not exported when such a request is the first of its trace (health checks)
+    ignore_routes: str | list[str] = ""
 
     def validate(self) -> EngineConfig:
         for name in ("max_request_s", "in_process_wait_s", "skew_s", "node_timeout_s", "max_trace_duration_s",
                      "due_bucket_s"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"stitch.{name}={getattr(self, name)}: must be > 0")
+                raise ConfigError(f"engine.{name}={getattr(self, name)}: must be > 0")
         if self.max_trace_depth < 1 or self.max_lineage_depth < 1:
-            raise ConfigError("stitch.max_trace_depth and stitch.max_lineage_depth must be >= 1")
+            raise ConfigError("engine.max_trace_depth and engine.max_lineage_depth must be >= 1")
+        for pattern in split_list(self.ignore_routes):
+            error = pattern_error(pattern)
+            if error:
+                raise ConfigError(f"engine.ignore_routes: {error}")
         return self
 
     @property

@@ -79,6 +79,7 @@ from stitcher.engine.lineage import (
     thread_incarnation,
 )
 from stitcher.engine.model import AttrValue, Resource, Span
+from stitcher.engine.paths import PathPatterns, split_list
 from stitcher.engine.records import (
     ANY_FINGERPRINT,
     BLIND,
@@ -115,6 +116,11 @@ _EV_CACHE_MAX = 500_000
 # The last field of a span's `tr` in a trace that came in from outside: the sampled flag of the
 # traceparent it came with, handed down to every span of the trace (Span.remote_sampled).
 _REMOTE_MARKS = {"r1": True, "r0": False}
+# ... or of a trace whose first request was to an ignored route (EngineConfig.ignore_routes):
+# handed down the same way, and no span of it is emitted.
+IGNORED_MARK = "ig"
+_INHERITED_MARKS = frozenset((*_REMOTE_MARKS, IGNORED_MARK))
+_IGNORED_TAIL = "|" + IGNORED_MARK
 
 
 @dataclass
@@ -128,6 +134,7 @@ class EngineStats:
     ambiguous: int = 0
     go_unlinked: int = 0    # Go clients without a goroutine id: never linked by thread
     trace_splits: int = 0
+    ignored: int = 0        # spans of traces whose first request was to an ignored route
     unresolved: int = 0     # spans in a parent cycle, cut loose at flush()
     decided: int = 0
     emitted: int = 0
@@ -176,6 +183,7 @@ class Engine:
         self._due_w = c.due_bucket_ns
         self._max_depth = c.max_trace_depth
         self._max_duration = c.max_trace_duration_ns   # a property: computed once, read per span
+        self._ignore = PathPatterns(split_list(c.ignore_routes))
         # Decoded request records by span id. They never change once written (HSetNX of a
         # deterministic value), so the cache stays valid across frames and workers.
         self._ev_cache: dict[str, Http] = {}
@@ -830,8 +838,9 @@ class Engine:
         depth, root_start = int(depth_s) + 1, int(root_start_s)
         if depth > self._max_depth or rec.start - root_start > self._max_duration:
             self.stats.trace_splits += 1
-            return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|split"
-        return f"{trace}|{depth}|{root_start}|{mark if mark in _REMOTE_MARKS else ''}"
+            split = IGNORED_MARK if mark == IGNORED_MARK else "split"    # still left out
+            return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|{split}"
+        return f"{trace}|{depth}|{root_start}|{mark if mark in _INHERITED_MARKS else ''}"
 
     def _resolve_traces(self, txn: Txn, decided: list[_Decided]) -> list[Span]:
         """Give decided spans their trace when their parent's is known; emit what got one."""
@@ -845,9 +854,9 @@ class Engine:
             own = parse_traceparent(rec.injected) if rec.injected else None  # WEFT-INJECT
             if not parent:
                 root_trace = own[0] if own else root_trace_id(bytes.fromhex(sid)).hex()
-                tr = f"{root_trace}|0|{rec.start}|"
+                tr = f"{root_trace}|0|{rec.start}|{self._root_mark(rec)}"
             elif ext:
-                tr = f"{ext}|1|{rec.start}|{_remote_mark(rec.traceparent)}"
+                tr = f"{ext}|1|{rec.start}|{self._root_mark(rec) or _remote_mark(rec.traceparent)}"
             else:
                 parent_tr = txn.hash(span_key(parent)).get("tr")
                 if parent_tr is None:
@@ -894,6 +903,10 @@ class Engine:
             frontier = [kid for kid, _ in following]
         return self._emit(txn, traced)
 
+    def _root_mark(self, rec: Http) -> str:
+        """The first span Weft sees of a trace: IGNORED_MARK when its path is an ignored route."""
+        return IGNORED_MARK if self._ignore and self._ignore.match(rec.path) is not None else ""
+
     def _check_own_trace(self, rec: Http, tr: str) -> None:
         """WEFT-INJECT: a child keeps its parent's trace; when the trace Weft put on the wire for
         it says otherwise (a context that was not this parent's), count it: the link wins."""
@@ -907,8 +920,13 @@ class Engine:
         for sid, ev in traced:
             key = span_key(sid)
             rec_fields = txn.hash(key)
-            if "out" not in rec_fields:
-                ready.append((sid, key, ev, rec_fields))
+            if "out" in rec_fields:
+                continue
+            if rec_fields["tr"].endswith(_IGNORED_TAIL):   # out, but never a span
+                txn.hsetnx(key, "out", "1")
+                self.stats.ignored += 1
+                continue
+            ready.append((sid, key, ev, rec_fields))
         if txn.batched:
             txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, _, ev, _ in ready])
         spans: list[Span] = []

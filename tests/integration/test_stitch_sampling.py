@@ -94,7 +94,9 @@ def test_a_worker_exports_the_traces_its_sampler_keeps_and_a_replay_the_same(
     ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
      "Error: OTEL_TRACES_SAMPLER_ARG='10%': a ratio from 0 to 1, e.g. 0.1"),
     ({"WEFT_ROUTES_PATTERNS": "users/{id}"}, "Error: routes.patterns: 'users/{id}' must start with /"),
-], ids=["sampler", "routes"])
+    ({"WEFT_ENGINE_IGNORE_ROUTES": "/healthz,/a*"},
+     "Error: engine.ignore_routes: '/a*': * may only be the last segment"),
+], ids=["sampler", "routes", "ignore"])
 def test_a_bad_export_setting_stops_the_worker_in_one_sentence(infra: Any, tmp_path: Path,
                                                                env: dict[str, str], error: str) -> None:
     done = subprocess.run([WEFT, "stitch", "--redis-url", infra.redis_url, "--bootstrap", infra.bootstrap],

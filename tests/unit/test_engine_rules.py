@@ -19,6 +19,7 @@ from stitcher.engine.ids import root_trace_id, span_id
 from stitcher.engine.records import ProcRecord, parse_proc_record, proc_record
 from stitcher.engine.store import StateStore
 from stitcher.state_memory import BatchedMemoryStateStore, MemoryStateStore
+from weft.config import ConfigError
 
 MS = 1_000_000
 STORES = {"direct": MemoryStateStore, "batched": BatchedMemoryStateStore}
@@ -311,6 +312,37 @@ def test_a_callers_sampled_flag_reaches_every_span_of_its_trace(store: StateStor
         remote = None
     assert [s.remote_sampled for s in chain] == [remote] * 4
     assert spans["S/c@C#300"].remote_sampled is None and spans["S/x@A"].remote_sampled is None
+
+
+@pytest.mark.parametrize("ignore", ["", "/healthz, /ready/*"])
+def test_a_trace_that_begins_at_an_ignored_route_is_left_out_whole(store: StateStore, ignore: str) -> None:
+    """A health check's trace — its server span, the calls its handler makes, their servers on
+    other nodes, a span split off for depth — is not exported; the same route called inside
+    another trace is; a caller's traceparent does not change it; the join links all the same."""
+    nodes = {
+        "A": [srv("/healthz", 0, 100), cli("/db", 10, 50, seq=31),
+              srv("/a", 200, 300, tid=12), cli("/healthz", 210, 250, tid=12, seq=32, local=(A_IP, 40002)),
+              srv("/ready/db", 400, 500, tid=13, traceparent=FOREIGN),
+              srv("/healthz/deep", 600, 700, tid=14)],
+        "B": [srv("/db", 12, 48, pid=200, seq=31, local=(B_IP, 80), remote=(A_IP, 40000)),
+              cli("/disk", 20, 40, pid=200, seq=33, local=(B_IP, 40001), remote=(VIP, 80)),
+              srv("/healthz", 212, 248, pid=200, tid=12, seq=32, local=(B_IP, 80), remote=(A_IP, 40002))],
+        "C": [srv("/disk", 22, 38, pid=300, seq=33, local=("10.0.0.3", 80), remote=(B_IP, 40001))]}
+    spans, engine = run(store, nodes, EngineConfig(max_trace_depth=3, ignore_routes=ignore))
+    left_out = {"S/healthz@A", "C/db@A", "S/db@B", "C/disk@B", "S/disk@C#300", "S/ready/db@A"}
+    kept = {"S/a@A", "C/healthz@A", "S/healthz@B", "S/healthz/deep@A"}
+    if not ignore:
+        assert set(spans) == left_out | kept and engine.stats.ignored == 0
+        return
+    assert set(spans) == kept
+    assert engine.stats.ignored == len(left_out)
+    assert spans["S/healthz@B"].parent_span_id == spans["C/healthz@A"].span_id
+    assert engine.stats.trace_splits == 1       # S/disk@C#300, split off and still left out
+
+
+def test_ignore_routes_are_checked_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"^engine.ignore_routes: 'healthz' must start with /$"):
+        Engine(MemoryStateStore(), EngineConfig(ignore_routes=["/ok", "healthz"]))
 
 
 def test_ids_are_functions_of_the_events(store: StateStore) -> None:
