@@ -172,6 +172,7 @@ def rebuild_command(captures: tuple[str, ...], out_path: Path | None, otlp: bool
         write_json_lines(spans, click.get_text_stream("stdout"))
         where = "stdout"
     s = result.stats
+    ignored = f", ignored routes {s['ignored']}" if s["ignored"] else ""
     click.echo(f"{result.frames} frames, {result.events} events → {len(spans)} spans to {where} "
                f"(duplicates {s['duplicates']}, late {s['late']}, ambiguous {s['ambiguous']}, "
-               f"trace splits {s['trace_splits']})", err=True)
+               f"trace splits {s['trace_splits']}{ignored})", err=True)

@@ -10,9 +10,8 @@ span names and span-metrics pipelines make one series per name, so an API whose 
 - `unmatched` (a path no pattern matches): `path` keeps the raw path (the default);
   `heuristic` replaces each segment that looks like an identifier with `*` (a number, four
   digits in a row, a UUID, a hex hash, a long token, an email) and keeps words such as `v2`,
-  `oauth2` or `x509`; `method`
-  names the span by its method alone, as the OpenTelemetry HTTP conventions do when no route
-  is known.
+  `oauth2` or `x509`; `method` names the span by its method alone, as the OpenTelemetry HTTP
+  conventions do when no route is known.
 
 A server span gets the route as `http.route`, a client span as `url.template` (the conventions'
 names); `url.path` always keeps the path itself. A route from `heuristic` is a guess, not the

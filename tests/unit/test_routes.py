@@ -154,9 +154,10 @@ def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
     assert str(err.value) == message
 
 
-def test_rebuild_names_spans_by_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rebuild_names_spans_by_route_and_leaves_out_ignored_routes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
-    done = runner.invoke(cli, ["simulate", "--nodes", "2", "--rps", "5", "--seconds", "1",
+    done = runner.invoke(cli, ["simulate", "--nodes", "4", "--rps", "5", "--seconds", "1", "--seed", "5",
                                "--capture-dir", str(tmp_path)])
     assert done.exit_code == 0, done.output
     captures = sorted(map(str, tmp_path.glob("*.wcap")))
@@ -176,3 +177,21 @@ def test_rebuild_names_spans_by_route(tmp_path: Path, monkeypatch: pytest.Monkey
     assert {sp["name"] for sp in renamed} <= {"GET", "POST", "PUT", "DELETE", "PATCH"}
     assert [(sp["spanId"], sp.get("parentSpanId")) for sp in plain] == \
         [(sp["spanId"], sp.get("parentSpanId")) for sp in renamed]
+
+    # engine.ignore_routes: the traces whose root is to that path go, whole; the rest stay
+    root_path = {str(sp["traceId"]): str(sp["name"]).split(" ", 1)[1]
+                 for sp in plain if "parentSpanId" not in sp}
+    assert len(set(root_path.values())) > 1, "the workload needs traces that start at different routes"
+    ignored_path = sorted(root_path.values())[0]
+    out_ignored = tmp_path / "ignored.jsonl"
+    monkeypatch.delenv("WEFT_ROUTES_UNMATCHED")
+    monkeypatch.setenv("WEFT_ENGINE_IGNORE_ROUTES", ignored_path)
+    done = runner.invoke(cli, ["rebuild", *captures, "--out", str(out_ignored)])
+    assert done.exit_code == 0, done.output
+    gone = {trace for trace, path in root_path.items() if path == ignored_path}
+    want = [sp for sp in plain if sp["traceId"] not in gone]
+    def by_id(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return sorted(rows, key=lambda sp: str(sp["spanId"]))
+
+    assert 0 < len(want) < len(plain) and by_id(spans(out_ignored)) == by_id(want)
+    assert f"ignored routes {len(plain) - len(want)})" in done.output
