@@ -1,6 +1,7 @@
 """`weft run` as a user types it: broker, Redis, this host's agent and the stitcher come up,
 a request on this host becomes a stitched client → server trace in run_dir/traces.jsonl, and
-SIGTERM stops exactly what it started."""
+SIGTERM stops exactly what it started. The export settings reach it from the environment: span
+names by route (heuristic), and a probe route whose traces are left out."""
 
 from __future__ import annotations
 
@@ -37,9 +38,16 @@ def _spans_with_path(traces: Path, path: str) -> dict[str, JsonSpan]:
         return {s.kind: s for s in read_json_spans(fh) if s.attributes.get("url.path") == path}
 
 
+def _word() -> str:
+    """A random path segment the route heuristic keeps (letters only: no digits to take for an id)."""
+    return uuid.uuid4().hex[:10].translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
 def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "weft-run.out"
-    env = {**os.environ, "WEFT_RUN_DIR": str(tmp_path / "run")}
+    probe = f"/probe-{_word()}"
+    env = {**os.environ, "WEFT_RUN_DIR": str(tmp_path / "run"), "WEFT_ROUTES_UNMATCHED": "heuristic",
+           "WEFT_ENGINE_IGNORE_ROUTES": probe}
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
     with open(log, "w") as out:
@@ -50,12 +58,15 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         _wait_output(weft, log, "Ctrl-C stops it.", 300)
         assert "weft show --last 10" in log.read_text()
-        path = f"/weft-run-{uuid.uuid4().hex[:8]}"
+        route = f"/weft-run-{_word()}/*"
+        path = route.replace("*", "4711")
         traces = tmp_path / "run" / "traces.jsonl"
         deadline = time.monotonic() + 60
-        # The server may still be binding: curl retries until it answers once.
-        subprocess.run(["curl", "-s", "-o", "/dev/null", "--retry", "20", "--retry-connrefused",
-                        "--retry-delay", "0", f"http://127.0.0.1:{port}{path}"], check=True, timeout=30)
+        # The server may still be binding: curl retries until it answers once. The probe first:
+        # its trace is decided before the one waited for below.
+        for target in (probe, path):
+            subprocess.run(["curl", "-s", "-o", "/dev/null", "--retry", "20", "--retry-connrefused",
+                            "--retry-delay", "0", f"http://127.0.0.1:{port}{target}"], check=True, timeout=30)
         while set(_spans_with_path(traces, path)) != {"CLIENT", "SERVER"}:
             assert time.monotonic() < deadline, f"no client+server spans for {path} in {traces}"
             time.sleep(0.5)
@@ -63,6 +74,9 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
         client, server_span = spans["CLIENT"], spans["SERVER"]
         assert server_span.parent_span_id == client.span_id
         assert server_span.trace_id == client.trace_id
+        assert (server_span.name, server_span.attributes["http.route"]) == (f"GET {route}", route)
+        assert (client.name, client.attributes["url.template"]) == (f"GET {route}", route)
+        assert _spans_with_path(traces, probe) == {}
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.pid")]
     finally:
         server.terminate()
