@@ -102,9 +102,10 @@ class RouteNamer:
         return "/" + "/".join(WILDCARD if looks_like_id(s) else s for s in have)
 
     def rename(self, span: Span) -> Span:
+        # the name's first word: the method, or HTTP for a method outside the known set
+        method, sep, _ = span.name.partition(" ")
         path = span.attr("url.path")
-        method = span.attr("http.request.method")
-        if not isinstance(path, str) or not isinstance(method, str) or not span.name.startswith(method):
+        if not sep or not isinstance(path, str):
             return span     # no request line was read ("HTTP"): nothing to name it by
         route = self.route(path)
         if route is None:

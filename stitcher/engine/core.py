@@ -1064,10 +1064,14 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
     authority = host    # the Host header as sent: host[:port]
     if host:
         host = host[1:host.find("]")] if host[0] == "[" else host.rsplit(":", 1)[0]
+    if method in KNOWN_METHODS:
+        name = f"{method} {path}"
+    else:   # the conventions' _OTHER: a method token anyone can invent must not name spans
+        name = f"HTTP {path}" if method else "HTTP"
+        method = "_OTHER"
     head: tuple[tuple[str, AttrValue], ...] = (
-        (("http.request.method", method or "_OTHER"), ("url.path", path),
-         ("http.response.status_code", status))
-        if status else (("http.request.method", method or "_OTHER"), ("url.path", path)))
+        (("http.request.method", method), ("url.path", path), ("http.response.status_code", status))
+        if status else (("http.request.method", method), ("url.path", path)))
     # Weft reads plain-text HTTP/1.x only: the scheme is always http.
     if role == ROLE_SERVER:
         attrs = (*head, ("url.scheme", "http"), ("server.address", host or _ip(laddr)),
@@ -1080,6 +1084,8 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
         attrs = (*head, ("url.full", f"http://{authority}{path}"), ("server.address", host or remote_ip),
                  ("server.port", rport), ("network.peer.address", remote_ip), ("network.peer.port", rport),
                  ("weft.link", link))
+    if method == "_OTHER" and ev.method:
+        attrs += (("http.request.method_original", ev.method),)
     if flag:
         attrs += ((f"weft.{flag}", True),)
     if not status:   # no status line before the connection closed (HttpRequest NO_RESPONSE)
@@ -1094,10 +1100,13 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
         parent = ""
     return _new_tuple(Span, (bytes.fromhex(trace), bytes.fromhex(sid),
                              bytes.fromhex(parent) if parent else b"",
-                             "SERVER" if role == ROLE_SERVER else "CLIENT",
-                             f"{method} {path}" if method else "HTTP", start, end, attrs, resource,
+                             "SERVER" if role == ROLE_SERVER else "CLIENT", name, start, end, attrs, resource,
                              _failed(role, status), remote_sampled))
 
+
+# The methods of RFC 9110 and RFC 5789 (PATCH), the OpenTelemetry HTTP conventions' known set;
+# any other method is exported as _OTHER, the token itself in http.request.method_original.
+KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
 
 # error.type of a request that got no response: the connection closed first (the client gave
 # up, the server closed without answering, a reset); the span ends at the close.

@@ -7,6 +7,7 @@ parent of every span, by label "<S|C><path>@<node>" (S = server, C = client).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -401,6 +402,29 @@ def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
     assert (v6["url.full"], v6["server.address"]) == ("http://[2001:db8::9]:80/v6", "2001:db8::9")
     assert s.resource.attributes() == (("service.name", "checkout"), ("host.name", "A"),
                                        ("process.pid", 100), ("process.executable.name", "python3"))
+
+
+def test_a_method_outside_the_known_set_is_exported_as_other(store: StateStore) -> None:
+    """The conventions' _OTHER: a method token anyone can invent (WebDAV's, a scanner's) names
+    no span; the token is kept in http.request.method_original, and the hop still joins by it."""
+    def dav(role: str, **kw: Any) -> pb.Event:
+        return E.http(role, method="PROPFIND", path="/dav", seq=77, cookie=next(_cookies), **kw)
+
+    spans, _ = run(store, {
+        "A": [srv("/a", 0, 100), dav("client", pid=100, tid=11, start=t(10), end=t(50),
+                                     local=(A_IP, 40000), remote=(B_IP, 80))],
+        "B": [dav("server", pid=200, tid=11, start=t(12), end=t(48), local=(B_IP, 80), remote=(A_IP, 40000)),
+              E.http("server", pid=200, tid=12, start=t(60), end=t(70), cookie=next(_cookies),
+                     local=(B_IP, 80), remote=(A_IP, 40001), method="PATCH", path="/p")]})
+    client, server = spans["C/dav@A"], spans["S/dav@B"]
+    for s in (client, server):
+        assert s.name == "HTTP /dav"
+        assert s.attr("http.request.method") == "_OTHER"
+        assert s.attr("http.request.method_original") == "PROPFIND"
+    assert server.parent_span_id == client.span_id and server.link == "cross_node"
+    patch = spans["S/p@B"]
+    assert (patch.name, patch.attr("http.request.method"), patch.attr("http.request.method_original")) == (
+        "PATCH /p", "PATCH", None)
 
 
 def test_the_process_own_resource_attributes_follow_weft_own(store: StateStore) -> None:

@@ -87,6 +87,12 @@ def test_a_client_span_gets_the_route_as_its_url_template_and_keeps_its_ids() ->
     assert span._replace(name=before.name, attributes=before.attributes) == before
 
 
+def test_a_method_outside_the_known_set_keeps_http_in_the_name() -> None:
+    other = _span("/users/42")._replace(name="HTTP /users/42")     # the engine's _OTHER naming
+    assert RouteNamer(RouteSettings(unmatched="heuristic")).rename(other).name == "HTTP /users/*"
+    assert RouteNamer(RouteSettings(unmatched="method")).rename(other).name == "HTTP"
+
+
 def test_a_request_without_a_request_line_keeps_its_name() -> None:
     span = _span("", method="")
     assert RouteNamer(RouteSettings(unmatched="method")).rename(span) is span
