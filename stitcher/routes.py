@@ -14,8 +14,10 @@ span names and span-metrics pipelines make one series per name, so an API whose 
   conventions do when no route is known.
 
 A server span gets the route as `http.route`, a client span as `url.template` (the conventions'
-names); `url.path` always keeps the path itself. A route from `heuristic` is a guess, not the
-application's own route table, so `patterns` should name the routes that matter.
+names); `url.path` keeps the path itself unless `scrub_paths` is on: then `url.path` and the path
+in `url.full` carry the route too, so no id, token or email in a path leaves the stitcher (it
+needs `unmatched: heuristic`, which gives every path a route). A route from `heuristic` is a
+guess, not the application's own route table, so `patterns` should name the routes that matter.
 
 Renaming runs as a sink in front of the exporter, after the join: it changes no id and no link,
 so spans renamed by one worker and not by another (a changed setting) still form one trace.
@@ -46,11 +48,16 @@ _LONG_TOKEN = 32     # a segment this long is a token, digits or not
 class RouteSettings:
     patterns: str | list[str] = ""    # YAML list, or comma-separated (WEFT_ROUTES_PATTERNS)
     unmatched: str = "path"
+    scrub_paths: bool = False         # url.path / url.full carry the route, not the path
 
     def validate(self) -> RouteSettings:
         if self.unmatched not in UNMATCHED_MODES:
             raise ConfigError(f"routes.unmatched={self.unmatched!r}: "
                               f"expected one of {', '.join(UNMATCHED_MODES)}")
+        if self.scrub_paths and self.unmatched != "heuristic":
+            # else a path no pattern matches would go out as it came, ids and all
+            raise ConfigError(f"routes.scrub_paths needs routes.unmatched=heuristic (not "
+                              f"{self.unmatched!r}), so that every path has a route to replace it")
         for pattern in self.pattern_list():
             error = pattern_error(pattern)
             if error:
@@ -70,7 +77,8 @@ class RouteSettings:
         matched = f"by {count} route pattern{'s' if count != 1 else ''}, else " if count else ""
         rest = {"path": "by method and path", "heuristic": "by method and path with ids replaced by *",
                 "method": "by method alone"}[self.unmatched]
-        return f"{matched}{rest}"
+        scrubbed = "; url.path and url.full carry the route" if self.scrub_paths else ""
+        return f"{matched}{rest}{scrubbed}"
 
 
 def looks_like_id(segment: str) -> bool:
@@ -114,11 +122,23 @@ class RouteNamer:
             return span
         key = "http.route" if span.kind == "SERVER" else "url.template"
         attrs: tuple[tuple[str, AttrValue], ...] = (*span.attributes, (key, route))
+        if self.settings.scrub_paths:
+            attrs = tuple(_scrubbed(k, v, path, route) for k, v in attrs)
         return span._replace(name=f"{method} {route}", attributes=attrs)
 
     def rename_all(self, spans: Sequence[Span]) -> list[Span]:
         rename = self.rename
         return [rename(s) for s in spans]
+
+
+def _scrubbed(key: str, value: AttrValue, path: str, route: str) -> tuple[str, AttrValue]:
+    """url.path, and the path at the end of url.full, as the route: what the conventions ask of
+    an instrumentation that can tell sensitive parts of a path (ids, tokens, emails)."""
+    if key == "url.path":
+        return key, route
+    if key == "url.full" and isinstance(value, str) and value.endswith(path):
+        return key, value[:len(value) - len(path)] + route
+    return key, value
 
 
 class RoutedSink(ForwardingSink):

@@ -1,7 +1,7 @@
 """`weft run` as a user types it: broker, Redis, this host's agent and the stitcher come up,
 a request on this host becomes a stitched client → server trace in run_dir/traces.jsonl, and
 SIGTERM stops exactly what it started. The export settings reach it from the environment: span
-names by route (heuristic), and a probe route whose traces are left out."""
+names by route (heuristic) with the paths scrubbed, and a probe route whose traces are left out."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "weft-run.out"
     probe = f"/probe-{_word()}"
     env = {**os.environ, "WEFT_RUN_DIR": str(tmp_path / "run"), "WEFT_ROUTES_UNMATCHED": "heuristic",
-           "WEFT_ENGINE_IGNORE_ROUTES": probe}
+           "WEFT_ROUTES_SCRUB_PATHS": "true", "WEFT_ENGINE_IGNORE_ROUTES": probe}
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
     with open(log, "w") as out:
@@ -59,7 +59,7 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
         _wait_output(weft, log, "Ctrl-C stops it.", 300)
         assert "weft show --last 10" in log.read_text()
         route = f"/weft-run-{_word()}/*"
-        path = route.replace("*", "4711")
+        path = route.replace("*", "alice@example.com")
         traces = tmp_path / "run" / "traces.jsonl"
         deadline = time.monotonic() + 60
         # The server may still be binding: curl retries until it answers once. The probe first:
@@ -67,15 +67,17 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
         for target in (probe, path):
             subprocess.run(["curl", "-s", "-o", "/dev/null", "--retry", "20", "--retry-connrefused",
                             "--retry-delay", "0", f"http://127.0.0.1:{port}{target}"], check=True, timeout=30)
-        while set(_spans_with_path(traces, path)) != {"CLIENT", "SERVER"}:
-            assert time.monotonic() < deadline, f"no client+server spans for {path} in {traces}"
+        while set(_spans_with_path(traces, route)) != {"CLIENT", "SERVER"}:   # url.path scrubbed
+            assert time.monotonic() < deadline, f"no client+server spans for {route} in {traces}"
             time.sleep(0.5)
-        spans = _spans_with_path(traces, path)
+        spans = _spans_with_path(traces, route)
         client, server_span = spans["CLIENT"], spans["SERVER"]
         assert server_span.parent_span_id == client.span_id
         assert server_span.trace_id == client.trace_id
         assert (server_span.name, server_span.attributes["http.route"]) == (f"GET {route}", route)
         assert (client.name, client.attributes["url.template"]) == (f"GET {route}", route)
+        assert client.attributes["url.full"].endswith(f"{port}{route}")
+        assert "alice" not in traces.read_text()
         assert _spans_with_path(traces, probe) == {}
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.pid")]
     finally:

@@ -93,6 +93,20 @@ def test_a_method_outside_the_known_set_keeps_http_in_the_name() -> None:
     assert RouteNamer(RouteSettings(unmatched="method")).rename(other).name == "HTTP"
 
 
+def test_scrub_paths_puts_the_route_in_url_path_and_url_full() -> None:
+    settings = RouteSettings(patterns=["/users/{id}"], unmatched="heuristic", scrub_paths=True)
+    server = RouteNamer(settings).rename(_span("/u/alice@example.com/orders/4711"))
+    assert server.attr("url.path") == server.attr("http.route") == "/u/*/orders/*"
+    client = _span("/users/42", kind="CLIENT")._replace(
+        attributes=(("http.request.method", "GET"), ("url.path", "/users/42"),
+                    ("url.full", "http://api.shop:8080/users/42")))
+    renamed = RouteNamer(settings).rename(client)
+    assert (renamed.attr("url.path"), renamed.attr("url.full"), renamed.attr("url.template")) == (
+        "/users/{id}", "http://api.shop:8080/users/{id}", "/users/{id}")
+    assert "scrub" not in RouteSettings().describe() and settings.describe().endswith(
+        "; url.path and url.full carry the route")
+
+
 def test_a_request_without_a_request_line_keeps_its_name() -> None:
     span = _span("", method="")
     assert RouteNamer(RouteSettings(unmatched="method")).rename(span) is span
@@ -153,6 +167,8 @@ def test_settings_from_yaml_and_env(tmp_path: Path) -> None:
     ({"WEFT_ROUTES_PATTERNS": "users/{id}"}, "routes.patterns: 'users/{id}' must start with /"),
     ({"WEFT_ROUTES_PATTERNS": "/a/*/b"}, "routes.patterns: '/a/*/b': * may only be the last segment"),
     ({"WEFT_ROUTES_PATTERNS": "/a/b*"}, "routes.patterns: '/a/b*': * may only be the last segment"),
+    ({"WEFT_ROUTES_SCRUB_PATHS": "true"}, "routes.scrub_paths needs routes.unmatched=heuristic (not 'path'), "
+                                          "so that every path has a route to replace it"),
 ])
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
