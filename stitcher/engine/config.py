@@ -30,6 +30,11 @@ class EngineConfig:
     # traces are not exported when such a request is the first of its trace (health checks)
     ignore_routes: str | list[str] = ""
 
+    def describe_ignored(self) -> str:
+        """One line for the log, "" when no route is ignored."""
+        routes = split_list(self.ignore_routes)
+        return f"traces that begin at {', '.join(routes)} are not exported" if routes else ""
+
     def validate(self) -> EngineConfig:
         for name in ("max_request_s", "in_process_wait_s", "skew_s", "node_timeout_s", "max_trace_duration_s",
                      "due_bucket_s"):

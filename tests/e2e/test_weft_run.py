@@ -78,6 +78,10 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert (client.name, client.attributes["url.template"]) == (f"GET {route}", route)
         assert client.attributes["url.full"].endswith(f"{port}{route}")
         assert "alice" not in traces.read_text()
+        stitch_log = (tmp_path / "run" / "logs" / "stitch.log").read_text()
+        assert f"ignored routes: traces that begin at {probe} are not exported" in stitch_log
+        assert ("span names: by method and path with ids replaced by *; "
+                "url.path and url.full carry the route") in stitch_log
         assert _spans_with_path(traces, probe) == {}
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.pid")]
     finally:

@@ -344,6 +344,9 @@ def test_a_trace_that_begins_at_an_ignored_route_is_left_out_whole(store: StateS
 def test_ignore_routes_are_checked_at_start() -> None:
     with pytest.raises(ConfigError, match=r"^engine.ignore_routes: 'healthz' must start with /$"):
         Engine(MemoryStateStore(), EngineConfig(ignore_routes=["/ok", "healthz"]))
+    described = EngineConfig(ignore_routes="/a, /b/*").describe_ignored()
+    assert described == "traces that begin at /a, /b/* are not exported"
+    assert EngineConfig().describe_ignored() == ""
 
 
 def test_ids_are_functions_of_the_events(store: StateStore) -> None:
