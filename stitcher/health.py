@@ -41,13 +41,17 @@ class WorkerHealth:
 
     def live(self) -> tuple[bool, str]:
         now = self._clock()
-        if self.running_since is None:   # Faust is starting (joining a broker may take a while)
+        batch_at = self._progress.last_batch_at
+        # A joined batch ran on the event loop too: Faust may start its timers (the beat) only
+        # once a rebalance settles, while the worker already joins batches.
+        since = self.running_since if self.running_since is not None else batch_at
+        if not since:   # Faust is starting (joining a broker may take a while)
             return True, f"starting for {now - self.created_at:.0f} s"
-        quiet = now - self.beat_at
+        quiet = now - max(self.beat_at, batch_at)
         if quiet > self.stall_s:
             return False, f"the worker's event loop has not run for {quiet:.0f} s"
         waiting = self._lag.total
-        idle = now - max(self._progress.last_batch_at, self.running_since)
+        idle = now - max(batch_at, since)
         if waiting and idle > self.stall_s:
             return False, (f"{waiting} messages wait on its partitions and no batch was joined "
                            f"for {idle:.0f} s")

@@ -42,6 +42,19 @@ class _Progress:
     last_batch_at: float = 0.0
 
 
+def test_a_worker_that_joins_batches_is_running_before_its_first_beat() -> None:
+    # Faust starts timers late after a rebalance; the batches show the loop runs meanwhile
+    now = [1000.0]
+    progress = _Progress()
+    health = WorkerHealth(progress, ConsumerLag(threshold=20), stall_s=60, clock=lambda: now[0])
+    now[0] += 8
+    assert health.live() == (True, "starting for 8 s")
+    progress.last_batch_at = now[0] - 0.5
+    assert health.live() == (True, "0 messages behind, last batch 0.5 s ago")
+    now[0] += 100        # then nothing: no batch, and still no beat
+    assert health.live() == (False, "the worker's event loop has not run for 100 s")
+
+
 def test_a_worker_is_stuck_when_its_loop_stops_or_it_is_behind_and_joins_nothing() -> None:
     now = [1000.0]
     progress, lag = _Progress(), ConsumerLag(threshold=20)
