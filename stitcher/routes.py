@@ -94,7 +94,7 @@ class RouteNamer:
 
     def __init__(self, settings: RouteSettings) -> None:
         self.settings = settings.validate()
-        self._patterns = PathPatterns(settings.pattern_list())
+        self._patterns = PathPatterns(settings.pattern_list(), cached=False)   # `route` caches
         self.route = lru_cache(maxsize=65536)(self._route)
 
     def _route(self, path: str) -> str | None:

@@ -40,10 +40,11 @@ def split_list(value: str | Sequence[str]) -> list[str]:
 
 
 class PathPatterns:
-    def __init__(self, patterns: Sequence[str]) -> None:
+    def __init__(self, patterns: Sequence[str], *, cached: bool = True) -> None:
+        """`cached`: remember each path's answer (off for a caller that caches its own)."""
         self.patterns = list(patterns)
         self._compiled = [(p, segments(p) or []) for p in self.patterns]
-        self.match = lru_cache(maxsize=65536)(self._match)
+        self.match = lru_cache(maxsize=65536)(self._match) if cached else self._match
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
