@@ -28,8 +28,9 @@
  *     Times: a read is timed once its bytes are in the user buffer, a write when TCP starts
  *     queueing it (its bytes can be read before the call returns), so client start <= server
  *     start <= server end <= client end on one clock.
- *   request line: method and path; the path is cut at '?' or '#' here, so a query string
- *     never leaves the kernel. Headers: only Host, traceparent and tracestate are copied.
+ *   request line: method, path and version; the path is cut at '?' or '#' here, so a query
+ *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
+ *     none. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
  *   end = the call that wrote (server) / read (client) the last response byte, known from
  *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
@@ -89,6 +90,11 @@ enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
 #define F_PATH_TRUNCATED 1
 #define F_NO_RESPONSE 2
 #define F_PIPELINED 4
+#define F_HTTP_1_0 16
+#define F_HTTP_1_1 32
+/* "HTTP/1.0" and "HTTP/1.1" as one little-endian word */
+#define HTTP_1_0_WORD 0x302E312F50545448ULL
+#define HTTP_1_1_WORD 0x312E312F50545448ULL
 
 /* One request as it travels to user space: the tail of struct http_rec. */
 struct req {
@@ -640,6 +646,14 @@ static __always_inline int request_word(struct conn *c, char *s, struct parse_ct
         u32 j = nl ? first_flagged(nl) : 8;
         if (!j)
             return 0;
+        if (st == RQ_VERSION && c->rq_vlen < 8) {
+            /* the version's first 8 bytes: whole in this word, or else byte by byte */
+            if (c->rq_vlen || j < 8)
+                return 0;
+            struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
+            r->flags |= w == HTTP_1_1_WORD ? F_HTTP_1_1 : w == HTTP_1_0_WORD ? F_HTTP_1_0 : 0;
+            c->rq_vlen = 8;
+        }
         p->pos = i + j;
         return 1;
     }
@@ -785,6 +799,13 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                 }
             }
         } else if (st == RQ_VERSION) {
+            u8 v = c->rq_vlen; /* bytes of "HTTP/1." matched so far; 8: past the version */
+            if (v < 7)
+                c->rq_vlen = ch == (u8)(HTTP_1_1_WORD >> (v * 8)) ? v + 1 : 8;
+            else if (v == 7) {
+                r->flags |= ch == '1' ? F_HTTP_1_1 : ch == '0' ? F_HTTP_1_0 : 0;
+                c->rq_vlen = 8;
+            }
             if (ch == '\n') {
                 p->inj_begin = 1; /* WEFT-INJECT */
                 c->rq_state = RQ_HNAME;

@@ -67,6 +67,10 @@ class _HttpFlagEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HttpFlag.Val
     """request arrived behind another unanswered one"""
     HTTP_FLAG_SEQ_ESTIMATED: _HttpFlag.ValueType  # 8
     """seq derived from a byte count, not read from tcp_sock"""
+    HTTP_FLAG_HTTP_1_0: _HttpFlag.ValueType  # 16
+    """request line said HTTP/1.0"""
+    HTTP_FLAG_HTTP_1_1: _HttpFlag.ValueType  # 32
+    """request line said HTTP/1.1 (neither flag: another version, or"""
 
 class HttpFlag(_HttpFlag, metaclass=_HttpFlagEnumTypeWrapper):
     """Bit flags on HttpRequest.flags."""
@@ -80,6 +84,10 @@ HTTP_FLAG_PIPELINED: HttpFlag.ValueType  # 4
 """request arrived behind another unanswered one"""
 HTTP_FLAG_SEQ_ESTIMATED: HttpFlag.ValueType  # 8
 """seq derived from a byte count, not read from tcp_sock"""
+HTTP_FLAG_HTTP_1_0: HttpFlag.ValueType  # 16
+"""request line said HTTP/1.0"""
+HTTP_FLAG_HTTP_1_1: HttpFlag.ValueType  # 32
+"""request line said HTTP/1.1 (neither flag: another version, or"""
 Global___HttpFlag: _TypeAlias = HttpFlag  # noqa: Y015
 
 class _RecordCompression:

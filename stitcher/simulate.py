@@ -343,7 +343,8 @@ class Simulation:
             "server", pid=svc.pid, tid=req.tid, goid=req.goid, start=start, end=end, cookie=req.cookie,
             local=(svc.ip, svc.port), remote=(client_ip, port), seq=seq, path=f"/{svc.name}",
             host=f"{svc.name}:{svc.port}", traceparent=traceparent,
-            status=500 if (req.start // US) % 97 == 0 else 200))
+            status=500 if (req.start // US) % 97 == 0 else 200,
+            version="1.0" if call is None and port % 11 == 0 else "1.1"))  # some outside clients: 1.0
         sid = self._sid(node, svc.pid, req.cookie, pb.ROLE_SERVER, start)
         if req.foreign_tp:
             parent, hop = req.foreign_tp.split("-")[2], "traceparent"
@@ -366,7 +367,7 @@ class Simulation:
             "client", pid=caller.pid, tid=call.tid, goid=call.goid, start=start, end=end,
             cookie=call.cookie, local=(caller.ip, call.port), remote=remote,
             seq=call.seq if call.seq_ok else None, path=f"/{target.name}",
-            host=f"{target.name}:{remote[1]}", injected=call.injected, status=200))
+            host=f"{target.name}:{remote[1]}", injected=call.injected, status=200, version="1.1"))
         # a request Weft injected into is exported with the span id it put on the wire
         sid = call.injected.split("-")[2] if call.injected else self._sid(
             node, caller.pid, call.cookie, pb.ROLE_CLIENT, start)

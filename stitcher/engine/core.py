@@ -1056,7 +1056,7 @@ def _remote_mark(traceparent: str) -> str:
 def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
     # runs once per span: fields are unpacked once, the attributes built as one tuple
     (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, path, host, _, _,
-     status) = ev
+     status, version) = ev
     parent, link, _ext, flag = dec.split("|")
     trace, _, _, split = tr.split("|")
     remote_sampled = _REMOTE_MARKS.get(split)
@@ -1084,6 +1084,8 @@ def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
         attrs = (*head, ("url.full", f"http://{authority}{path}"), ("server.address", host or remote_ip),
                  ("server.port", rport), ("network.peer.address", remote_ip), ("network.peer.port", rport),
                  ("weft.link", link))
+    if version:
+        attrs += (("network.protocol.version", version),)
     if method == "_OTHER" and ev.method:
         attrs += (("http.request.method_original", ev.method),)
     if flag:

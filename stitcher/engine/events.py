@@ -22,12 +22,17 @@ def tuple_of(local: Endpoint, remote: Endpoint) -> pb.Tuple:
 def http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
          local: Endpoint, remote: Endpoint, seq: int | None = None, method: str = "GET",
          path: str = "/", host: str = "", traceparent: str = "", injected: str = "",
-         status: int = 200, goid: int = 0) -> pb.Event:
+         status: int = 200, goid: int = 0, version: str = "") -> pb.Event:
     return wrap(pb.HttpRequest(
         role=pb.ROLE_SERVER if role == "server" else pb.ROLE_CLIENT, start_ns=start, end_ns=end,
         pid=pid, tid=tid, goid=goid, sock_cookie=cookie, tuple=tuple_of(local, remote),
         tcp_seq=seq or 0, has_seq=seq is not None, method=method, path=path, host=host,
-        traceparent=traceparent, status=status, injected_traceparent=injected))
+        traceparent=traceparent, status=status, injected_traceparent=injected,
+        flags=_VERSION_FLAG[version]))
+
+
+# the request line's version as the agent flags it ("": not known)
+_VERSION_FLAG = {"": 0, "1.0": pb.HTTP_FLAG_HTTP_1_0, "1.1": pb.HTTP_FLAG_HTTP_1_1}
 
 
 def lost_http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,

@@ -125,7 +125,10 @@ def parse_proc_record(value: str) -> ProcRecord:
 
 _new_tuple = tuple.__new__   # builds a NamedTuple from its values without the keyword-handling __new__
 # Http.encode's format: str fields %s, int fields (and has_seq, a bool) %d, in field order
-_ENCODING = SEP.join(("%s", *["%d"] * 7, "%s", "%d", "%s", *["%d"] * 3, *["%s"] * 5, "%d"))
+_ENCODING = SEP.join(("%s", *["%d"] * 7, "%s", "%d", "%s", *["%d"] * 3, *["%s"] * 5, "%d", "%s"))
+# the request line's version, from the agent's HttpFlag bits (neither: not known)
+_VERSION_FLAGS = pb.HTTP_FLAG_HTTP_1_0 | pb.HTTP_FLAG_HTTP_1_1
+_VERSIONS: dict[int, str] = {pb.HTTP_FLAG_HTTP_1_0: "1.0", pb.HTTP_FLAG_HTTP_1_1: "1.1"}
 
 
 class Http(NamedTuple):
@@ -151,6 +154,7 @@ class Http(NamedTuple):
     traceparent: str
     injected: str
     status: int
+    version: str = ""   # "1.0" / "1.1"; empty in state written before the agent sent it
 
     @classmethod
     def from_pb(cls, node: str, h: pb.HttpRequest) -> Http:
@@ -169,7 +173,8 @@ class Http(NamedTuple):
             inj = inj.replace(SEP, "?")
         return _new_tuple(cls, (node, h.role, h.pid, h.tid, h.goid, h.start_ns, h.end_ns, h.sock_cookie,
                                 t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port,
-                                h.has_seq, h.tcp_seq, method, path, host, tp, inj, h.status))
+                                h.has_seq, h.tcp_seq, method, path, host, tp, inj, h.status,
+                                _VERSIONS.get(h.flags & _VERSION_FLAGS, "")))
 
     def encode(self) -> str:
         # the fields in order, SEP-separated (has_seq as 1/0): %-formatting the tuple as it is
@@ -181,7 +186,8 @@ class Http(NamedTuple):
         f = text.split(SEP)
         return cls(f[0], int(f[1]), int(f[2]), int(f[3]), int(f[4]), int(f[5]), int(f[6]),
                    int(f[7]), f[8], int(f[9]), f[10], int(f[11]), f[12] == "1", int(f[13]),
-                   f[14], f[15], f[16], f[17], f[18], int(f[19]))
+                   f[14], f[15], f[16], f[17], f[18], int(f[19]),
+                   f[20] if len(f) > 20 else "")   # 20 fields: written by an older stitcher
 
     @property
     def fingerprint(self) -> str:

@@ -77,6 +77,9 @@ def test_run_traces_this_host_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert (server_span.name, server_span.attributes["http.route"]) == (f"GET {route}", route)
         assert (client.name, client.attributes["url.template"]) == (f"GET {route}", route)
         assert client.attributes["url.full"].endswith(f"{port}{route}")
+        # curl's request line, read by the kernel on both ends
+        assert client.attributes["network.protocol.version"] == server_span.attributes[
+            "network.protocol.version"] == "1.1"
         assert "alice" not in traces.read_text()
         stitch_log = (tmp_path / "run" / "logs" / "stitch.log").read_text()
         assert f"ignored routes: traces that begin at {probe} are not exported" in stitch_log

@@ -131,7 +131,7 @@ def test_curl_each_server(probe: LoadedProbe, workdir: Path, kind: str) -> None:
         assert s.host == f"127.0.0.1:{srv.port}"
         assert s.traceparent == TRACEPARENT and s.tracestate == "weft=1"
         assert s.tuple.local_addr == socket.inet_aton("127.0.0.1")
-        assert s.flags == 0 and s.end_ns > s.start_ns
+        assert s.flags == pb.HTTP_FLAG_HTTP_1_1 and s.end_ns > s.start_ns
         if kind != "nginx":  # nginx serves from a worker process
             assert s.pid == srv.pid
     assert_pairs(servers, clients)
@@ -218,8 +218,14 @@ def test_request_split_byte_by_byte(probe: LoadedProbe, workdir: Path) -> None:
     with running("python", workdir) as srv:
         req = f"GET /split?q=1 HTTP/1.1\r\nHost: bytes\r\ntraceparent: {TRACEPARENT}\r\n\r\n".encode()
         raw_exchange(srv, [req[i : i + 1] for i in range(len(req))], 1)
-        (server,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
-        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+        old = b"GET /old HTTP/1.0\r\n\r\n"
+        raw_exchange(srv, [old[i : i + 1] for i in range(len(old))], 1)
+        server, server_old = requests_on(probe, srv.port, pb.ROLE_SERVER, 2)
+        client, client_old = requests_on(probe, srv.port, pb.ROLE_CLIENT, 2)
+    # the version, byte by byte too
+    assert server.flags == client.flags == pb.HTTP_FLAG_HTTP_1_1
+    assert (server_old.path, server_old.flags, client_old.flags) == (
+        "/old", pb.HTTP_FLAG_HTTP_1_0, pb.HTTP_FLAG_HTTP_1_0)
     assert (server.method, server.path, server.host, server.traceparent, server.status) == (
         "GET",
         "/split",
@@ -227,7 +233,7 @@ def test_request_split_byte_by_byte(probe: LoadedProbe, workdir: Path) -> None:
         TRACEPARENT,
         200,
     )
-    assert_pairs([server], [client])
+    assert_pairs([server, server_old], [client, client_old])
 
 
 def test_16k_header(probe: LoadedProbe, workdir: Path) -> None:
@@ -480,9 +486,9 @@ def test_response_bodies_in_several_writes_end_at_their_last_byte(probe: LoadedP
     servers = requests_on(probe, port, pb.ROLE_SERVER, 3)
     clients = requests_on(probe, port, pb.ROLE_CLIENT, 3)
     assert [(s.path, s.status, s.flags) for s in servers] == [
-        ("/cl", 200, 0),
-        ("/ch", 201, 0),
-        ("/after", 200, 0),
+        ("/cl", 200, pb.HTTP_FLAG_HTTP_1_1),
+        ("/ch", 201, pb.HTTP_FLAG_HTTP_1_1),
+        ("/after", 200, pb.HTTP_FLAG_HTTP_1_1),
     ]
     pause_ns = int(_PAUSE_S * 1e9)
     for s, c in zip(servers[:2], clients[:2], strict=True):

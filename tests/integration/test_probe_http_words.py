@@ -4,8 +4,9 @@ The kernel parser takes a whole word where none of its 8 bytes changes the parse
 falls back to single bytes elsewhere (bpf/http_tracer.bpf.c, "8 bytes at a time"). These tests
 send seeded random requests and responses — header names of every length around the 8- and
 16-byte marks in mixed case, paths and Host/traceparent/tracestate values around their kept
-lengths, query strings, bare LF line ends — cut into random writes, and compare every record,
-server and client side, with what a plain byte-by-byte reading of the same bytes keeps.
+lengths, query strings, bare LF line ends, request-line versions — cut into random writes, and
+compare every record, server and client side, with what a plain byte-by-byte reading of the
+same bytes keeps.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Exchange:
     traceparent: str
     tracestate: str
     status: int
+    version_flag: int   # HttpFlag bit of the request line's version (0: neither 1.0 nor 1.1)
+
+
+# request-line versions and the flag each must give; mostly 1.1, as real clients send
+VERSIONS = {"HTTP/1.1": pb.HTTP_FLAG_HTTP_1_1, "HTTP/1.0": pb.HTTP_FLAG_HTTP_1_0, "HTTP/1.9": 0,
+            "HTTP/2.0": 0, "HTTP/0.9": 0, "HTTX/1.1": 0}
 
 
 def _word(rng: random.Random, chars: str, n: int) -> str:
@@ -76,7 +83,8 @@ def exchange(rng: random.Random) -> Exchange:
         if name.lower() not in ("host", "traceparent", "tracestate", "content-length", "transfer-encoding"):
             headers.append((name, " " + _value(rng, rng.randint(0, 50))))
     rng.shuffle(headers)
-    request = (f"{method} {target} HTTP/1.1{eol}"
+    version = "HTTP/1.1" if rng.random() < 0.6 else rng.choice(list(VERSIONS))
+    request = (f"{method} {target} {version}{eol}"
                + "".join(f"{k}:{v}{eol}" for k, v in headers) + eol).encode()
 
     status = rng.choice([200, 201, 404, 500, 302])
@@ -93,7 +101,7 @@ def exchange(rng: random.Random) -> Exchange:
     has_tp = any(k.lower() == "traceparent" for k, _ in headers)
     has_ts = any(k.lower() == "tracestate" for k, _ in headers)
     return Exchange(request, response, method, path[:PATH_MAX], len(path) > PATH_MAX, host[:HOST_MAX],
-                    tp[:TP_MAX] if has_tp else "", ts[:TS_MAX] if has_ts else "", status)
+                    tp[:TP_MAX] if has_tp else "", ts[:TS_MAX] if has_ts else "", status, VERSIONS[version])
 
 
 def send_in_pieces(sock: socket.socket, data: bytes, rng: random.Random) -> None:
@@ -185,8 +193,9 @@ def test_records_keep_what_a_byte_by_byte_reading_keeps(probe: LoadedProbe, seed
         got = records(role)
         assert len(got) == len(exchanges)
         for i, (ex, r) in enumerate(zip(exchanges, got, strict=True)):
-            want = (ex.method, ex.path, ex.truncated, ex.host, ex.traceparent, ex.tracestate, ex.status)
+            want = (ex.method, ex.path, ex.truncated, ex.host, ex.traceparent, ex.tracestate, ex.status,
+                    ex.version_flag)
             seen = (r.method, r.path, bool(r.flags & pb.HTTP_FLAG_PATH_TRUNCATED), r.host, r.traceparent,
-                    r.tracestate, r.status)
+                    r.tracestate, r.status, r.flags & (pb.HTTP_FLAG_HTTP_1_0 | pb.HTTP_FLAG_HTTP_1_1))
             assert seen == want, f"seed {seed} exchange {i} role {role}: {ex.request!r} / {ex.response!r}"
             assert r.end_ns >= r.start_ns > 0 and not r.flags & pb.HTTP_FLAG_NO_RESPONSE

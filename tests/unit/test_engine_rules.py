@@ -377,15 +377,17 @@ def test_span_status_follows_the_http_conventions(store: StateStore) -> None:
 
 def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
     """The HTTP conventions' attributes, required ones included (url.scheme on a server span,
-    url.full on a client span, error.type with the status code of a failed call)."""
-    def call(path: str, remote: tuple[str, int], host: str, status: int) -> pb.Event:
+    url.full on a client span, error.type with the status code of a failed call), and
+    network.protocol.version when the agent read it from the request line."""
+    def call(path: str, remote: tuple[str, int], host: str, status: int, version: str = "") -> pb.Event:
         return E.http("client", pid=100, tid=11, start=t(2), end=t(8), cookie=next(_cookies),
-                      local=(A_IP, 40001), remote=remote, path=path, host=host, status=status)
+                      local=(A_IP, 40001), remote=remote, path=path, host=host, status=status,
+                      version=version)
 
     spans, _ = run(store, {"A": [E.process(100, "checkout", "python3", t(-1000)),
                                  srv("/pay", 0, 10, status=503, remote=("192.0.2.7", 5555)),
-                                 call("/quote", ("2001:db8::9", 8080), "", 404),
-                                 call("/stock", (B_IP, 80), "stock.shop", 200),
+                                 call("/quote", ("2001:db8::9", 8080), "", 404, "1.0"),
+                                 call("/stock", (B_IP, 80), "stock.shop", 200, "1.1"),
                                  call("/v6", ("2001:db8::9", 80), "[2001:db8::9]:80", 200)]})
     s = spans["S/pay@A"]
     assert (s.kind, s.name, s.error) == ("SERVER", "GET /pay", True)
@@ -399,10 +401,12 @@ def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
         "http.request.method": "GET", "url.path": "/quote", "http.response.status_code": 404,
         "url.full": "http://[2001:db8::9]:8080/quote", "server.address": "2001:db8::9",
         "server.port": 8080, "network.peer.address": "2001:db8::9", "network.peer.port": 8080,
-        "weft.link": "thread", "error.type": "404"}
+        "weft.link": "thread", "network.protocol.version": "1.0", "error.type": "404"}
     assert (stock["url.full"], stock["server.address"], "error.type" in stock) == (
         "http://stock.shop/stock", "stock.shop", False)
+    assert stock["network.protocol.version"] == "1.1"
     assert (v6["url.full"], v6["server.address"]) == ("http://[2001:db8::9]:80/v6", "2001:db8::9")
+    assert "network.protocol.version" not in v6    # an agent older than the version flags
     assert s.resource.attributes() == (("service.name", "checkout"), ("host.name", "A"),
                                        ("process.pid", 100), ("process.executable.name", "python3"))
 
