@@ -61,11 +61,9 @@ The engine has no I/O and no clock: time is event time. `flush()` settles everyt
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from schemas import weft_events_pb2 as pb
 from stitcher.engine.config import EngineConfig
@@ -78,7 +76,7 @@ from stitcher.engine.lineage import (
     lineage_member,
     thread_incarnation,
 )
-from stitcher.engine.model import AttrValue, Resource, Span
+from stitcher.engine.model import Resource, Span
 from stitcher.engine.paths import PathPatterns, split_list
 from stitcher.engine.records import (
     ANY_FINGERPRINT,
@@ -99,13 +97,13 @@ from stitcher.engine.records import (
     inj_key,
     kids_key,
     n20,
-    parse_proc_record,
     proc_prefix,
     proc_record,
     seq_key,
     span_key,
     tuple_key,
 )
+from stitcher.engine.spans import CUT, SPLIT, http_span, process_resource
 from stitcher.engine.store import FLOOR_LIMIT, HSetNX, StateStore
 from stitcher.engine.txn import NotLoadedError, Txn, open_txn
 
@@ -121,6 +119,7 @@ _REMOTE_MARKS = {"r1": True, "r0": False}
 IGNORED_MARK = "ig"
 _INHERITED_MARKS = frozenset((*_REMOTE_MARKS, IGNORED_MARK))
 _IGNORED_TAIL = "|" + IGNORED_MARK
+_DETACHED = frozenset((SPLIT, CUT))   # ... or the span's own: it left its parent's trace
 
 
 @dataclass
@@ -156,14 +155,6 @@ _FrameHttp = tuple[str, Http, pb.HttpRequest]
 # a span just decided: (span id, record, parent span id, external trace id) — what its `dec`
 # field says, handed on so that trace resolution need not read and split it again
 _Decided = tuple[str, Http, str, str]
-
-
-@lru_cache(maxsize=65536)
-def _ip(hex_addr: str) -> str:
-    try:
-        return str(ipaddress.ip_address(bytes.fromhex(hex_addr)))
-    except ValueError:
-        return hex_addr
 
 
 class Engine:
@@ -367,7 +358,7 @@ class Engine:
             rec = self._event(txn, sid)
             if rec is not None:
                 trace = root_trace_id(bytes.fromhex(sid)).hex()
-                txn.hsetnx(span_key(sid), "tr", f"{trace}|0|{rec.start}|cut")
+                txn.hsetnx(span_key(sid), "tr", f"{trace}|0|{rec.start}|{CUT}")
                 cut.append((sid, rec))
         txn.srem(WAITING, tuple(stuck))
         self.stats.unresolved += len(roots)
@@ -838,7 +829,7 @@ class Engine:
         depth, root_start = int(depth_s) + 1, int(root_start_s)
         if depth > self._max_depth or rec.start - root_start > self._max_duration:
             self.stats.trace_splits += 1
-            split = IGNORED_MARK if mark == IGNORED_MARK else "split"    # still left out
+            split = IGNORED_MARK if mark == IGNORED_MARK else SPLIT    # still left out
             return f"{root_trace_id(bytes.fromhex(sid)).hex()}|0|{rec.start}|{split}"
         return f"{trace}|{depth}|{root_start}|{mark if mark in _INHERITED_MARKS else ''}"
 
@@ -939,9 +930,9 @@ class Engine:
                 (only,) = proc.items()
                 resource = resources.get((node, pid, only))
                 if resource is None:
-                    resource = resources[(node, pid, only)] = _resource(ev, proc)
+                    resource = resources[(node, pid, only)] = process_resource(ev, proc)
             else:
-                resource = _resource(ev, proc)
+                resource = process_resource(ev, proc)
             spans.append(_span(sid, ev, rec_fields["dec"], rec_fields["tr"], resource))
         if self.outbox and ready:
             txn.sadd(OUTBOX, tuple(sid for sid, _, _, _ in ready))
@@ -966,7 +957,7 @@ class Engine:
         if txn.batched:
             txn.load(hashes=[proc_prefix(ev.node, ev.pid) + ":proc" for _, ev, _ in ready])
         return [_span(sid, ev, rec_fields["dec"], rec_fields["tr"],
-                      _resource(ev, txn.hash(proc_prefix(ev.node, ev.pid) + ":proc")))
+                      process_resource(ev, txn.hash(proc_prefix(ev.node, ev.pid) + ":proc")))
                 for sid, ev, rec_fields in ready]
 
     def acknowledge(self, sids: Iterable[str]) -> None:
@@ -1037,88 +1028,14 @@ def _overlapping(intervals: list[tuple[int, int]]) -> bool:
     return False
 
 
-def _resource(ev: Http, proc: Mapping[str, str]) -> Resource:
-    """The process as it was when the request started (ProcessInfo again after exec)."""
-    if not proc:
-        return Resource("unknown_service", ev.node, ev.pid, "")
-    stamp = n20(ev.start)
-    before = [k for k in proc if k <= stamp]
-    chosen = max(before) if before else min(proc)
-    rec = parse_proc_record(proc[chosen])
-    return Resource(rec.service or rec.exe or "unknown_service", ev.node, ev.pid, rec.exe, rec.attrs)
-
-
 def _remote_mark(traceparent: str) -> str:
     sampled = traceparent_sampled(traceparent)
     return "" if sampled is None else "r1" if sampled else "r0"
 
 
 def _span(sid: str, ev: Http, dec: str, tr: str, resource: Resource) -> Span:
-    # runs once per span: fields are unpacked once, the attributes built as one tuple
-    (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, path, host, _, _,
-     status, version) = ev
+    """The span of a decided, traced request, from its record's `dec` and `tr` fields."""
     parent, link, _ext, flag = dec.split("|")
-    trace, _, _, split = tr.split("|")
-    remote_sampled = _REMOTE_MARKS.get(split)
-    remote_ip = _ip(raddr)
-    authority = host    # the Host header as sent: host[:port]
-    if host:
-        host = host[1:host.find("]")] if host[0] == "[" else host.rsplit(":", 1)[0]
-    if method in KNOWN_METHODS:
-        name = f"{method} {path}"
-    else:   # the conventions' _OTHER: a method token anyone can invent must not name spans
-        name = f"HTTP {path}" if method else "HTTP"
-        method = "_OTHER"
-    head: tuple[tuple[str, AttrValue], ...] = (
-        (("http.request.method", method), ("url.path", path), ("http.response.status_code", status))
-        if status else (("http.request.method", method), ("url.path", path)))
-    # Weft reads plain-text HTTP/1.x only: the scheme is always http.
-    if role == ROLE_SERVER:
-        attrs = (*head, ("url.scheme", "http"), ("server.address", host or _ip(laddr)),
-                 ("server.port", lport), ("client.address", remote_ip), ("client.port", rport),
-                 ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
-    else:
-        if not authority:
-            bracketed = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
-            authority = bracketed if rport == 80 else f"{bracketed}:{rport}"
-        attrs = (*head, ("url.full", f"http://{authority}{path}"), ("server.address", host or remote_ip),
-                 ("server.port", rport), ("network.peer.address", remote_ip), ("network.peer.port", rport),
-                 ("weft.link", link))
-    if version:
-        attrs += (("network.protocol.version", version),)
-    if method == "_OTHER" and ev.method:
-        attrs += (("http.request.method_original", ev.method),)
-    if flag:
-        attrs += ((f"weft.{flag}", True),)
-    if not status:   # no status line before the connection closed (HttpRequest NO_RESPONSE)
-        attrs += (("error.type", NO_RESPONSE_ERROR),)
-    elif _failed(role, status):   # the conventions' error.type for a failing status: the code
-        attrs += (("error.type", str(status)),)
-    if split == "split":
-        attrs += (("weft.split_from", parent),)
-        parent = ""
-    elif split == "cut":
-        attrs += (("weft.unresolved", True),)
-        parent = ""
-    return _new_tuple(Span, (bytes.fromhex(trace), bytes.fromhex(sid),
-                             bytes.fromhex(parent) if parent else b"",
-                             "SERVER" if role == ROLE_SERVER else "CLIENT", name, start, end, attrs, resource,
-                             _failed(role, status), remote_sampled))
-
-
-# The methods of RFC 9110 and RFC 5789 (PATCH), the OpenTelemetry HTTP conventions' known set;
-# any other method is exported as _OTHER, the token itself in http.request.method_original.
-KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
-
-# error.type of a request that got no response: the connection closed first (the client gave
-# up, the server closed without answering, a reset); the span ends at the close.
-NO_RESPONSE_ERROR = "no_response"
-
-
-def _failed(role: int, status: int) -> bool:
-    """The span's status is Error (OTel HTTP conventions): 5xx; 4xx on the client side, where
-    the call failed (a server answering 4xx did its job); no response at all."""
-    return status >= 500 or not status or (status >= 400 and role == ROLE_CLIENT)
-
-
-_new_tuple = tuple.__new__   # a NamedTuple from its values, without the keyword-handling __new__
+    trace, _, _, mark = tr.split("|")
+    return http_span(sid, ev, trace, parent, link, flag, mark if mark in _DETACHED else "",
+                     _REMOTE_MARKS.get(mark), resource)
