@@ -32,6 +32,8 @@
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
  *     none. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
+ *   another protocol: a connection that starts with the HTTP/2 preface, or switches protocols
+ *     (101: WebSocket, h2c upgrade), is not parsed any further (only its bytes are counted).
  *   end = the call that wrote (server) / read (client) the last response byte, known from
  *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
  *     HEAD, or else the next request on the connection or its close (end = last write/read).
@@ -75,6 +77,7 @@ enum http_stat {
     HST_NOT_HTTP = 5,
     HST_CONN_RING_FULL = 6, /* connection records lost (their own ring was full) */
     HST_UNMARKED = 7,       /* HTTP records lost with no lost-request marker either (both rings full) */
+    HST_OTHER_PROTOCOL = 8, /* connections that turned out to speak another protocol (h2c, upgrades) */
 };
 
 enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
@@ -194,7 +197,7 @@ struct conn {
     u8 chunked;
     u8 open_sent;
     u8 resp_started;
-    u8 pad;
+    u8 opaque; /* another protocol now (HTTP/2 preface, 101 Switching Protocols): bytes only counted */
     struct req q[NQ];
 #if WEFT_INJECT
     struct weft_tpctx qctx[NQ]; /* WEFT-INJECT: per queued request, like q (256 bytes: only then) */
@@ -769,6 +772,16 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
         struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
         if (st == RQ_METHOD) {
             if (ch == ' ') {
+                if (r->method_len == 3 && r->method[0] == 'P' && r->method[1] == 'R' && r->method[2] == 'I') {
+                    /* "PRI * HTTP/2.0": the HTTP/2 connection preface (h2c with prior knowledge,
+                     * plain-text gRPC); RFC 9113 reserved the method so that no HTTP/1 request
+                     * has it. Not a request: the connection is left alone from here on. */
+                    weft_stat(HST_OTHER_PROTOCOL);
+                    c->tail--;
+                    c->rq_state = RQ_IDLE;
+                    c->opaque = 1;
+                    return 1;
+                }
                 c->rq_state = RQ_PATH;
                 r->no_body = r->method_len == 4 && r->method[0] == 'H' && r->method[1] == 'E' &&
                              r->method[2] == 'A' && r->method[3] == 'D';
@@ -880,6 +893,12 @@ static __always_inline int bodiless(struct conn *c, u16 status)
 /* Headers of a response ended with `rest` bytes of this call after them: follow its framing. */
 static __always_inline void response_headers_done(struct conn *c, u16 status, u64 rest, u64 now)
 {
+    if (status == 101) { /* Switching Protocols (WebSocket, h2c upgrade): the request ends here */
+        response_done(c, now);
+        weft_stat(HST_OTHER_PROTOCOL);
+        c->opaque = 1;
+        return;
+    }
     if (status >= 100 && status < 200) { /* interim (100 Continue): the final response follows */
         c->rs_state = RS_IDLE;
         c->resp_started = 0;
@@ -1282,6 +1301,8 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         bpf_probe_read_kernel(&seq, 4, sk + WEFT_TCP_COPIED_SEQ_OFF);
         seq0 = seq - (u32)ret;
     }
+    if (c->opaque)
+        return 0;
     u64 buflen = 0;
     u64 buf = kind == CK_NODATA ? 0 : first_buffer(&a, kind, &buflen);
     if (c->rs_state == RS_BODY && c->t.role != ROLE_UNKNOWN &&

@@ -94,7 +94,7 @@ class HttpProbe:
     )
     stats_map = "stats"
     stat_names: Sequence[str] = ("ring_full", "conns_full", "queue_full", "unparsed", "adopted", "not_http",
-                                 "conn_ring_full", "unmarked")
+                                 "conn_ring_full", "unmarked", "other_protocol")
     blind_stats: Sequence[str] = ("unmarked",)  # an HTTP record lost, its marker too
 
     def cflags(self, ctx: ProbeContext) -> list[str]:
