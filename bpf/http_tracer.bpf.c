@@ -32,8 +32,9 @@
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
  *     none. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
- *   another protocol: a connection that starts with the HTTP/2 preface, or switches protocols
- *     (101: WebSocket, h2c upgrade), is not parsed any further (only its bytes are counted).
+ *   another protocol: a connection that starts with the HTTP/2 preface, switches protocols
+ *     (101: WebSocket, h2c upgrade) or becomes a tunnel (2xx to CONNECT) is not parsed any
+ *     further (only its bytes are counted).
  *   end = the call that wrote (server) / read (client) the last response byte, known from
  *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
  *     HEAD, or else the next request on the connection or its close (end = last write/read).
@@ -98,6 +99,7 @@ enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
 /* "HTTP/1.0" and "HTTP/1.1" as one little-endian word */
 #define HTTP_1_0_WORD 0x302E312F50545448ULL
 #define HTTP_1_1_WORD 0x312E312F50545448ULL
+#define CONNECT_WORD 0x005443454E4E4F43ULL /* "CONNECT" and the zero after it */
 
 /* One request as it travels to user space: the tail of struct http_rec. */
 struct req {
@@ -890,10 +892,18 @@ static __always_inline int bodiless(struct conn *c, u16 status)
     return c->head != c->tail && c->q[c->head & (NQ - 1)].no_body;
 }
 
+/* The request being answered is a CONNECT (a proxy's tunnel). */
+static __always_inline int answering_connect(struct conn *c)
+{
+    return c->head != c->tail && *(u64 *)c->q[c->head & (NQ - 1)].method == CONNECT_WORD;
+}
+
 /* Headers of a response ended with `rest` bytes of this call after them: follow its framing. */
 static __always_inline void response_headers_done(struct conn *c, u16 status, u64 rest, u64 now)
 {
-    if (status == 101) { /* Switching Protocols (WebSocket, h2c upgrade): the request ends here */
+    if (status == 101 || (status >= 200 && status < 300 && answering_connect(c))) {
+        /* Switching Protocols (WebSocket, h2c upgrade) or a tunnel open (RFC 9110 9.3.6): the
+         * request ends here, and what follows is another protocol */
         response_done(c, now);
         weft_stat(HST_OTHER_PROTOCOL);
         c->opaque = 1;

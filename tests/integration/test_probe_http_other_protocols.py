@@ -1,7 +1,8 @@
 """Connections that speak another protocol over a traced socket make no HTTP/1 records.
 
 Plain-text gRPC (HTTP/2 with prior knowledge) opens with the HTTP/2 preface, "PRI * HTTP/2.0";
-WebSocket and h2c upgrades switch with a 101. Without care the first would leave a bogus
+WebSocket and h2c upgrades switch with a 101; a proxy's CONNECT opens a tunnel with a 2xx.
+Without care the first would leave a bogus
 "PRI *" request that never gets a status line (a failed span per gRPC connection), and bytes
 inside a tunnel could be taken for requests. Each test scripts one such connection byte for
 byte between a raw server and a raw client, then one plain HTTP/1.1 exchange on a second
@@ -120,3 +121,22 @@ def test_a_switch_of_protocols_ends_the_request_and_the_tunnel_makes_no_record(p
         assert [(r.method, r.path, r.status, r.flags) for r in records] == [
             ("GET", "/ws", 101, pb.HTTP_FLAG_HTTP_1_1), ("GET", "/after", 200, pb.HTTP_FLAG_HTTP_1_1)]
     assert servers[0].tcp_seq == clients[0].tcp_seq
+
+
+def test_a_proxy_tunnel_ends_its_connect_and_makes_no_record_inside(probe: LoadedProbe) -> None:
+    connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    port = converse([("c", connect), ("s", b"HTTP/1.1 200 Connection Established\r\n\r\n"), *TUNNELLED])
+    servers, clients = _recorded(probe, port, 2)
+    for records in (servers, clients):
+        assert [(r.method, r.path, r.status) for r in records] == [
+            ("CONNECT", "example.com:443", 200), ("GET", "/after", 200)]
+
+
+def test_a_refused_connect_leaves_the_connection_http(probe: LoadedProbe) -> None:
+    connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    refused = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    port = converse([("c", connect), ("s", refused), *TUNNELLED])
+    servers, clients = _recorded(probe, port, 3)
+    for records in (servers, clients):
+        assert [(r.method, r.path, r.status) for r in records] == [
+            ("CONNECT", "example.com:443", 407), ("GET", "/inside", 200), ("GET", "/after", 200)]
