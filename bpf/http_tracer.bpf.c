@@ -78,7 +78,7 @@ enum http_stat {
     HST_NOT_HTTP = 5,
     HST_CONN_RING_FULL = 6, /* connection records lost (their own ring was full) */
     HST_UNMARKED = 7,       /* HTTP records lost with no lost-request marker either (both rings full) */
-    HST_OTHER_PROTOCOL = 8, /* connections that turned out to speak another protocol (h2c, upgrades) */
+    HST_OTHER_PROTOCOL = 8, /* connections that speak another protocol (h2c, upgrades, tunnels) */
 };
 
 enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
@@ -199,7 +199,7 @@ struct conn {
     u8 chunked;
     u8 open_sent;
     u8 resp_started;
-    u8 opaque; /* another protocol now (HTTP/2 preface, 101 Switching Protocols): bytes only counted */
+    u8 opaque; /* another protocol now (HTTP/2 preface, 101, CONNECT tunnel): bytes only counted */
     struct req q[NQ];
 #if WEFT_INJECT
     struct weft_tpctx qctx[NQ]; /* WEFT-INJECT: per queued request, like q (256 bytes: only then) */
@@ -774,7 +774,8 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
         struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
         if (st == RQ_METHOD) {
             if (ch == ' ') {
-                if (r->method_len == 3 && r->method[0] == 'P' && r->method[1] == 'R' && r->method[2] == 'I') {
+                if (r->method_len == 3 && r->method[0] == 'P' && r->method[1] == 'R' &&
+                    r->method[2] == 'I') {
                     /* "PRI * HTTP/2.0": the HTTP/2 connection preface (h2c with prior knowledge,
                      * plain-text gRPC); RFC 9113 reserved the method so that no HTTP/1 request
                      * has it. Not a request: the connection is left alone from here on. */
