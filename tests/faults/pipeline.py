@@ -123,10 +123,10 @@ class AgentPipeline:
         return proc
 
     def _wait_serving(self, name: str, port: int) -> None:
-        """Until the server in node `name` answers on `port` (curl retries a refused connect)."""
-        self.node(name).run(["curl", "-s", "-o", "/dev/null", "--retry", "30", "--retry-connrefused",
-                             "--retry-delay", "0", "--retry-max-time", "20", self.url(name, port)],
-                            check=True)
+        """Until the server in node `name` answers on `port` (a refused connect is retried for
+        20 s). Python, not curl: curl 7.88's retry loop here once died of SIGABRT (a fresh-clone
+        run of test_kafka_tls)."""
+        self.node(name).run([sys.executable, "-c", _WAIT_SERVING, self.url(name, port)], check=True)
 
     def serve_nginx(self, name: str, port: int) -> subprocess.Popen[bytes]:
         """nginx in node `name` answering 200 on every path (epoll, a large accept backlog:
@@ -217,3 +217,18 @@ def topic_values(bootstrap: str, topic: str, enough: Callable[[list[bytes]], boo
         return values
     finally:
         consumer.close()
+
+
+# argv[1]: a URL; exits 0 once it answers 200, raises after 20 s of refused connects
+_WAIT_SERVING = """
+import sys, time, urllib.request
+deadline = time.monotonic() + 20
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2).read()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.02)
+"""
