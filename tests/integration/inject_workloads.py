@@ -199,6 +199,8 @@ def _edge_cases() -> list[tuple[str, str, int, list[bytes]]]:
          [b"POST /spaces HTTP/1.1\r\nHost: t\r\nContent-Length:   3\r\n\r\nabc"]),
         ("ka-spaces-before-length", "inject", 1, [b"GET /after-spaces HTTP/1.1\r\nHost: t\r\n\r\n"]),
         ("shortest", "inject", 1, [b"GET / HTTP/1.1\r\n\r\n"]),
+        # the HTTP/2 preface's first part (plain-text gRPC): its request line is not HTTP/1.x
+        ("h2-preface", "none", 0, [b"PRI * HTTP/2.0\r\n\r\n"]),
     ]
     # a head ending exactly at the end of the bytes followed (1024); one whose blank line's LF is
     # past them (the line still goes in, then the injector gives up on the connection, as it
