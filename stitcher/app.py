@@ -717,8 +717,8 @@ def stitch_command(config_file: str | None, bootstrap: str | None, topic: str | 
         sink = OtlpSpanExporter()
     logger.info("sampling: %s", sampler.describe())
     logger.info("span names: %s", routes.describe())
-    if engine_config.describe_ignored():
-        logger.info("ignored routes: %s", engine_config.describe_ignored())
+    if ignored := engine_config.describe_ignored():
+        logger.info("ignored routes: %s", ignored)
     sink = sampled(routed(sink, routes), sampler)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     sys.argv = [sys.argv[0]]  # Faust's worker parses argv itself

@@ -245,8 +245,8 @@ def replay_command(config_file: str | None, bootstrap: str | None, topic: str | 
         click.echo(f"sampling: {sampler.describe()}", err=True)
     if routes.renames:
         click.echo(f"span names: {routes.describe()}", err=True)
-    if engine_config.describe_ignored():
-        click.echo(f"ignored routes: {engine_config.describe_ignored()}", err=True)
+    if ignored := engine_config.describe_ignored():
+        click.echo(f"ignored routes: {ignored}", err=True)
     sink = sampled(routed(sink, routes), sampler)
     try:
         result = replay(kafka, topic or kafka.raw_topic, state, sink, engine_config, stall_s)

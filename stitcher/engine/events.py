@@ -6,6 +6,7 @@ import ipaddress
 
 from schemas import weft_events_pb2 as pb
 from schemas.codec import wrap
+from stitcher.engine.records import HTTP_VERSIONS
 
 Endpoint = tuple[str, int]
 
@@ -32,7 +33,7 @@ def http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,
 
 
 # the request line's version as the agent flags it ("": not known)
-_VERSION_FLAG = {"": 0, "1.0": pb.HTTP_FLAG_HTTP_1_0, "1.1": pb.HTTP_FLAG_HTTP_1_1}
+_VERSION_FLAG = {"": 0, **{version: flag for flag, version in HTTP_VERSIONS.items()}}
 
 
 def lost_http(role: str, *, pid: int, tid: int, start: int, end: int, cookie: int,

@@ -128,7 +128,7 @@ _new_tuple = tuple.__new__   # builds a NamedTuple from its values without the k
 _ENCODING = SEP.join(("%s", *["%d"] * 7, "%s", "%d", "%s", *["%d"] * 3, *["%s"] * 5, "%d", "%s"))
 # the request line's version, from the agent's HttpFlag bits (neither: not known)
 _VERSION_FLAGS = pb.HTTP_FLAG_HTTP_1_0 | pb.HTTP_FLAG_HTTP_1_1
-_VERSIONS: dict[int, str] = {pb.HTTP_FLAG_HTTP_1_0: "1.0", pb.HTTP_FLAG_HTTP_1_1: "1.1"}
+HTTP_VERSIONS: dict[int, str] = {pb.HTTP_FLAG_HTTP_1_0: "1.0", pb.HTTP_FLAG_HTTP_1_1: "1.1"}
 
 
 class Http(NamedTuple):
@@ -174,7 +174,7 @@ class Http(NamedTuple):
         return _new_tuple(cls, (node, h.role, h.pid, h.tid, h.goid, h.start_ns, h.end_ns, h.sock_cookie,
                                 t.local_addr.hex(), t.local_port, t.remote_addr.hex(), t.remote_port,
                                 h.has_seq, h.tcp_seq, method, path, host, tp, inj, h.status,
-                                _VERSIONS.get(h.flags & _VERSION_FLAGS, "")))
+                                HTTP_VERSIONS.get(h.flags & _VERSION_FLAGS, "")))
 
     def encode(self) -> str:
         # the fields in order, SEP-separated (has_seq as 1/0): %-formatting the tuple as it is

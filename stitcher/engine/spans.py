@@ -76,9 +76,10 @@ def http_span(sid: str, ev: Http, trace: str, parent: str, link: str, flag: str,
         attrs += (("http.request.method_original", ev.method),)
     if flag:
         attrs += ((f"weft.{flag}", True),)
+    failed = _failed(role, status)
     if not status:   # no status line before the connection closed (HttpRequest NO_RESPONSE)
         attrs += (("error.type", NO_RESPONSE_ERROR),)
-    elif _failed(role, status):   # the conventions' error.type for a failing status: the code
+    elif failed:   # the conventions' error.type for a failing status: the code
         attrs += (("error.type", str(status)),)
     if detached == SPLIT:
         attrs += (("weft.split_from", parent),)
@@ -89,7 +90,7 @@ def http_span(sid: str, ev: Http, trace: str, parent: str, link: str, flag: str,
     return _new_tuple(Span, (bytes.fromhex(trace), bytes.fromhex(sid),
                              bytes.fromhex(parent) if parent else b"",
                              "SERVER" if role == ROLE_SERVER else "CLIENT", name, start, end, attrs, resource,
-                             _failed(role, status), remote_sampled))
+                             failed, remote_sampled))
 
 
 def _failed(role: int, status: int) -> bool:
