@@ -32,11 +32,14 @@
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
  *     none. Headers: only Host, traceparent and tracestate are copied.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
+ *     Interim responses (1xx but 101) are skipped: the request waits for its final one. A call
+ *     that holds more than one response (an interim and the final one, pipelined answers) is
+ *     parsed on past each complete one, within the bytes it copied.
  *   another protocol: a connection that starts with the HTTP/2 preface, switches protocols
  *     (101: WebSocket, h2c upgrade) or becomes a tunnel (2xx to CONNECT) is not parsed any
  *     further (only its bytes are counted).
  *   end = the call that wrote (server) / read (client) the last response byte, known from
- *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless status (1xx/204/304) or
+ *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless final status (204/304) or
  *     HEAD, or else the next request on the connection or its close (end = last write/read).
  *     A request with no status line when the connection closes ends at the close, flagged
  *     NO_RESPONSE (the stitcher exports it as a failed span).
@@ -913,6 +916,8 @@ static __always_inline void response_headers_done(struct conn *c, u16 status, u6
     if (status >= 100 && status < 200) { /* interim (100 Continue): the final response follows */
         c->rs_state = RS_IDLE;
         c->resp_started = 0;
+        if (c->head != c->tail)
+            c->q[c->head & (NQ - 1)].status = 0; /* not answered until the final response */
         return;
     }
     c->rs_state = RS_BODY;
@@ -993,8 +998,16 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
             }
         } else if (st == RS_HNAME) {
             if (ch == '\n') {
+                /* what of the call follows this response (an interim one has no body) */
+                u64 body = (status < 200 || c->clen == (u64)-1 || bodiless(c, status)) ? 0 : c->clen;
                 response_headers_done(c, status, total - (u64)i - 1, now);
-                return 1; /* bodies are never scanned */
+                /* Bodies are never scanned, but another response may follow in this call: the
+                 * final one after an interim one (100 Continue, 103 Early Hints), the next
+                 * pipelined one after a complete one. Parse it when its bytes were copied. */
+                u64 next = (u64)i + 1 + body;
+                if (c->rs_state != RS_IDLE || c->opaque || c->head == c->tail || next >= p->n)
+                    return 1;
+                p->pos = (u32)next;
             } else if (ch == ':') {
                 u8 t = target_of(c->rs_name, c->rs_name_len);
                 c->rs_target = t;

@@ -1,0 +1,97 @@
+"""Interim (1xx) responses: the request ends at its final response, and the connection goes on.
+
+A client that sends `Expect: 100-continue` (curl for large uploads, .NET and Java clients by
+default) sends its head, waits for `100 Continue`, then sends the body; the server's final
+response follows. `103 Early Hints` carries headers of its own before the final response. Each
+case is scripted byte for byte between a raw server and a raw client, followed by a second
+request on the same keep-alive connection: both ends must record the final status, the
+request's own sequence number and times that contain each other, and the next request must
+parse as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from probe_agent.probes.http import HttpProbe
+from tests.integration.probe_harness import LoadedProbe, loaded
+from tests.integration.test_probe_http_other_protocols import Script, _recorded, converse
+
+pytestmark = pytest.mark.bpf
+
+UPLOAD_HEAD = (b"POST /upload HTTP/1.1\r\nHost: interim\r\nContent-Length: 5\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CREATED = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+# the same keep-alive connection's next request (converse() plays AFTER on a second connection)
+NEXT = [("c", b"GET /next HTTP/1.1\r\nHost: interim\r\n\r\n"),
+        ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")]
+
+
+@pytest.fixture(scope="module")
+def probe() -> Iterator[LoadedProbe]:
+    with loaded(HttpProbe()) as lp:
+        yield lp
+
+
+def _check(probe: LoadedProbe, script: Script, expected: list[tuple[str, str, int]]) -> None:
+    port = converse(script)
+    servers, clients = _recorded(probe, port, len(expected) + 1)
+    want = [*expected, ("GET", "/after", 200)]
+    assert [(r.method, r.path, r.status) for r in servers] == want
+    assert [(r.method, r.path, r.status) for r in clients] == want
+    for s, c in zip(servers, clients, strict=True):
+        assert s.tcp_seq == c.tcp_seq
+        assert c.start_ns <= s.start_ns <= s.end_ns <= c.end_ns
+
+
+def test_expect_100_continue_ends_at_the_final_response(probe: LoadedProbe) -> None:
+    _check(probe, [("c", UPLOAD_HEAD), ("s", CONTINUE), ("c", b"hello"), ("s", CREATED), *NEXT],
+           [("POST", "/upload", 201), ("GET", "/next", 200)])
+
+
+def test_an_interim_and_the_final_response_in_one_write(probe: LoadedProbe) -> None:
+    """A server that answers the head at once, 100 and final response in one send."""
+    _check(probe, [("c", UPLOAD_HEAD + b"hello"), ("s", CONTINUE + CREATED), *NEXT],
+           [("POST", "/upload", 201), ("GET", "/next", 200)])
+
+
+def test_early_hints_with_headers_then_the_final_response(probe: LoadedProbe) -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
+    page = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nLink: </style.css>; rel=preload\r\n\r\npage"
+    _check(probe, [("c", b"GET /page HTTP/1.1\r\nHost: interim\r\n\r\n"), ("s", hints), ("s", page), *NEXT],
+           [("GET", "/page", 200), ("GET", "/next", 200)])
+
+
+def test_a_refused_expectation_ends_the_request_without_its_body(probe: LoadedProbe) -> None:
+    """The server refuses the upload at its head (417); the client sends no body, and the
+    connection carries the next request."""
+    refused = b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n"
+    _check(probe, [("c", UPLOAD_HEAD), ("s", refused), *NEXT],
+           [("POST", "/upload", 417), ("GET", "/next", 200)])
+
+
+def test_several_interim_responses_before_the_final_one(probe: LoadedProbe) -> None:
+    _check(probe, [("c", UPLOAD_HEAD), ("s", CONTINUE), ("c", b"hello"),
+                   ("s", b"HTTP/1.1 102 Processing\r\n\r\n"), ("s", b"HTTP/1.1 102 Processing\r\n\r\n"),
+                   ("s", CREATED), *NEXT],
+           [("POST", "/upload", 201), ("GET", "/next", 200)])
+
+
+def test_pipelined_responses_in_one_write(probe: LoadedProbe) -> None:
+    """Two answers in one send (and, mostly, in one read on the client): each request gets its own."""
+    _check(probe, [("c", b"GET /a HTTP/1.1\r\nHost: p\r\n\r\nGET /b HTTP/1.1\r\nHost: p\r\n\r\n"),
+                   ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"), *NEXT],
+           [("GET", "/a", 200), ("GET", "/b", 404), ("GET", "/next", 200)])
+
+
+def test_a_head_answer_then_the_next_in_one_write(probe: LoadedProbe) -> None:
+    """A HEAD response's Content-Length announces a body that is not sent: the next response
+    starts right after its headers."""
+    _check(probe, [("c", b"HEAD /h HTTP/1.1\r\nHost: p\r\n\r\nGET /g HTTP/1.1\r\nHost: p\r\n\r\n"),
+                   ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), *NEXT],
+           [("HEAD", "/h", 200), ("GET", "/g", 200), ("GET", "/next", 200)])
