@@ -30,7 +30,9 @@
  *     start <= server end <= client end on one clock.
  *   request line: method, path and version; the path is cut at '?' or '#' here, so a query
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
- *     none. Headers: only Host, traceparent and tracestate are copied.
+ *     none. Headers: only Host, traceparent and tracestate are copied. A Content-Length body is
+ *     stepped over by arithmetic (never copied), so its bytes are never taken for a request and
+ *     a pipelined request right after it is read; a chunked request body is not followed.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
  *     Interim responses (1xx but 101) are skipped: the request waits for its final one. A call
  *     that holds more than one response (an interim and the final one, pipelined answers) is
@@ -88,7 +90,7 @@ enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
 enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3, CK_NONE = 4 };
 
 /* Request-direction parser states. */
-enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP };
+enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP, RQ_BODY };
 /* Response-direction parser states. */
 enum rs_state { RS_IDLE = 0, RS_VERSION, RS_STATUS, RS_LINE, RS_HNAME, RS_HVAL, RS_HSKIP, RS_BODY };
 enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
@@ -183,6 +185,7 @@ struct conn {
     u64 last_read_ns;
     u64 body_left; /* response body bytes still to come (Content-Length) */
     u64 clen;
+    u64 rq_body_left; /* request: Content-Length while its headers are read, then body bytes to come */
     u64 rq_name[2]; /* lower-cased header name prefix, request direction */
     u64 rs_name[2]; /* same, response direction */
     struct tuple t;
@@ -203,6 +206,7 @@ struct conn {
     u8 open_sent;
     u8 resp_started;
     u8 opaque; /* another protocol now (HTTP/2 preface, 101, CONNECT tunnel): bytes only counted */
+    u32 rs_done_body; /* body bytes of the response that just ended in the current call */
     struct req q[NQ];
 #if WEFT_INJECT
     struct weft_tpctx qctx[NQ]; /* WEFT-INJECT: per queued request, like q (256 bytes: only then) */
@@ -673,7 +677,7 @@ static __always_inline int request_word(struct conn *c, char *s, struct parse_ct
     } else if (st == RQ_HVAL) {
         u8 v = c->rq_vlen;
         u8 t = c->rq_target;
-        if (stop || !v) /* a value's leading spaces are skipped byte by byte */
+        if (stop || !v || t >= T_CLEN) /* leading spaces, and framing values, byte by byte */
             return 0;
         if (t == T_HOST)
             KEEP_WORD(r->host, r->host_len, HOST_MAX, v, w);
@@ -772,6 +776,7 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
 #endif
             c->tail++;
             c->rq_state = RQ_METHOD;
+            c->rq_body_left = 0;
             continue;
         }
         struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
@@ -834,15 +839,20 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             }
         } else if (st == RQ_HNAME) {
             if (ch == '\n') {
-                /* blank line: headers done; the next byte may start a pipelined request */
+                /* blank line: headers done; after the body (Content-Length; a chunked one is
+                 * not followed) the next byte may start a pipelined request */
                 r->done_headers = 1;
                 p->inj_hdrs = 1; /* WEFT-INJECT */
                 r->flags &= 0x7f;
                 c->rq_state = RQ_IDLE;
+                if (c->rq_body_left) {
+                    c->rq_state = RQ_BODY;
+                    return 0; /* the caller steps over the body (skip_request_body) */
+                }
             } else if (ch == ':') {
                 u8 t = target_of(c->rq_name, c->rq_name_len);
-                if (t > T_TS)
-                    t = T_NONE;
+                if (t > T_CLEN)
+                    t = T_NONE; /* Transfer-Encoding: a chunked body is not followed */
                 c->rq_target = t;
                 c->rq_vlen = 0;
                 c->rq_state = t == T_NONE ? RQ_HSKIP : RQ_HVAL;
@@ -872,6 +882,8 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                 } else if (t == T_TS && v < TS_MAX) {
                     r->ts[v & (TS_MAX - 1)] = ch;
                     r->ts_len = v + 1;
+                } else if (t == T_CLEN && (u8)(ch - '0') < 10) {
+                    c->rq_body_left = c->rq_body_left * 10 + (u8)(ch - '0');
                 }
                 if (v < 255)
                     c->rq_vlen = v + 1;
@@ -913,6 +925,7 @@ static __always_inline void response_headers_done(struct conn *c, u16 status, u6
         c->opaque = 1;
         return;
     }
+    c->rs_done_body = 0;
     if (status >= 100 && status < 200) { /* interim (100 Continue): the final response follows */
         c->rs_state = RS_IDLE;
         c->resp_started = 0;
@@ -926,10 +939,12 @@ static __always_inline void response_headers_done(struct conn *c, u16 status, u6
     } else if (c->chunked) {
         c->body_left = 0; /* the terminator is checked on the call's tail */
     } else if (c->clen != (u64)-1) {
-        if (rest >= c->clen)
+        if (rest >= c->clen) {
+            c->rs_done_body = (u32)c->clen; /* <= rest, the rest of one call */
             response_done(c, now);
-        else
+        } else {
             c->body_left = c->clen - rest;
+        }
     }
     /* else: no framing (ends at close, or at the next request) */
 }
@@ -998,16 +1013,8 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
             }
         } else if (st == RS_HNAME) {
             if (ch == '\n') {
-                /* what of the call follows this response (an interim one has no body) */
-                u64 body = (status < 200 || c->clen == (u64)-1 || bodiless(c, status)) ? 0 : c->clen;
                 response_headers_done(c, status, total - (u64)i - 1, now);
-                /* Bodies are never scanned, but another response may follow in this call: the
-                 * final one after an interim one (100 Continue, 103 Early Hints), the next
-                 * pipelined one after a complete one. Parse it when its bytes were copied. */
-                u64 next = (u64)i + 1 + body;
-                if (c->rs_state != RS_IDLE || c->opaque || c->head == c->tail || next >= p->n)
-                    return 1;
-                p->pos = (u32)next;
+                return 2; /* bodies are never scanned; the caller sees what may follow */
             } else if (ch == ':') {
                 u8 t = target_of(c->rs_name, c->rs_name_len);
                 c->rs_target = t;
@@ -1340,6 +1347,25 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
             c->body_left -= (u64)ret;
         return 0;
     }
+    u32 start = 0; /* first byte of this call to parse */
+    if (c->rq_state == RQ_BODY && is_write == (c->t.role == ROLE_CLIENT)) {
+        if (c->head == c->tail) {
+            /* its request was answered before the body came (e.g. 417 to Expect: 100-continue):
+             * that body is not coming, this call starts the next request */
+            c->rq_state = RQ_IDLE;
+            c->rq_body_left = 0;
+        } else if ((u64)ret <= c->rq_body_left) {
+            /* request body bytes: counted, never copied or parsed */
+            c->rq_body_left -= (u64)ret;
+            if (!c->rq_body_left)
+                c->rq_state = RQ_IDLE;
+            return 0;
+        } else {
+            start = (u32)c->rq_body_left; /* the body ends inside this call: a pipelined request */
+            c->rq_body_left = 0;
+            c->rq_state = RQ_IDLE;
+        }
+    }
     u32 zero = 0;
     struct scan_buf *sb = scratch.lookup(&zero);
     if (!sb)
@@ -1377,7 +1403,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->buf = buf;
     p->buflen = buflen;
     p->n = n;
-    p->pos = 0;
+    p->pos = start;
     p->seq0 = seq0;
     p->has_seq = 1;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
@@ -1385,6 +1411,38 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->inj_begin = 0; /* WEFT-INJECT */
     p->inj_hdrs = 0;
     parsers.call(ctx, 0);
+    return 0;
+}
+
+/* A response's headers just ended at p->pos. Bodies are never scanned, but another response may
+ * follow in this call: the final one after an interim one (100 Continue, 103 Early Hints), the
+ * next pipelined one after a complete one. Returns 1 when nothing of the call is left to parse. */
+static __always_inline int after_response_head(struct conn *c, struct parse_ctx *p)
+{
+    if (c->rs_state != RS_IDLE || c->opaque || c->head == c->tail)
+        return 1;
+    u64 next = (u64)p->pos + c->rs_done_body;
+    if (next >= p->n)
+        return 1; /* not copied */
+    p->pos = (u32)next;
+    return 0;
+}
+
+/* A request's body starts at p->pos (its head just ended there): step over the part of it in
+ * this call. Returns 1 when nothing of the call is left to parse. */
+static __always_inline int skip_request_body(struct conn *c, struct parse_ctx *p)
+{
+    u64 rest = p->total - p->pos; /* bytes of this call from the body's start */
+    if (c->rq_body_left > rest) {
+        c->rq_body_left -= rest;
+        return 1;
+    }
+    u64 next = p->pos + c->rq_body_left;
+    c->rq_body_left = 0;
+    c->rq_state = RQ_IDLE;
+    if (next >= p->n)
+        return 1; /* what follows the body was not copied */
+    p->pos = (u32)next; /* a pipelined request */
     return 0;
 }
 
@@ -1402,6 +1460,10 @@ int weft_parse(void *ctx)
     if (!c)
         return 0;
     int stop = p->request_dir ? scan_request(c, sb->b, p) : scan_response(c, sb->b, p);
+    if (p->request_dir && c->rq_state == RQ_BODY)
+        stop = skip_request_body(c, p);
+    else if (stop == 2)
+        stop = after_response_head(c, p);
 #if WEFT_INJECT
     if (p->request_dir)
         inject_after_scan(c, p);

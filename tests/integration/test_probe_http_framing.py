@@ -1,12 +1,13 @@
-"""Interim (1xx) responses: the request ends at its final response, and the connection goes on.
+"""Message framing: interim (1xx) responses, several messages in one call, request bodies.
 
 A client that sends `Expect: 100-continue` (curl for large uploads, .NET and Java clients by
 default) sends its head, waits for `100 Continue`, then sends the body; the server's final
-response follows. `103 Early Hints` carries headers of its own before the final response. Each
-case is scripted byte for byte between a raw server and a raw client, followed by a second
-request on the same keep-alive connection: both ends must record the final status, the
-request's own sequence number and times that contain each other, and the next request must
-parse as usual.
+response follows. `103 Early Hints` carries headers of its own before the final response.
+Pipelined answers can arrive in one read; a request body can share a send with the next
+request, or read like a request line itself. Each case is scripted byte for byte between a raw
+server and a raw client, followed by a request on the same keep-alive connection: both ends
+must record every request with its final status, its own sequence number and times that
+contain each other, and the next request must parse as usual.
 """
 
 from __future__ import annotations
@@ -95,3 +96,39 @@ def test_a_head_answer_then_the_next_in_one_write(probe: LoadedProbe) -> None:
                    ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), *NEXT],
            [("HEAD", "/h", 200), ("GET", "/g", 200), ("GET", "/next", 200)])
+
+
+def test_pipelined_requests_with_bodies_in_one_write(probe: LoadedProbe) -> None:
+    """The request direction: a body in the same send as the next request's head."""
+    two = (b"POST /a HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\n\r\nabc"
+           b"PUT /b HTTP/1.1\r\nHost: p\r\nContent-Length: 4\r\n\r\nwxyz")
+    _check(probe, [("c", two), ("s", b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+                   ("s", b"HTTP/1.1 204 No Content\r\n\r\n"), *NEXT],
+           [("POST", "/a", 201), ("PUT", "/b", 204), ("GET", "/next", 200)])
+
+
+# A body that reads like the start of a request line ("I " is a method token and a space):
+# taken for a request, it left a bogus request that took the next response's status.
+SENTENCE = b"I loved it. A GET is not a POST\r\n\r\n"
+POST_SENTENCE = (b"POST /review HTTP/1.1\r\nHost: p\r\nContent-Type: text/plain\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(SENTENCE))
+CREATED_EMPTY = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_body_like_a_request_line_in_the_head_s_write(probe: LoadedProbe) -> None:
+    _check(probe, [("c", POST_SENTENCE + SENTENCE), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/review", 201), ("GET", "/next", 200)])
+
+
+def test_a_body_like_a_request_line_in_writes_of_its_own(probe: LoadedProbe) -> None:
+    _check(probe, [("c", POST_SENTENCE), ("c", SENTENCE[:2]), ("c", SENTENCE[2:]),
+                   ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/review", 201), ("GET", "/next", 200)])
+
+
+def test_a_body_that_ends_inside_the_next_request_s_write(probe: LoadedProbe) -> None:
+    """The body's last bytes and the next (pipelined) request in one send."""
+    second = b"DELETE /r/1 HTTP/1.1\r\nHost: p\r\n\r\n"
+    _check(probe, [("c", POST_SENTENCE + SENTENCE[:5]), ("c", SENTENCE[5:] + second),
+                   ("s", CREATED_EMPTY), ("s", b"HTTP/1.1 204 No Content\r\n\r\n"), *NEXT],
+           [("POST", "/review", 201), ("DELETE", "/r/1", 204), ("GET", "/next", 200)])
