@@ -105,7 +105,7 @@ class RouteNamer:
         if mode == "path":
             return _KEEP
         have = segments(path)
-        if mode == "method" or have is None:    # `*` (OPTIONS), or a proxy's absolute URL
+        if mode == "method" or have is None:    # `*` (OPTIONS), or another target that is no path
             return None
         return "/" + "/".join(WILDCARD if looks_like_id(s) else s for s in have)
 

@@ -44,32 +44,40 @@ def http_span(sid: str, ev: Http, trace: str, parent: str, link: str, flag: str,
     flag of that decision or "", `detached` SPLIT / CUT / "", `remote_sampled` the sampled
     flag of the traceparent its trace came in with (None: it came in with none)."""
     # runs once per span: fields are unpacked once, the attributes built as one tuple
-    (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, path, host, _, _,
+    (_, role, _, _, _, start, end, _, laddr, lport, raddr, rport, _, _, method, target, host, _, _,
      status, version) = ev
     remote_ip = _ip(raddr)
     authority = host    # the Host header as sent: host[:port]
-    if host:
-        host = host[1:host.find("]")] if host[0] == "[" else host.rsplit(":", 1)[0]
+    scheme, path, full = "http", target, ""    # Weft reads plain-text HTTP/1.x
+    server_port = lport if role == ROLE_SERVER else rport
+    named = _named_server(method, target) if target[:1] != "/" else None
+    if named:   # a forward proxy's absolute URL or CONNECT's authority names the server
+        scheme, authority, path, full, server_port = named
+    if authority:
+        host = _host_port(authority)[0]
     if method in KNOWN_METHODS:
-        name = f"{method} {path}"
+        name = f"{method} {path}" if path else method
     else:   # the conventions' _OTHER: a method token anyone can invent must not name spans
-        name = f"HTTP {path}" if method else "HTTP"
+        name = f"HTTP {path}" if method and path else "HTTP"
         method = "_OTHER"
-    head: tuple[tuple[str, AttrValue], ...] = (
-        (("http.request.method", method), ("url.path", path), ("http.response.status_code", status))
-        if status else (("http.request.method", method), ("url.path", path)))
-    # Weft reads plain-text HTTP/1.x only: the scheme is always http.
+    head: tuple[tuple[str, AttrValue], ...] = (("http.request.method", method),)
+    if path:    # none for CONNECT, whose target is an authority
+        head += (("url.path", path),)
+    if status:
+        head += (("http.response.status_code", status),)
     if role == ROLE_SERVER:
-        attrs = (*head, ("url.scheme", "http"), ("server.address", host or _ip(laddr)),
-                 ("server.port", lport), ("client.address", remote_ip), ("client.port", rport),
+        attrs = (*head, ("url.scheme", scheme), ("server.address", host or _ip(laddr)),
+                 ("server.port", server_port), ("client.address", remote_ip), ("client.port", rport),
                  ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
     else:
         if not authority:
             bracketed = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
             authority = bracketed if rport == 80 else f"{bracketed}:{rport}"
-        attrs = (*head, ("url.full", f"http://{authority}{path}"), ("server.address", host or remote_ip),
-                 ("server.port", rport), ("network.peer.address", remote_ip), ("network.peer.port", rport),
-                 ("weft.link", link))
+        if path and not full:
+            full = f"http://{authority}{path}"
+        url = (("url.full", full),) if full else ()
+        attrs = (*head, *url, ("server.address", host or remote_ip), ("server.port", server_port),
+                 ("network.peer.address", remote_ip), ("network.peer.port", rport), ("weft.link", link))
     if version:
         attrs += (("network.protocol.version", version),)
     if method == "_OTHER" and ev.method:
@@ -91,6 +99,36 @@ def http_span(sid: str, ev: Http, trace: str, parent: str, link: str, flag: str,
                              bytes.fromhex(parent) if parent else b"",
                              "SERVER" if role == ROLE_SERVER else "CLIENT", name, start, end, attrs, resource,
                              failed, remote_sampled))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _named_server(method: str, target: str) -> tuple[str, str, str, str, int] | None:
+    """(scheme, authority, path, url, port) of a request target that names the server it asks
+    for (RFC 9112 3.2): the absolute form a client sends to a forward proxy
+    ("http://shop:8080/cart": path "/cart", the URL as sent) or CONNECT's authority form
+    ("shop:443": no path, no URL). None for anything else, which is kept as the path as sent
+    ("*" of OPTIONS, a malformed target)."""
+    if method == "CONNECT":
+        return "http", target, "", "", _host_port(target)[1]
+    scheme, sep, rest = target.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        return None
+    authority, slash, path = rest.partition("/")
+    return scheme, authority, slash + path or "/", target, _host_port(authority)[1] or _DEFAULT_PORTS[scheme]
+
+
+@lru_cache(maxsize=4096)
+def _host_port(authority: str) -> tuple[str, int]:
+    """host and port (0: none given) of "host[:port]" or "[v6][:port]"."""
+    if authority[:1] == "[":
+        host, _, port = authority[1:].partition("]")
+        port = port[1:]
+    else:
+        host, _, port = authority.rpartition(":") if ":" in authority else (authority, "", "")
+    return host, int(port) if port.isdigit() else 0
 
 
 def _failed(role: int, status: int) -> bool:

@@ -411,6 +411,45 @@ def test_span_attributes_and_resource_follow_semconv(store: StateStore) -> None:
                                        ("process.pid", 100), ("process.executable.name", "python3"))
 
 
+def test_a_proxy_s_request_targets_name_the_server_asked_for(store: StateStore) -> None:
+    """A forward proxy's clients send the absolute URL ("GET http://shop:8080/cart HTTP/1.1") or,
+    for a tunnel, CONNECT host:port (RFC 9112 3.2). url.path is the URL's path (none for CONNECT),
+    url.full the URL as sent, url.scheme its scheme, server.address/port the server asked for
+    (its scheme's port when the URL names none), network.peer.* the proxy; a span is named by the
+    path. The hop to the proxy still joins by the target as sent."""
+    proxy = (B_IP, 3128)
+
+    def hop(role: str, target: str, host: str, *, method: str = "GET", tid: int = 11,
+            start: float = 2, end: float = 8, seq: int = 0) -> pb.Event:
+        client = role == "client"
+        return E.http(role, pid=100 if client else 200, tid=tid, start=t(start), end=t(end),
+                      cookie=next(_cookies), local=(A_IP, 40000 + seq) if client else proxy,
+                      remote=proxy if client else (A_IP, 40000 + seq), seq=seq, method=method,
+                      path=target, host=host)
+
+    url = "http://shop.example:8080/cart/1"
+    spans, _ = run(store, {
+        "A": [srv("/checkout", 0, 100),
+              hop("client", url, "shop.example:8080", seq=1),
+              hop("client", "HTTP://Shop.Example", "", seq=2, start=10, end=20),
+              hop("client", "shop.example:443", "shop.example:443", method="CONNECT", seq=3,
+                  start=30, end=40)],
+        "B": [hop("server", url, "shop.example:8080", seq=1, start=3, end=7)]})
+    cart, cart_at_proxy, home = spans["C/cart/1@A"], spans["S/cart/1@B"], spans["C/@A"]
+    assert cart.name == cart_at_proxy.name == "GET /cart/1"
+    assert (cart.attr("url.full"), cart.attr("server.address"), cart.attr("server.port"),
+            cart.attr("network.peer.port")) == (url, "shop.example", 8080, 3128)
+    assert (cart_at_proxy.attr("url.scheme"), cart_at_proxy.attr("server.address"),
+            cart_at_proxy.attr("server.port"), cart_at_proxy.attr("client.port")) == (
+        "http", "shop.example", 8080, 40001)
+    assert cart_at_proxy.parent_span_id == cart.span_id and cart_at_proxy.link == "cross_node"
+    assert (home.name, home.attr("url.full"), home.attr("server.address"), home.attr("server.port")) == (
+        "GET /", "HTTP://Shop.Example", "Shop.Example", 80)
+    tunnel = spans["CNone@A"]
+    assert (tunnel.name, tunnel.attr("url.full"), tunnel.attr("server.address"),
+            tunnel.attr("server.port")) == ("CONNECT", None, "shop.example", 443)
+
+
 def test_a_method_outside_the_known_set_is_exported_as_other(store: StateStore) -> None:
     """The conventions' _OTHER: a method token anyone can invent (WebDAV's, a scanner's) names
     no span; the token is kept in http.request.method_original, and the hop still joins by it."""
