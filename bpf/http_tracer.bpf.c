@@ -1349,12 +1349,9 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     }
     u32 start = 0; /* first byte of this call to parse */
     if (c->rq_state == RQ_BODY && is_write == (c->t.role == ROLE_CLIENT)) {
-        if (c->head == c->tail) {
-            /* its request was answered before the body came (e.g. 417 to Expect: 100-continue):
-             * that body is not coming, this call starts the next request */
-            c->rq_state = RQ_IDLE;
-            c->rq_body_left = 0;
-        } else if ((u64)ret <= c->rq_body_left) {
+        /* also when its request was answered first (a 404 or 417 before the body): a connection
+         * that goes on carries the body next, and the server reads it as one (RFC 9110 10.1.1) */
+        if ((u64)ret <= c->rq_body_left) {
             /* request body bytes: counted, never copied or parsed */
             c->rq_body_left -= (u64)ret;
             if (!c->rq_body_left)

@@ -66,11 +66,12 @@ def test_early_hints_with_headers_then_the_final_response(probe: LoadedProbe) ->
            [("GET", "/page", 200), ("GET", "/next", 200)])
 
 
-def test_a_refused_expectation_ends_the_request_without_its_body(probe: LoadedProbe) -> None:
-    """The server refuses the upload at its head (417); the client sends no body, and the
-    connection carries the next request."""
+def test_a_refused_expectation_ends_the_request_and_its_body_still_follows(probe: LoadedProbe) -> None:
+    """The server refuses the upload at its head (417). A client that keeps the connection sends
+    the body all the same (the server reads it as the body: RFC 9110 10.1.1), then the next
+    request."""
     refused = b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n"
-    _check(probe, [("c", UPLOAD_HEAD), ("s", refused), *NEXT],
+    _check(probe, [("c", UPLOAD_HEAD), ("s", refused), ("c", b"HELLO"), *NEXT],
            [("POST", "/upload", 417), ("GET", "/next", 200)])
 
 
@@ -132,3 +133,11 @@ def test_a_body_that_ends_inside_the_next_request_s_write(probe: LoadedProbe) ->
     _check(probe, [("c", POST_SENTENCE + SENTENCE[:5]), ("c", SENTENCE[5:] + second),
                    ("s", CREATED_EMPTY), ("s", b"HTTP/1.1 204 No Content\r\n\r\n"), *NEXT],
            [("POST", "/review", 201), ("DELETE", "/r/1", 204), ("GET", "/next", 200)])
+
+
+def test_a_body_sent_after_an_early_answer_is_still_a_body(probe: LoadedProbe) -> None:
+    """A server that answers before reading the body (a 404 for a POST to no such path), and
+    the body, which reads like a request line, arriving after that answer."""
+    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    _check(probe, [("c", POST_SENTENCE), ("s", not_found), ("c", SENTENCE), *NEXT],
+           [("POST", "/review", 404), ("GET", "/next", 200)])
