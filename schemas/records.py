@@ -132,11 +132,23 @@ def cstr(raw: bytes, length: int | None = None) -> str:
     return (raw if end < 0 else raw[:end]).decode("utf-8", "replace")
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"   # ::ffff:a.b.c.d, an IPv4 address on an IPv6 socket
+
+
 def _fill_tuple(t: pb.Tuple, laddr: bytes, raddr: bytes, lport: int, rport: int, family: int) -> None:
-    n = 4 if family == AF_INET else 16
-    t.local_addr = laddr[:n]
+    if family == AF_INET:
+        laddr, raddr = laddr[:4], raddr[:4]
+    elif laddr[:12] == _V4_MAPPED and raddr[:12] == _V4_MAPPED:
+        # An IPv4 connection accepted by a dual-stack listener (Go's and Node's ":8080"): the
+        # other end's socket is plain IPv4 and names it so. Naming it alike on both ends keeps
+        # one tuple per connection (a cross-node hop is not taken for NAT), and addresses read
+        # as the IPv4 they are.
+        laddr, raddr = laddr[12:16], raddr[12:16]
+    else:
+        laddr, raddr = laddr[:16], raddr[:16]
+    t.local_addr = laddr
     t.local_port = lport
-    t.remote_addr = raddr[:n]
+    t.remote_addr = raddr
     t.remote_port = rport
 
 

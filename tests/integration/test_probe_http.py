@@ -270,6 +270,23 @@ def test_ipv6_loopback(probe: LoadedProbe, workdir: Path) -> None:
     assert_pairs([server], [client])
 
 
+def test_an_ipv4_client_of_a_dual_stack_server_names_one_tuple(probe: LoadedProbe, workdir: Path) -> None:
+    """A listener on "::" (Go's and Node's ":8080") accepts IPv4 too; on its side the kernel
+    names such a connection's addresses IPv4-mapped (::ffff:127.0.0.1), while the client's
+    socket is plain IPv4. Both ends' records name it as IPv4: one tuple per connection, as a
+    cross-node hop needs to be told from NAT, and addresses that read as the IPv4 they are."""
+    with running("go", workdir, host="::") as srv:
+        curl(f"http://127.0.0.1:{srv.port}/dual")
+        (server,) = requests_on(probe, srv.port, pb.ROLE_SERVER, 1)
+        (client,) = requests_on(probe, srv.port, pb.ROLE_CLIENT, 1)
+    loopback = socket.inet_aton("127.0.0.1")
+    assert server.tuple.local_addr == server.tuple.remote_addr == loopback
+    assert (server.tuple.local_addr, server.tuple.local_port, server.tuple.remote_addr,
+            server.tuple.remote_port) == (client.tuple.remote_addr, client.tuple.remote_port,
+                                          client.tuple.local_addr, client.tuple.local_port)
+    assert_pairs([server], [client])
+
+
 def test_connection_open_close_and_own_traffic_ignored(probe: LoadedProbe, workdir: Path) -> None:
     with running("go", workdir) as srv:
         curl(srv.url("/oc"))
