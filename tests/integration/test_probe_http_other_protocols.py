@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ from probe_agent.probes.http import HttpProbe
 from schemas import weft_events_pb2 as pb
 from tests.integration.probe_harness import LoadedProbe, loaded
 from tests.integration.test_probe_http import requests_on
+from tests.tls import TestPki
 
 pytestmark = pytest.mark.bpf
 
@@ -140,3 +143,50 @@ def test_a_refused_connect_leaves_the_connection_http(probe: LoadedProbe) -> Non
     for records in (servers, clients):
         assert [(r.method, r.path, r.status) for r in records] == [
             ("CONNECT", "example.com:443", 407), ("GET", "/inside", 200), ("GET", "/after", 200)]
+
+
+def _converse_tls(pki: TestPki, ports: multiprocessing.Queue[int]) -> None:
+    """Child process: one HTTP/1.1 exchange inside TLS (Python's ssl, i.e. OpenSSL), then AFTER
+    in plain text on a second connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(listener.getsockname()[1])
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki.server.cert, pki.server.key)
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+    inside = [("c", b"GET /secret HTTP/1.1\r\nHost: tls\r\n\r\n"),
+              ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            _play(tls, inside, "s")
+        conn, _ = listener.accept()
+        with conn:
+            _play(conn, AFTER, "s")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with socket.create_connection(listener.getsockname()) as raw, \
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        _play(tls, inside, "c")
+    with socket.create_connection(listener.getsockname()) as client:
+        _play(client, AFTER, "c")
+    server.join(10)
+
+
+def test_https_makes_no_record(probe: LoadedProbe, tmp_path: Path) -> None:
+    """TLS bytes are not HTTP/1: an HTTPS exchange is not traced (README, Known limits), and
+    each of its calls is counted as not HTTP, on both ends."""
+    pki = TestPki.make(tmp_path / "pki")
+    before = probe.stats()["not_http"]
+    ctx = multiprocessing.get_context("fork")
+    ports: multiprocessing.Queue[int] = ctx.Queue()
+    child = ctx.Process(target=_converse_tls, args=(pki, ports))
+    child.start()
+    port = ports.get(timeout=10)
+    child.join(30)
+    assert child.exitcode == 0
+    servers, clients = _recorded(probe, port, 1)
+    assert [(r.method, r.path, r.status) for r in servers] == [("GET", "/after", 200)]
+    assert [(r.method, r.path, r.status) for r in clients] == [("GET", "/after", 200)]
+    assert probe.stats()["not_http"] - before >= 2
