@@ -41,7 +41,8 @@
  *     (101: WebSocket, h2c upgrade) or becomes a tunnel (2xx to CONNECT) is not parsed any
  *     further (only its bytes are counted).
  *   end = the call that wrote (server) / read (client) the last response byte, known from
- *     Content-Length, the chunked terminator "0\r\n\r\n", a bodiless final status (204/304) or
+ *     Content-Length, the chunked terminator "0\r\n\r\n" (at the end of the call's bytes, in
+ *     one buffer of a vector call too), a bodiless final status (204/304) or
  *     HEAD, or else the next request on the connection or its close (end = last write/read).
  *     A request with no status line when the connection closes ends at the close, flagged
  *     NO_RESPONSE (the stitcher exports it as a failed span).
@@ -237,8 +238,7 @@ struct parse_ctx {
     u64 pid_tgid;
     u64 now;
     u64 total; /* bytes the call moved */
-    u64 buf;   /* first user buffer (chunked-end check) */
-    u64 buflen;
+    u64 end;   /* where the call's bytes end in user memory (call_end; 0: not known) */
     u64 goid;  /* Go: goroutine of the call (weft_call_goid) */
     u32 n;     /* bytes of the call copied to scratch */
     u32 pos;   /* next byte to parse */
@@ -1224,13 +1224,38 @@ static __always_inline u32 gather_rest(struct sysargs *a, u8 kind, char *s, u32 
     return n;
 }
 
-/* Chunked framing ends with "0\r\n\r\n": look at the last five bytes of a single-buffer call. */
-static __always_inline void check_chunked_end(struct conn *c, u64 buf, u64 buflen, u64 total, u64 now)
+#define MAX_TAIL_IOV 16
+
+/* Where a call's `total` bytes end in user memory: in its first buffer when that holds them all,
+ * else in the buffer of its iovec array (writev, sendmsg, readv, recvmsg) that the byte count
+ * ends in, found by adding up lengths. Only when at least `want` bytes end there; else 0. */
+static __always_inline u64 call_end(struct sysargs *a, u8 kind, u64 buf, u64 buflen, u64 total, u64 want)
+{
+    if (buflen >= total)
+        return total >= want ? buf + total : 0;
+    u64 cnt = 0;
+    u64 iovp = iov_array(a, kind, &cnt);
+    u64 left = total;
+    for (int k = 0; k < MAX_TAIL_IOV; k++) {
+        u64 iov[2] = {};
+        if (!iovp || k >= cnt || bpf_probe_read_user(iov, sizeof(iov), (void *)(iovp + 16 * k)))
+            return 0;
+        if (left <= iov[1])
+            return left >= want ? iov[0] + left : 0;
+        left -= iov[1];
+    }
+    return 0;
+}
+
+/* Chunked framing ends with "0\r\n\r\n": look at the five bytes before `end`, where the call's
+ * bytes end (call_end: in one buffer, as a server that writes the last chunk as a buffer of its
+ * own, like nginx, has them). */
+static __always_inline void check_chunked_end(struct conn *c, u64 end, u64 now)
 {
     char tail[8] = {};
-    if (c->rs_state != RS_BODY || !c->chunked || total < 5 || buflen < total)
+    if (c->rs_state != RS_BODY || !c->chunked || !end)
         return;
-    bpf_probe_read_user(tail, 5, (char *)buf + total - 5);
+    bpf_probe_read_user(tail, 5, (char *)end - 5);
     if (tail[0] == '0' && tail[1] == '\r' && tail[2] == '\n' && tail[3] == '\r' && tail[4] == '\n')
         response_done(c, now);
 }
@@ -1340,7 +1365,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         is_write == (c->t.role == ROLE_SERVER)) {
         /* response body bytes: their framing is arithmetic, nothing to copy or parse */
         if (c->chunked)
-            check_chunked_end(c, buf, buflen, (u64)ret, now);
+            check_chunked_end(c, call_end(&a, kind, buf, buflen, (u64)ret, 5), now);
         else if (c->clen != (u64)-1 && (u64)ret >= c->body_left)
             response_done(c, now);
         else if (c->clen != (u64)-1)
@@ -1397,13 +1422,13 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->pid_tgid = pid_tgid;
     p->now = now;
     p->total = (u64)ret;
-    p->buf = buf;
-    p->buflen = buflen;
     p->n = n;
     p->pos = start;
     p->seq0 = seq0;
     p->has_seq = 1;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
+    /* for the chunked-end check, response direction only (a vector call costs a few reads) */
+    p->end = (p->request_dir || !buf) ? 0 : call_end(&a, kind, buf, buflen, (u64)ret, 5);
     p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
     p->inj_begin = 0; /* WEFT-INJECT */
     p->inj_hdrs = 0;
@@ -1470,7 +1495,7 @@ int weft_parse(void *ctx)
         return 0; /* tail call failed (limit): the rest of the call is not parsed */
     }
     if (!p->request_dir)
-        check_chunked_end(c, p->buf, p->buflen, p->total, p->now);
+        check_chunked_end(c, p->end, p->now);
     return 0;
 }
 

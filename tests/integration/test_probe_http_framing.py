@@ -12,12 +12,18 @@ contain each other, and the next request must parse as usual.
 
 from __future__ import annotations
 
+import multiprocessing
+import socket
+import threading
 from collections.abc import Iterator
+from multiprocessing.synchronize import Event as EventType
 
 import pytest
 
 from probe_agent.probes.http import HttpProbe
+from schemas import weft_events_pb2 as pb
 from tests.integration.probe_harness import LoadedProbe, loaded
+from tests.integration.test_probe_http import requests_on
 from tests.integration.test_probe_http_other_protocols import Script, _recorded, converse
 
 pytestmark = pytest.mark.bpf
@@ -141,3 +147,50 @@ def test_a_body_sent_after_an_early_answer_is_still_a_body(probe: LoadedProbe) -
     not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
     _check(probe, [("c", POST_SENTENCE), ("s", not_found), ("c", SENTENCE), *NEXT],
            [("POST", "/review", 404), ("GET", "/next", 200)])
+
+
+def _chunked_by_vectors(ports: multiprocessing.Queue[int], release: EventType) -> None:
+    """Child: a chunked response written as vectors (the head and chunks in one sendmsg, the last
+    chunk alone at the end of another, as nginx writes them), then the connection kept open
+    until the test has looked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(listener.getsockname()[1])
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1000)
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            conn.sendmsg([head, b"5\r\n", b"hello", b"\r\n"])
+            conn.sendmsg([b"6\r\n world\r\n", b"0\r\n\r\n"])
+            release.wait(30)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"GET /vectors HTTP/1.1\r\nHost: v\r\n\r\n")
+        got = b""
+        while not got.endswith(b"0\r\n\r\n"):
+            got += client.recv(1000)
+        release.wait(30)
+    server.join(10)
+
+
+def test_a_chunked_response_written_as_vectors_ends_at_its_last_chunk(probe: LoadedProbe) -> None:
+    """The record leaves when the last chunk is written, not when the connection closes: a
+    keep-alive connection may stay idle for minutes, and a span held that long misses its trace."""
+    ctx = multiprocessing.get_context("fork")
+    ports: multiprocessing.Queue[int] = ctx.Queue()
+    release = ctx.Event()
+    child = ctx.Process(target=_chunked_by_vectors, args=(ports, release))
+    child.start()
+    try:
+        port = ports.get(timeout=10)
+        (server,) = requests_on(probe, port, pb.ROLE_SERVER, 1, timeout=5)
+        (client,) = requests_on(probe, port, pb.ROLE_CLIENT, 1, timeout=5)
+        assert child.is_alive()     # the connection is still open
+    finally:
+        release.set()
+        child.join(30)
+    assert (server.path, server.status, client.status) == ("/vectors", 200, 200)
+    assert client.start_ns <= server.start_ns <= server.end_ns <= client.end_ns
