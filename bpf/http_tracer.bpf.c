@@ -32,7 +32,9 @@
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
  *     none. Headers: only Host, traceparent and tracestate are copied. A Content-Length body is
  *     stepped over by arithmetic (never copied), so its bytes are never taken for a request and
- *     a pipelined request right after it is read; a chunked request body is not followed.
+ *     a pipelined request right after it is read; a chunked request body is not followed. A
+ *     PROXY protocol header (v1 text line or v2 binary, from a load balancer) before a
+ *     connection's first request is stepped over.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
  *     Interim responses (1xx but 101) are skipped: the request waits for its final one. A call
  *     that holds more than one response (an interim and the final one, pipelined answers) is
@@ -106,6 +108,10 @@ enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
 #define HTTP_1_0_WORD 0x302E312F50545448ULL
 #define HTTP_1_1_WORD 0x312E312F50545448ULL
 #define CONNECT_WORD 0x005443454E4E4F43ULL /* "CONNECT" and the zero after it */
+#define PROXY_WORD 0x00000059584F5250ULL   /* "PROXY" and the zeros after it */
+/* The PROXY protocol v2 signature, "\r\n\r\n\0\r\nQUIT\n": its first 8 bytes and last 4. */
+#define PROXY_V2_SIG 0x510A0D000A0D0A0DULL
+#define PROXY_V2_SIG_TAIL 0x0A544955U
 
 /* One request as it travels to user space: the tail of struct http_rec. */
 struct req {
@@ -831,6 +837,13 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                 c->rq_vlen = 8;
             }
             if (ch == '\n') {
+                if (c->tail == 1 && *(u64 *)r->method == PROXY_WORD) {
+                    /* a PROXY protocol v1 line ("PROXY TCP4 <client> <balancer> <ports>", a load
+                     * balancer's) before a connection's first request: not a request */
+                    c->tail--;
+                    c->rq_state = RQ_IDLE;
+                    continue;
+                }
                 p->inj_begin = 1; /* WEFT-INJECT */
                 c->rq_state = RQ_HNAME;
                 c->rq_name_len = 0;
@@ -1403,6 +1416,13 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
             n = 0;
         else if (avail < (u64)ret)
             n = gather_rest(&a, kind, s, n, (u64)ret);
+    }
+    if (n >= 16 && c->tail == 0 && start == 0 && c->rq_state == RQ_IDLE &&
+        is_write == (c->t.role == ROLE_CLIENT) && *(u64 *)s == PROXY_V2_SIG &&
+        *(u32 *)(s + 8) == PROXY_V2_SIG_TAIL) {
+        /* a PROXY protocol v2 header (a load balancer's, binary) before a connection's first
+         * request: 16 bytes and the length they give (v1, a text line, the parser skips) */
+        start = 16 + (((u32)(u8)s[14] << 8) | (u8)s[15]);
     }
     if (c->t.role == ROLE_UNKNOWN) {
         /* a connection picked up mid-stream: the direction that carries a request decides */

@@ -194,3 +194,25 @@ def test_a_chunked_response_written_as_vectors_ends_at_its_last_chunk(probe: Loa
         child.join(30)
     assert (server.path, server.status, client.status) == ("/vectors", 200, 200)
     assert client.start_ns <= server.start_ns <= server.end_ns <= client.end_ns
+
+
+# A load balancer that speaks the PROXY protocol (HAProxy, AWS NLB, ingress-nginx behind one)
+# opens each connection with the client's address, before the first request.
+PROXY_V1 = b"PROXY TCP4 203.0.113.7 10.0.0.2 51234 80\r\n"
+PROXY_V2 = (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c" +          # v2 PROXY, TCP over IPv4
+            bytes([203, 0, 113, 7, 10, 0, 0, 2]) + (51234).to_bytes(2, "big") + (80).to_bytes(2, "big"))
+BEHIND = [("c", b"GET /behind HTTP/1.1\r\nHost: lb\r\n\r\n"),
+          ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
+
+
+@pytest.mark.parametrize("header", [PROXY_V1, PROXY_V2], ids=["v1", "v2"])
+def test_a_proxy_protocol_header_is_not_a_request(probe: LoadedProbe, header: bytes) -> None:
+    """The header in the first request's send, then a request of its own: both are traced, with
+    the sequence number of their own first byte on both ends."""
+    first, answer = BEHIND
+    _check(probe, [("c", header + first[1]), answer, *NEXT], [("GET", "/behind", 200), ("GET", "/next", 200)])
+
+
+@pytest.mark.parametrize("header", [PROXY_V1, PROXY_V2], ids=["v1", "v2"])
+def test_a_proxy_protocol_header_in_a_send_of_its_own(probe: LoadedProbe, header: bytes) -> None:
+    _check(probe, [("c", header), *BEHIND, *NEXT], [("GET", "/behind", 200), ("GET", "/next", 200)])
