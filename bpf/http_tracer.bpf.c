@@ -234,7 +234,11 @@ struct sysargs {
 struct write_entry {
     u64 ts;
     u64 sk;
+    u64 scope_cg; /* a scoped agent: the cgroup `scope` was decided for */
+    u8 scope;     /* SCOPE_IN / SCOPE_OUT, or 0: not decided */
 };
+#define SCOPE_IN 1
+#define SCOPE_OUT 2
 
 /* One call's bytes being parsed, handed from the syscall-exit program to the parser programs
  * (tail calls, WEFT_WINDOW bytes each, so the verifier sees one small loop). Per CPU: a tail
@@ -359,6 +363,28 @@ static __always_inline int weft_skip_task(u64 pid_tgid)
 #endif
     return 0;
 }
+
+#if WEFT_FILTER_CGROUPS
+/* A scoped agent (--cgroup): whether the current task is out of scope, remembered in its task
+ * storage with the cgroup it was decided for. An untraced task's socket calls then cost a task
+ * storage lookup each, instead of a connection lookup, two reads of the sock and a cgroup lookup
+ * (its neighbours on the node pay for the agent as little as possible). `*wp`: that storage. */
+static __always_inline int task_out_of_scope(u64 pid_tgid, struct write_entry **wp)
+{
+    struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+    *wp = w;
+    u64 cg = bpf_get_current_cgroup_id();
+    if (w && w->scope && w->scope_cg == cg)
+        return w->scope == SCOPE_OUT;
+    int out = weft_skip_task(pid_tgid);
+    if (w && cgroup_verdict.lookup(&cg)) { /* decided for good (not while the loader fills in) */
+        w->scope_cg = cg;
+        w->scope = out ? SCOPE_OUT : SCOPE_IN;
+    }
+    return out;
+}
+#endif
 
 static __always_inline void weft_stat(u32 idx)
 {
@@ -1319,6 +1345,11 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     if (ret <= 0 || (!is_write && (flags & MSG_PEEK))) /* peeked bytes are parsed when read */
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
+#if WEFT_FILTER_CGROUPS
+    struct write_entry *scope_w;
+    if (task_out_of_scope(pid_tgid, &scope_w))
+        return 0;
+#endif
     u64 key = (u64)sk;
     struct sysargs a = {};
     struct conn *c = conns.lookup(&key);
@@ -1535,8 +1566,13 @@ RAW_TRACEPOINT_PROBE(sock_send_length) /* (struct sock *sk, int ret, int flags) 
 RAW_TRACEPOINT_PROBE(tcp_sendmsg_locked) /* (const struct sock *sk, msghdr *msg, skb, int size_goal) */
 {
     u64 sk = ctx->args[0];
-    struct write_entry *w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0,
-                                                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+    struct write_entry *w;
+#if WEFT_FILTER_CGROUPS
+    if (task_out_of_scope(bpf_get_current_pid_tgid(), &w))
+        return 0; /* its sends are not traced: no time to take */
+#else
+    w = write_entry.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#endif
     if (w && (!w->ts || w->sk != sk)) {
         w->ts = bpf_ktime_get_ns();
         w->sk = sk;

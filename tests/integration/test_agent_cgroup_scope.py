@@ -92,3 +92,30 @@ def test_the_subtree_is_traced_even_where_created_later_and_nothing_outside(
                         "child": [("GET", "/child", 200)] * 3,
                         "grandchild": [("GET", "/grandchild", 200)] * 3,
                         "outside": []}, log.read_text()[-2000:]
+
+
+def test_a_process_moved_into_or_out_of_the_scope_is_traced_from_then_on(scope: Path, tmp_path: Path) -> None:
+    """Each task's verdict is remembered with the cgroup it was decided for: a server that a
+    runtime or an operator moves (cgroup.procs) is judged again where it lands."""
+    traced, outside = scope / "traced", scope / "outside"
+    traced.mkdir()
+    outside.mkdir()
+    capture, log = tmp_path / "agent.wcap", tmp_path / "agent.log"
+    agent = subprocess.Popen([sys.executable, "-c", "from weft.cli import main; main()", "agent",
+                              "--node", "moved", "--capture", str(capture), "--cgroup", str(traced)],
+                             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: "weft agent moved:" in log.read_text() or agent.poll() is not None,
+                   90, "the agent's start-up line")
+        assert agent.poll() is None, log.read_text()
+        with running("go", tmp_path, cgroup=outside) as srv:
+            for step, place in (("before", outside), ("in", traced), ("out", outside)):
+                (place / "cgroup.procs").write_text(str(srv.pid))
+                assert [_get(srv.url(f"/{step}")) for _ in range(3)] == [200, 200, 200]
+            time.sleep(1.0)   # the agent's next frames
+    finally:
+        agent.send_signal(signal.SIGINT)
+        agent.wait(timeout=60)
+    served = [ev.http.path for frame in read_capture(capture) for ev in frame.events
+              if ev.WhichOneof("kind") == "http" and ev.http.role == pb.ROLE_SERVER]
+    assert sorted(served) == ["/in"] * 3, log.read_text()[-2000:]
