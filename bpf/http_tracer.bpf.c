@@ -192,6 +192,7 @@ struct conn {
     u64 last_read_ns;
     u64 body_left; /* response body bytes still to come (Content-Length) */
     u64 clen;
+    u64 chunk_tail; /* a chunked body's last 5 bytes so far, oldest in the low byte */
     u64 rq_body_left; /* request: Content-Length while its headers are read, then body bytes to come */
     u64 rq_name[2]; /* lower-cased header name prefix, request direction */
     u64 rs_name[2]; /* same, response direction */
@@ -1024,6 +1025,7 @@ static __always_inline int scan_response(struct conn *c, char *s, struct parse_c
                 c->q[c->head & (NQ - 1)].goid = p->goid; /* Go: the writer serves it, not a background reader */
             c->clen = (u64)-1;
             c->chunked = 0;
+            c->chunk_tail = 0;
             c->body_left = 0;
             status = 0;
         } else if (st == RS_VERSION) {
@@ -1286,16 +1288,27 @@ static __always_inline u64 call_end(struct sysargs *a, u8 kind, u64 buf, u64 buf
     return 0;
 }
 
-/* Chunked framing ends with "0\r\n\r\n": look at the five bytes before `end`, where the call's
- * bytes end (call_end: in one buffer, as a server that writes the last chunk as a buffer of its
- * own, like nginx, has them). */
-static __always_inline void check_chunked_end(struct conn *c, u64 end, u64 now)
+#define CHUNKED_END 0x0A0D0A0D30ULL /* "0\r\n\r\n", oldest byte low */
+
+/* Chunked framing ends with "0\r\n\r\n": the body's last five bytes after this call of `total`
+ * bytes, which end at `end` (call_end: in one buffer, as a server that writes the last chunk as
+ * a buffer of its own, like nginx, has them). A call of fewer than five bytes (a reader's small
+ * or unlucky read) adds to the ones kept from the calls before it. */
+static __always_inline void check_chunked_end(struct conn *c, u64 end, u64 total, u64 now)
 {
-    char tail[8] = {};
+    u64 t = 0;
     if (c->rs_state != RS_BODY || !c->chunked || !end)
         return;
-    bpf_probe_read_user(tail, 5, (char *)end - 5);
-    if (tail[0] == '0' && tail[1] == '\r' && tail[2] == '\n' && tail[3] == '\r' && tail[4] == '\n')
+    if (total >= 5) {
+        bpf_probe_read_user(&t, 5, (char *)end - 5);
+    } else {
+        u32 k = total & 3 ? total & 3 : 4; /* 1..4 */
+        u64 fresh = 0;
+        bpf_probe_read_user(&fresh, k, (char *)end - k);
+        t = ((c->chunk_tail >> (8 * k)) | (fresh << (8 * (5 - k)))) & 0xFFFFFFFFFFULL;
+    }
+    c->chunk_tail = t;
+    if (t == CHUNKED_END)
         response_done(c, now);
 }
 
@@ -1409,7 +1422,8 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         is_write == (c->t.role == ROLE_SERVER)) {
         /* response body bytes: their framing is arithmetic, nothing to copy or parse */
         if (c->chunked)
-            check_chunked_end(c, call_end(&a, kind, buf, buflen, (u64)ret, 5), now);
+            check_chunked_end(c, call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5),
+                              (u64)ret, now);
         else if (c->clen != (u64)-1 && (u64)ret >= c->body_left)
             response_done(c, now);
         else if (c->clen != (u64)-1)
@@ -1479,7 +1493,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->has_seq = 1;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
     /* for the chunked-end check, response direction only (a vector call costs a few reads) */
-    p->end = (p->request_dir || !buf) ? 0 : call_end(&a, kind, buf, buflen, (u64)ret, 5);
+    p->end = (p->request_dir || !buf) ? 0 : call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5);
     p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
     p->inj_begin = 0; /* WEFT-INJECT */
     p->inj_hdrs = 0;
@@ -1546,7 +1560,7 @@ int weft_parse(void *ctx)
         return 0; /* tail call failed (limit): the rest of the call is not parsed */
     }
     if (!p->request_dir)
-        check_chunked_end(c, p->end, p->now);
+        check_chunked_end(c, p->end, p->total, p->now);
     return 0;
 }
 

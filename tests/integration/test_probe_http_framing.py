@@ -216,3 +216,45 @@ def test_a_proxy_protocol_header_is_not_a_request(probe: LoadedProbe, header: by
 @pytest.mark.parametrize("header", [PROXY_V1, PROXY_V2], ids=["v1", "v2"])
 def test_a_proxy_protocol_header_in_a_send_of_its_own(probe: LoadedProbe, header: bytes) -> None:
     _check(probe, [("c", header), *BEHIND, *NEXT], [("GET", "/behind", 200), ("GET", "/next", 200)])
+
+
+def _chunked_read_in_pieces(ports: multiprocessing.Queue[int], release: EventType, cut: int) -> None:
+    """Child: a chunked response in one write, read by the client in two reads that split its
+    last chunk `cut` bytes before the end, then the connection kept open."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(listener.getsockname()[1])
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1000)
+            conn.sendall(response)
+            release.wait(30)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"GET /pieces HTTP/1.1\r\nHost: v\r\n\r\n")
+        got = b""
+        while len(got) < len(response):     # MSG_WAITALL: exactly these two reads
+            got += client.recv(len(response) - cut if not got else cut, socket.MSG_WAITALL)
+        release.wait(30)
+    server.join(10)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_a_chunked_end_split_between_two_reads_ends_the_response(probe: LoadedProbe, cut: int) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ports: multiprocessing.Queue[int] = ctx.Queue()
+    release = ctx.Event()
+    child = ctx.Process(target=_chunked_read_in_pieces, args=(ports, release, cut))
+    child.start()
+    try:
+        port = ports.get(timeout=10)
+        (client,) = requests_on(probe, port, pb.ROLE_CLIENT, 1, timeout=5)
+        assert child.is_alive()     # the connection is still open
+    finally:
+        release.set()
+        child.join(30)
+    assert (client.path, client.status) == ("/pieces", 200)
