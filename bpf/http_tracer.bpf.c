@@ -1440,11 +1440,10 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
             if (!c->rq_body_left)
                 c->rq_state = RQ_IDLE;
             return 0;
-        } else {
-            start = (u32)c->rq_body_left; /* the body ends inside this call: a pipelined request */
-            c->rq_body_left = 0;
-            c->rq_state = RQ_IDLE;
         }
+        start = (u32)c->rq_body_left; /* the body ends inside this call: a pipelined request */
+        c->rq_body_left = 0;
+        c->rq_state = RQ_IDLE;
     }
     u32 zero = 0;
     struct scan_buf *sb = scratch.lookup(&zero);
