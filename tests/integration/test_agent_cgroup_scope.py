@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,26 +44,37 @@ def _get(url: str) -> int:
         return int(resp.status)
 
 
+@contextmanager
+def scoped_agent(node: str, traced: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """`weft agent --cgroup traced` writing a capture, started (its start-up line seen) on entry
+    and stopped on exit; yields (capture, log)."""
+    capture, log = tmp_path / "agent.wcap", tmp_path / "agent.log"
+    agent = subprocess.Popen([sys.executable, "-c", "from weft.cli import main; main()", "agent",
+                              "--node", node, "--capture", str(capture), "--cgroup", str(traced)],
+                             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: f"weft agent {node}:" in log.read_text() or agent.poll() is not None,
+                   90, "the agent's start-up line")
+        assert agent.poll() is None, log.read_text()
+        yield capture, log
+    finally:
+        agent.send_signal(signal.SIGINT)
+        agent.wait(timeout=60)
+
+
 def test_the_subtree_is_traced_even_where_created_later_and_nothing_outside(
         scope: Path, tmp_path: Path) -> None:
     traced = scope / "traced"
     outside = scope / "outside"
     traced.mkdir()
     outside.mkdir()
-    capture, log = tmp_path / "agent.wcap", tmp_path / "agent.log"
     # A server busy in the scope while the agent starts: its tasks run the programs between
     # their attach and the loader filling the roots, and must not be decided "outside" then.
     with running("python", tmp_path, cgroup=traced) as early:
         busy = threading.Event()
         warmup = threading.Thread(target=_hammer, args=(early.url("/warmup"), busy), daemon=True)
         warmup.start()
-        agent = subprocess.Popen([sys.executable, "-c", "from weft.cli import main; main()", "agent",
-                                  "--node", "scoped", "--capture", str(capture), "--cgroup", str(traced)],
-                                 stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            wait_until(lambda: "weft agent scoped:" in log.read_text() or agent.poll() is not None,
-                       90, "the agent's start-up line")
-            assert agent.poll() is None, log.read_text()
+        with scoped_agent("scoped", traced, tmp_path) as (capture, log):
             busy.set()
             warmup.join(10)
             # created after the agent started: a child and a grandchild of the scope
@@ -80,9 +92,6 @@ def test_the_subtree_is_traced_even_where_created_later_and_nothing_outside(
                     ports[name] = srv.port
                     assert [_get(srv.url(f"/{name}")) for _ in range(3)] == [200, 200, 200]
                 time.sleep(1.0)   # the agent's next frames
-        finally:
-            agent.send_signal(signal.SIGINT)
-            agent.wait(timeout=60)
     served = [ev.http for frame in read_capture(capture) for ev in frame.events
               if ev.WhichOneof("kind") == "http" and ev.http.role == pb.ROLE_SERVER]
     by_place = {name: [(r.method, r.path, r.status) for r in served
@@ -100,22 +109,12 @@ def test_a_process_moved_into_or_out_of_the_scope_is_traced_from_then_on(scope: 
     traced, outside = scope / "traced", scope / "outside"
     traced.mkdir()
     outside.mkdir()
-    capture, log = tmp_path / "agent.wcap", tmp_path / "agent.log"
-    agent = subprocess.Popen([sys.executable, "-c", "from weft.cli import main; main()", "agent",
-                              "--node", "moved", "--capture", str(capture), "--cgroup", str(traced)],
-                             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        wait_until(lambda: "weft agent moved:" in log.read_text() or agent.poll() is not None,
-                   90, "the agent's start-up line")
-        assert agent.poll() is None, log.read_text()
-        with running("go", tmp_path, cgroup=outside) as srv:
-            for step, place in (("before", outside), ("in", traced), ("out", outside)):
-                (place / "cgroup.procs").write_text(str(srv.pid))
-                assert [_get(srv.url(f"/{step}")) for _ in range(3)] == [200, 200, 200]
-            time.sleep(1.0)   # the agent's next frames
-    finally:
-        agent.send_signal(signal.SIGINT)
-        agent.wait(timeout=60)
+    with scoped_agent("moved", traced, tmp_path) as (capture, log), \
+            running("go", tmp_path, cgroup=outside) as srv:
+        for step, place in (("before", outside), ("in", traced), ("out", outside)):
+            (place / "cgroup.procs").write_text(str(srv.pid))
+            assert [_get(srv.url(f"/{step}")) for _ in range(3)] == [200, 200, 200]
+        time.sleep(1.0)   # the agent's next frames
     served = [ev.http.path for frame in read_capture(capture) for ev in frame.events
               if ev.WhichOneof("kind") == "http" and ev.http.role == pb.ROLE_SERVER]
     assert sorted(served) == ["/in"] * 3, log.read_text()[-2000:]

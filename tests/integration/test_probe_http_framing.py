@@ -149,49 +149,60 @@ def test_a_body_sent_after_an_early_answer_is_still_a_body(probe: LoadedProbe) -
            [("POST", "/review", 404), ("GET", "/next", 200)])
 
 
-def _chunked_by_vectors(ports: multiprocessing.Queue[int], release: EventType) -> None:
-    """Child: a chunked response written as vectors (the head and chunks in one sendmsg, the last
-    chunk alone at the end of another, as nginx writes them), then the connection kept open
-    until the test has looked."""
+def _held_open(ports: multiprocessing.Queue[int], release: EventType, path: str,
+               sends: list[list[bytes]], reads: list[int]) -> None:
+    """Child: one exchange, the server's response in `sends` (each a sendmsg of those buffers),
+    read by the client in calls of the sizes in `reads` (MSG_WAITALL; empty: one call for all of
+    it); then the connection kept open until the test has looked."""
     listener = socket.create_server(("127.0.0.1", 0))
     ports.put(listener.getsockname()[1])
+    size = sum(len(b) for buffers in sends for b in buffers)
 
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
             conn.recv(1000)
-            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            conn.sendmsg([head, b"5\r\n", b"hello", b"\r\n"])
-            conn.sendmsg([b"6\r\n world\r\n", b"0\r\n\r\n"])
+            for buffers in sends:
+                conn.sendmsg(buffers)
             release.wait(30)
 
     server = threading.Thread(target=serve)
     server.start()
     with socket.create_connection(listener.getsockname()) as client:
-        client.sendall(b"GET /vectors HTTP/1.1\r\nHost: v\r\n\r\n")
-        got = b""
-        while not got.endswith(b"0\r\n\r\n"):
-            got += client.recv(1000)
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: v\r\n\r\n".encode())
+        for n in reads or [size]:
+            client.recv(n, socket.MSG_WAITALL)
         release.wait(30)
     server.join(10)
 
 
-def test_a_chunked_response_written_as_vectors_ends_at_its_last_chunk(probe: LoadedProbe) -> None:
-    """The record leaves when the last chunk is written, not when the connection closes: a
+def _records_while_open(path: str, sends: list[list[bytes]], reads: list[int], probe: LoadedProbe,
+                        roles: tuple[int, ...]) -> list[pb.HttpRequest]:
+    """The records of `_held_open`'s exchange, each found while its connection is still open: a
     keep-alive connection may stay idle for minutes, and a span held that long misses its trace."""
     ctx = multiprocessing.get_context("fork")
     ports: multiprocessing.Queue[int] = ctx.Queue()
     release = ctx.Event()
-    child = ctx.Process(target=_chunked_by_vectors, args=(ports, release))
+    child = ctx.Process(target=_held_open, args=(ports, release, path, sends, reads))
     child.start()
     try:
         port = ports.get(timeout=10)
-        (server,) = requests_on(probe, port, pb.ROLE_SERVER, 1, timeout=5)
-        (client,) = requests_on(probe, port, pb.ROLE_CLIENT, 1, timeout=5)
+        records = [requests_on(probe, port, role, 1, timeout=5)[0] for role in roles]
         assert child.is_alive()     # the connection is still open
     finally:
         release.set()
         child.join(30)
+    return records
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_response_written_as_vectors_ends_at_its_last_chunk(probe: LoadedProbe) -> None:
+    """The head and chunks in one sendmsg, the last chunk alone at the end of another, as nginx
+    writes them: the record leaves at the last chunk, not at the close."""
+    sends = [[CHUNKED_HEAD, b"5\r\n", b"hello", b"\r\n"], [b"6\r\n world\r\n", b"0\r\n\r\n"]]
+    server, client = _records_while_open("/vectors", sends, [], probe, (pb.ROLE_SERVER, pb.ROLE_CLIENT))
     assert (server.path, server.status, client.status) == ("/vectors", 200, 200)
     assert client.start_ns <= server.start_ns <= server.end_ns <= client.end_ns
 
@@ -218,43 +229,11 @@ def test_a_proxy_protocol_header_in_a_send_of_its_own(probe: LoadedProbe, header
     _check(probe, [("c", header), *BEHIND, *NEXT], [("GET", "/behind", 200), ("GET", "/next", 200)])
 
 
-def _chunked_read_in_pieces(ports: multiprocessing.Queue[int], release: EventType, cut: int) -> None:
-    """Child: a chunked response in one write, read by the client in two reads that split its
-    last chunk `cut` bytes before the end, then the connection kept open."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ports.put(listener.getsockname()[1])
-    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(1000)
-            conn.sendall(response)
-            release.wait(30)
-
-    server = threading.Thread(target=serve)
-    server.start()
-    with socket.create_connection(listener.getsockname()) as client:
-        client.sendall(b"GET /pieces HTTP/1.1\r\nHost: v\r\n\r\n")
-        got = b""
-        while len(got) < len(response):     # MSG_WAITALL: exactly these two reads
-            got += client.recv(len(response) - cut if not got else cut, socket.MSG_WAITALL)
-        release.wait(30)
-    server.join(10)
-
-
 @pytest.mark.parametrize("cut", [1, 2, 4])
 def test_a_chunked_end_split_between_two_reads_ends_the_response(probe: LoadedProbe, cut: int) -> None:
-    ctx = multiprocessing.get_context("fork")
-    ports: multiprocessing.Queue[int] = ctx.Queue()
-    release = ctx.Event()
-    child = ctx.Process(target=_chunked_read_in_pieces, args=(ports, release, cut))
-    child.start()
-    try:
-        port = ports.get(timeout=10)
-        (client,) = requests_on(probe, port, pb.ROLE_CLIENT, 1, timeout=5)
-        assert child.is_alive()     # the connection is still open
-    finally:
-        release.set()
-        child.join(30)
+    """A chunked response in one write, read in two calls that split its last chunk `cut` bytes
+    before the end."""
+    response = CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n"
+    (client,) = _records_while_open("/pieces", [[response]], [len(response) - cut, cut], probe,
+                                    (pb.ROLE_CLIENT,))
     assert (client.path, client.status) == ("/pieces", 200)
