@@ -32,7 +32,10 @@
  *     string never leaves the kernel; "HTTP/1.0" and "HTTP/1.1" set a flag, any other version
  *     none. Headers: only Host, traceparent and tracestate are copied. A Content-Length body is
  *     stepped over by arithmetic (never copied), so its bytes are never taken for a request and
- *     a pipelined request right after it is read; a chunked request body is not followed. A
+ *     a pipelined request right after it is read. A chunked request body is neither copied nor
+ *     parsed: it ends at a call that ends in "0\r\n\r\n"; where that could not be seen, at the
+ *     latest when its request is answered, or when an answer comes to no request seen (a
+ *     request pipelined behind a chunked end in one call is lost). A
  *     PROXY protocol header (v1 text line or v2 binary, from a load balancer) before a
  *     connection's first request is stepped over.
  *   response: "HTTP/1.x NNN" gives the status; Content-Length or chunked framing is followed.
@@ -93,7 +96,7 @@ enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
 enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3, CK_NONE = 4 };
 
 /* Request-direction parser states. */
-enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP, RQ_BODY };
+enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP, RQ_BODY, RQ_CHUNKED };
 /* Response-direction parser states. */
 enum rs_state { RS_IDLE = 0, RS_VERSION, RS_STATUS, RS_LINE, RS_HNAME, RS_HVAL, RS_HSKIP, RS_BODY };
 enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
@@ -194,6 +197,7 @@ struct conn {
     u64 clen;
     u64 chunk_tail; /* a chunked body's last 5 bytes so far, oldest in the low byte */
     u64 rq_body_left; /* request: Content-Length while its headers are read, then body bytes to come */
+    u64 rq_chunk_tail; /* a chunked request body's last 5 bytes so far (as chunk_tail) */
     u64 rq_name[2]; /* lower-cased header name prefix, request direction */
     u64 rs_name[2]; /* same, response direction */
     struct tuple t;
@@ -211,6 +215,8 @@ struct conn {
     u8 rs_name_len;
     u8 rs_vlen;
     u8 chunked;
+    u8 rq_chunked; /* the request being read said Transfer-Encoding: chunked */
+    u8 rq_chunk_unsure; /* a call of its chunked body could not be checked for the end */
     u8 open_sent;
     u8 resp_started;
     u8 opaque; /* another protocol now (HTTP/2 preface, 101, CONNECT tunnel): bytes only counted */
@@ -810,6 +816,7 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             c->tail++;
             c->rq_state = RQ_METHOD;
             c->rq_body_left = 0;
+            c->rq_chunked = 0;
             continue;
         }
         struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
@@ -879,20 +886,24 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
             }
         } else if (st == RQ_HNAME) {
             if (ch == '\n') {
-                /* blank line: headers done; after the body (Content-Length; a chunked one is
-                 * not followed) the next byte may start a pipelined request */
+                /* blank line: headers done; after the body the next byte may start a
+                 * pipelined request (chunked framing wins over a Content-Length: RFC 9112 6.3) */
                 r->done_headers = 1;
                 p->inj_hdrs = 1; /* WEFT-INJECT */
                 r->flags &= 0x7f;
                 c->rq_state = RQ_IDLE;
+                if (c->rq_chunked) {
+                    c->rq_state = RQ_CHUNKED;
+                    c->rq_chunk_tail = 0;
+                    c->rq_chunk_unsure = 0;
+                    return 0; /* the caller looks for its end (chunked_request_head_call) */
+                }
                 if (c->rq_body_left) {
                     c->rq_state = RQ_BODY;
                     return 0; /* the caller steps over the body (skip_request_body) */
                 }
             } else if (ch == ':') {
                 u8 t = target_of(c->rq_name, c->rq_name_len);
-                if (t > T_CLEN)
-                    t = T_NONE; /* Transfer-Encoding: a chunked body is not followed */
                 c->rq_target = t;
                 c->rq_vlen = 0;
                 c->rq_state = t == T_NONE ? RQ_HSKIP : RQ_HVAL;
@@ -924,6 +935,8 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                     r->ts_len = v + 1;
                 } else if (t == T_CLEN && (u8)(ch - '0') < 10) {
                     c->rq_body_left = c->rq_body_left * 10 + (u8)(ch - '0');
+                } else if (t == T_TE && ch == 'k') {
+                    c->rq_chunked = 1; /* "chunked" is the only transfer coding with a 'k' */
                 }
                 if (v < 255)
                     c->rq_vlen = v + 1;
@@ -1290,25 +1303,30 @@ static __always_inline u64 call_end(struct sysargs *a, u8 kind, u64 buf, u64 buf
 
 #define CHUNKED_END 0x0A0D0A0D30ULL /* "0\r\n\r\n", oldest byte low */
 
-/* Chunked framing ends with "0\r\n\r\n": the body's last five bytes after this call of `total`
- * bytes, which end at `end` (call_end: in one buffer, as a server that writes the last chunk as
- * a buffer of its own, like nginx, has them). A call of fewer than five bytes (a reader's small
- * or unlucky read) adds to the ones kept from the calls before it. */
-static __always_inline void check_chunked_end(struct conn *c, u64 end, u64 total, u64 now)
+/* Chunked framing ends with "0\r\n\r\n": `tail` keeps a body's last five bytes so far; this
+ * call's `count` (> 0) body bytes end at `end` in user memory (call_end: in one buffer, as a
+ * server that writes the last chunk as a buffer of its own, like nginx, has them). A call of
+ * fewer than five (a reader's small or unlucky read) adds to the ones kept from the calls before
+ * it. Returns 1 when the body's last five bytes are the terminator. */
+static __always_inline int chunked_end_read(u64 *tail, u64 end, u64 count)
 {
     u64 t = 0;
-    if (c->rs_state != RS_BODY || !c->chunked || !end)
-        return;
-    if (total >= 5) {
+    if (count >= 5) {
         bpf_probe_read_user(&t, 5, (char *)end - 5);
     } else {
-        u32 k = total & 3 ? total & 3 : 4; /* 1..4 */
+        u32 k = count & 3 ? count & 3 : 4; /* 1..4 */
         u64 fresh = 0;
         bpf_probe_read_user(&fresh, k, (char *)end - k);
-        t = ((c->chunk_tail >> (8 * k)) | (fresh << (8 * (5 - k)))) & 0xFFFFFFFFFFULL;
+        t = ((*tail >> (8 * k)) | (fresh << (8 * (5 - k)))) & 0xFFFFFFFFFFULL;
     }
-    c->chunk_tail = t;
-    if (t == CHUNKED_END)
+    *tail = t;
+    return t == CHUNKED_END;
+}
+
+/* A chunked response's body went on with this call of `total` bytes, which end at `end`. */
+static __always_inline void check_chunked_end(struct conn *c, u64 end, u64 total, u64 now)
+{
+    if (c->rs_state == RS_BODY && c->chunked && end && chunked_end_read(&c->chunk_tail, end, total))
         response_done(c, now);
 }
 
@@ -1430,6 +1448,23 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
             c->body_left -= (u64)ret;
         return 0;
     }
+    if (c->rq_state == RQ_CHUNKED) {
+        if (is_write == (c->t.role == ROLE_CLIENT) && (c->head != c->tail || !c->rq_chunk_unsure)) {
+            /* chunked request body bytes, also after an early answer (a 401 to an upload):
+             * never copied or parsed; the call that ends in the terminator ends the body */
+            u64 end = call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5);
+            if (!end)
+                c->rq_chunk_unsure = 1;
+            else if (chunked_end_read(&c->rq_chunk_tail, end, (u64)ret))
+                c->rq_state = RQ_IDLE;
+            return 0;
+        }
+        /* the body's end went unseen: its request is answered and a call of it could not be
+         * checked, or an answer comes with no request seen (a request behind the terminator in
+         * one call). Requests are looked for again. */
+        if (is_write == (c->t.role == ROLE_CLIENT) || c->head == c->tail)
+            c->rq_state = RQ_IDLE;
+    }
     u32 start = 0; /* first byte of this call to parse */
     if (c->rq_state == RQ_BODY && is_write == (c->t.role == ROLE_CLIENT)) {
         /* also when its request was answered first (a 404 or 417 before the body): a connection
@@ -1491,8 +1526,14 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->seq0 = seq0;
     p->has_seq = 1;
     p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
-    /* for the chunked-end check, response direction only (a vector call costs a few reads) */
-    p->end = (p->request_dir || !buf) ? 0 : call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5);
+    /* for the chunked-end checks: through the iovecs in the response direction only (a vector
+     * call costs a few reads); in the request direction only a call of one buffer (arithmetic) */
+    if (!buf)
+        p->end = 0;
+    else if (p->request_dir)
+        p->end = buflen >= (u64)ret ? buf + (u64)ret : 0;
+    else
+        p->end = call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5);
     p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
     p->inj_begin = 0; /* WEFT-INJECT */
     p->inj_hdrs = 0;
@@ -1532,6 +1573,18 @@ static __always_inline int skip_request_body(struct conn *c, struct parse_ctx *p
     return 0;
 }
 
+/* A chunked request's head just ended at p->pos: its body's start is in this call, and so its end
+ * may be. Seen when the call is one buffer; else the body ends when its request is answered. */
+static __always_inline int chunked_request_head_call(struct conn *c, struct parse_ctx *p)
+{
+    u64 body = p->total - p->pos;
+    if (body && !p->end)
+        c->rq_chunk_unsure = 1;
+    else if (body && chunked_end_read(&c->rq_chunk_tail, p->end, body))
+        c->rq_state = RQ_IDLE;
+    return 1; /* the body is not parsed; a request pipelined behind it in this call is lost */
+}
+
 /* The parser: WEFT_WINDOW bytes per run, then a tail call to itself while bytes remain
  * (WEFT_SCAN_MAX / WEFT_WINDOW runs at most, under the kernel's 33 tail-call limit). */
 int weft_parse(void *ctx)
@@ -1548,6 +1601,8 @@ int weft_parse(void *ctx)
     int stop = p->request_dir ? scan_request(c, sb->b, p) : scan_response(c, sb->b, p);
     if (p->request_dir && c->rq_state == RQ_BODY)
         stop = skip_request_body(c, p);
+    else if (p->request_dir && c->rq_state == RQ_CHUNKED)
+        stop = chunked_request_head_call(c, p);
     else if (stop == 2)
         stop = after_response_head(c, p);
 #if WEFT_INJECT

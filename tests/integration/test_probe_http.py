@@ -137,6 +137,28 @@ def test_curl_each_server(probe: LoadedProbe, workdir: Path, kind: str) -> None:
     assert_pairs(servers, clients)
 
 
+@pytest.mark.parametrize("kind", ["go", "node", "nginx"])
+def test_a_chunked_upload_then_a_request_on_the_same_connection(
+        probe: LoadedProbe, workdir: Path, kind: str) -> None:
+    """curl streams 100 KB of text as a chunked body; the server's reads start anywhere in its
+    chunks, and the text reads like request lines. Go and nginx answer before reading the body
+    (nginx: 404 for a POST to a file), then read it to keep the connection."""
+    upload = workdir / "upload.txt"
+    upload.write_bytes(b"GET PUT I loved it. " * 5000)
+    path = "/index.html" if kind == "nginx" else "/hello"
+    with running(kind, workdir) as srv:
+        curl("-H", "Transfer-Encoding: chunked", "--data-binary", f"@{upload}", srv.url("/upload"),
+             "--next", "-s", "-o", "/dev/null", srv.url(path))
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 2)
+        clients = requests_on(probe, srv.port, pb.ROLE_CLIENT, 2)
+        time.sleep(0.3)   # nothing more may come
+        servers = requests_on(probe, srv.port, pb.ROLE_SERVER, 2)
+    want = [("POST", "/upload", 404 if kind == "nginx" else 200), ("GET", path, 200)]
+    assert [(s.method, s.path, s.status) for s in servers] == want
+    assert [(c.method, c.path, c.status) for c in clients] == want
+    assert_pairs(servers, clients)
+
+
 @pytest.mark.parametrize(
     ("kind", "client"), [("python", "node"), ("go", "python"), ("node", "python"), ("nginx", "python")]
 )

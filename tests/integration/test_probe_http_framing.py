@@ -237,3 +237,64 @@ def test_a_chunked_end_split_between_two_reads_ends_the_response(probe: LoadedPr
     (client,) = _records_while_open("/pieces", [[response]], [len(response) - cut, cut], probe,
                                     (pb.ROLE_CLIENT,))
     assert (client.path, client.status) == ("/pieces", 200)
+
+
+# A chunked upload (Node's http.request written piece by piece, Go's client with a body of
+# unknown length, curl -T -): its chunks are framed by size lines, and a read can start anywhere
+# in a chunk's data.
+CHUNKED_POST = b"POST /stream HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_request_body_like_a_request_line_in_sends_of_its_own(probe: LoadedProbe) -> None:
+    """A chunk's data in a send of its own that reads like a request line: it must not become a
+    request (its text would leave the kernel as a path), nor take the next request's place."""
+    _check(probe, [("c", CHUNKED_POST), ("c", b"%x\r\n" % len(SENTENCE)), ("c", SENTENCE),
+                   ("c", b"\r\n"), ("c", b"0\r\n\r\n"), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+
+
+def test_a_chunked_request_body_that_holds_a_whole_request(probe: LoadedProbe) -> None:
+    """A chunk that carries an HTTP message of its own (a proxy's recording, a batch API), its
+    last chunk and terminator split over sends."""
+    inner = b"DELETE /inner HTTP/1.1\r\nHost: x\r\n\r\n"
+    _check(probe, [("c", CHUNKED_POST + b"%x\r\n" % len(inner)), ("c", inner), ("c", b"\r\n0\r\n"),
+                   ("c", b"\r\n"), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+
+
+def test_a_chunked_request_whole_in_one_send(probe: LoadedProbe) -> None:
+    _check(probe, [("c", CHUNKED_POST + b"5\r\nhello\r\n0\r\n\r\n"), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+
+
+def test_after_a_chunked_request_answered_the_connection_goes_on(probe: LoadedProbe) -> None:
+    """A request pipelined right behind a chunked body in the same send is not seen (the parser
+    finds a chunked end only at the end of a call); once the chunked request is answered, the
+    connection's next request is parsed as usual."""
+    behind = b"GET /behind HTTP/1.1\r\nHost: p\r\n\r\n"
+    _check(probe, [("c", CHUNKED_POST + b"5\r\nhello\r\n0\r\n\r\n" + behind), ("s", CREATED_EMPTY),
+                   ("s", b"HTTP/1.1 204 No Content\r\n\r\n"), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+
+
+def test_a_chunked_request_body_after_an_early_answer_is_still_a_body(probe: LoadedProbe) -> None:
+    """An upload refused at its head (a 401): the client sends its chunks all the same and the
+    server reads them to keep the connection; they read like requests."""
+    refused = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+    _check(probe, [("c", CHUNKED_POST), ("s", refused), ("c", b"%x\r\n" % len(SENTENCE)), ("c", SENTENCE),
+                   ("c", b"\r\n0\r\n\r\n"), *NEXT],
+           [("POST", "/stream", 401), ("GET", "/next", 200)])
+
+
+def test_a_chunked_request_in_one_vector_send(probe: LoadedProbe) -> None:
+    """A client that writes head and chunks as one writev: its end is not looked for through the
+    iovecs (the cost would fall on every vector send); the answer ends the body."""
+    _check(probe, [("c", [CHUNKED_POST, b"5\r\n", b"hello", b"\r\n0\r\n\r\n"]), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+
+
+def test_chunks_in_vector_sends_of_their_own(probe: LoadedProbe) -> None:
+    _check(probe, [("c", CHUNKED_POST), ("c", [b"%x\r\n" % len(SENTENCE), SENTENCE, b"\r\n"]),
+                   ("c", [b"0\r\n", b"\r\n"]), ("s", CREATED_EMPTY), *NEXT],
+           [("POST", "/stream", 201), ("GET", "/next", 200)])
+

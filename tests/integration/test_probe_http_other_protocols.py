@@ -41,7 +41,9 @@ TUNNELLED = [("c", b"GET /inside HTTP/1.1\r\nHost: tunnel\r\n\r\n"),
 AFTER = [("c", b"GET /after HTTP/1.1\r\nHost: plain\r\n\r\n"),
          ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
 
-Script = list[tuple[str, bytes]]   # ("c", bytes the client sends) / ("s", bytes the server sends)
+# ("c", bytes the client sends) / ("s", bytes the server sends); a list of buffers is sent as
+# one vector call (sendmsg), as writev-style clients and servers do
+Script = list[tuple[str, bytes | list[bytes]]]
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> None:
@@ -54,10 +56,14 @@ def _recv_exactly(sock: socket.socket, n: int) -> None:
 
 def _play(sock: socket.socket, script: Script, side: str) -> None:
     for who, data in script:
-        if who == side:
-            sock.sendall(data)
+        buffers = data if isinstance(data, list) else [data]
+        size = sum(len(b) for b in buffers)
+        if who != side:
+            _recv_exactly(sock, size)
+        elif len(buffers) == 1:
+            sock.sendall(buffers[0])
         else:
-            _recv_exactly(sock, len(data))
+            assert sock.sendmsg(buffers) == size   # one call (small, on loopback)
 
 
 def _converse(first: Script, ports: multiprocessing.Queue[int]) -> None:
