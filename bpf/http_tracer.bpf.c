@@ -52,7 +52,9 @@
  *     A request with no status line when the connection closes ends at the close, flagged
  *     NO_RESPONSE (the stitcher exports it as a failed span).
  * Bounds: each call scans at most WEFT_SCAN_MAX bytes; bytes past that only count towards the
- *   body length. A request whose Host/traceparent come after the window loses them.
+ *   body length. A request whose Host/traceparent come after the window loses them. A head that
+ *   goes on past the window ends where the call's last bytes show it did (the message whole in
+ *   the call), else at the latest at its answer (a request) or at the next request (a response).
  *
  * -D constants (probe_agent/probes/http.py): WEFT_TCP_COPIED_SEQ_OFF, WEFT_TCP_WRITE_SEQ_OFF,
  *   WEFT_SKC_*_OFF (sock_common fields), WEFT_SK_PROTOCOL_OFF, WEFT_PT_REGS_{DX,R14,SP}_OFF,
@@ -1465,6 +1467,16 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         if (is_write == (c->t.role == ROLE_CLIENT) || c->head == c->tail)
             c->rq_state = RQ_IDLE;
     }
+    if (is_write == (c->t.role == ROLE_CLIENT)) {
+        /* the request direction with no request head in progress: a response whose head went
+         * past the window, unended, was over before this (no pipelining) */
+        if (c->rq_state == RQ_IDLE && c->resp_started && c->rs_state != RS_BODY)
+            response_done(c, c->t.role == ROLE_SERVER ? c->last_write_ns : c->last_read_ns);
+    } else if (c->rq_state != RQ_IDLE && c->rq_state < RQ_BODY && c->tail - c->head == 1) {
+        /* an answer to the request whose head is still being read: that head went past the
+         * window, unended; it was over before its answer */
+        c->rq_state = RQ_IDLE;
+    }
     u32 start = 0; /* first byte of this call to parse */
     if (c->rq_state == RQ_BODY && is_write == (c->t.role == ROLE_CLIENT)) {
         /* also when its request was answered first (a 404 or 417 before the body): a connection
@@ -1585,6 +1597,53 @@ static __always_inline int chunked_request_head_call(struct conn *c, struct pars
     return 1; /* the body is not parsed; a request pipelined behind it in this call is lost */
 }
 
+#define CRLFCRLF 0x0A0D0A0DU /* "\r\n\r\n" as a little-endian word: a head's end */
+
+/* The head ends `back` bytes before the call's end (p->end: a call of one buffer). */
+static __always_inline int head_ends_at(struct parse_ctx *p, u64 back)
+{
+    u32 w = 0;
+    if (back + 4 > p->total - p->n) /* only in the bytes the parser was not given */
+        return 0;
+    bpf_probe_read_user(&w, 4, (char *)p->end - back - 4);
+    return w == CRLFCRLF;
+}
+
+/* The call's first WEFT_SCAN_MAX bytes, all the parser saw, ended inside a head (a long cookie,
+ * security policy or token), and the call went on. Where the head's end is found where the
+ * call's last bytes put it (the message whole in the call: before its Content-Length body, or at
+ * the call's end), it is taken as ended there; else the next message puts the parser back in step
+ * (see on_sock_call). The headers past the window are not read. */
+static __always_inline void head_past_window(struct conn *c, struct parse_ctx *p)
+{
+    if (!p->end)
+        return;
+    if (p->request_dir) {
+        u8 st = c->rq_state;
+        if (st == RQ_IDLE || st >= RQ_BODY)
+            return;
+        u64 body = c->rq_chunked ? 0 : c->rq_body_left;
+        if (body && head_ends_at(p, body)) {
+            c->rq_body_left = 0; /* the body too is whole in this call */
+        } else if (!head_ends_at(p, 0)) {
+            return;
+        }
+        c->q[(c->tail - 1) & (NQ - 1)].done_headers = 1;
+        c->rq_state = c->rq_chunked ? RQ_CHUNKED : c->rq_body_left ? RQ_BODY : RQ_IDLE;
+        c->rq_chunk_unsure = 1; /* a chunked body's start is past the window: its answer ends it */
+        return;
+    }
+    u8 st = c->rs_state;
+    if (!c->resp_started || st == RS_IDLE || st == RS_BODY || c->head == c->tail)
+        return;
+    u16 status = c->q[c->head & (NQ - 1)].status;
+    u64 body = (c->clen == (u64)-1 || c->chunked || bodiless(c, status)) ? 0 : c->clen;
+    if (body && head_ends_at(p, body))
+        response_headers_done(c, status, body, p->now); /* the whole response in this call */
+    else if (head_ends_at(p, 0))
+        response_headers_done(c, status, 0, p->now); /* its body, if any, follows */
+}
+
 /* The parser: WEFT_WINDOW bytes per run, then a tail call to itself while bytes remain
  * (WEFT_SCAN_MAX / WEFT_WINDOW runs at most, under the kernel's 33 tail-call limit). */
 int weft_parse(void *ctx)
@@ -1613,6 +1672,8 @@ int weft_parse(void *ctx)
         parsers.call(ctx, 0);
         return 0; /* tail call failed (limit): the rest of the call is not parsed */
     }
+    if (p->pos >= p->n && p->n < p->total)
+        head_past_window(c, p);
     if (!p->request_dir)
         check_chunked_end(c, p->end, p->total, p->now);
     return 0;

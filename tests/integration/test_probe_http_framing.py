@@ -1,4 +1,5 @@
-"""Message framing: interim (1xx) responses, several messages in one call, request bodies.
+"""Message framing: interim (1xx) responses, several messages in one call, request bodies
+(Content-Length and chunked), heads longer than the part of a call the kernel parses.
 
 A client that sends `Expect: 100-continue` (curl for large uploads, .NET and Java clients by
 default) sends its head, waits for `100 Continue`, then sends the body; the server's final
@@ -298,3 +299,46 @@ def test_chunks_in_vector_sends_of_their_own(probe: LoadedProbe) -> None:
                    ("c", [b"0\r\n", b"\r\n"]), ("s", CREATED_EMPTY), *NEXT],
            [("POST", "/stream", 201), ("GET", "/next", 200)])
 
+
+# Heads longer than the 1 KiB the kernel parses of a call (cookies, security policies, tokens):
+# the part past it is not parsed, and must not leave the connection's parser out of step.
+LONG_VALUE = b"v" * 1500
+
+
+def test_a_request_head_longer_than_the_window_then_the_next_request(probe: LoadedProbe) -> None:
+    _check(probe, [("c", b"GET /long HTTP/1.1\r\nHost: p\r\nCookie: " + LONG_VALUE + b"\r\n\r\n"),
+                   ("s", CREATED_EMPTY), *NEXT],
+           [("GET", "/long", 201), ("GET", "/next", 200)])
+
+
+def test_a_response_head_longer_than_the_window_with_its_body_then_the_next(probe: LoadedProbe) -> None:
+    long_ok = (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Security-Policy: " + LONG_VALUE +
+               b"\r\n\r\nbody")
+    _check(probe, [("c", b"GET /long HTTP/1.1\r\nHost: p\r\n\r\n"), ("s", long_ok), *NEXT],
+           [("GET", "/long", 200), ("GET", "/next", 200)])
+
+
+def test_a_response_head_longer_than_the_window_then_its_body_then_the_next(probe: LoadedProbe) -> None:
+    body = b"line one\n\nline two\r\n\r\nthree\n"
+    long_head = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nSet-Cookie: %s\r\n\r\n" % (len(body), LONG_VALUE))
+    _check(probe, [("c", b"GET /long HTTP/1.1\r\nHost: p\r\n\r\n"), ("s", long_head), ("s", body), *NEXT],
+           [("GET", "/long", 200), ("GET", "/next", 200)])
+
+
+def test_a_request_head_past_the_window_with_its_body_is_over_at_its_answer(probe: LoadedProbe) -> None:
+    """Its Content-Length past the window too: where the head ends is not known; the answer
+    shows it ended."""
+    post = b"POST /long HTTP/1.1\r\nHost: p\r\nCookie: " + LONG_VALUE + b"\r\nContent-Length: 5\r\n\r\nhello"
+    _check(probe, [("c", post), ("s", CREATED_EMPTY), *NEXT], [("POST", "/long", 201), ("GET", "/next", 200)])
+
+
+def test_a_response_head_past_the_window_with_its_body_ends_at_the_next_request(probe: LoadedProbe) -> None:
+    long_ok = b"HTTP/1.1 200 OK\r\nX-Policy: " + LONG_VALUE + b"\r\nContent-Length: 4\r\n\r\nbody"
+    _check(probe, [("c", b"GET /long HTTP/1.1\r\nHost: p\r\n\r\n"), ("s", long_ok), *NEXT],
+           [("GET", "/long", 200), ("GET", "/next", 200)])
+
+
+def test_a_request_head_past_the_window_in_two_sends(probe: LoadedProbe) -> None:
+    head = b"GET /long HTTP/1.1\r\nHost: p\r\nCookie: " + LONG_VALUE + b"\r\nAccept: */*\r\n\r\n"
+    _check(probe, [("c", head[:1400]), ("c", head[1400:]), ("s", CREATED_EMPTY), *NEXT],
+           [("GET", "/long", 201), ("GET", "/next", 200)])
