@@ -19,12 +19,15 @@
  *
  * Connections are known from their first send or receive by a traced task, with the role their
  * handshake showed; one that existed before the agent started is picked up the same way, mid-
- * stream (seen_mid_stream), its role read from the first bytes.
+ * stream (seen_mid_stream), its role read from the first call that starts a message (a request
+ * line or a status line), so the rest of a body in flight is not taken for one.
  *
  * Request state machine (per connection, requests in a 4-deep FIFO for pipelining). "Request
  * direction" is what the server reads / the client writes; "response direction" the reverse.
  *   request start: a chunk (or the bytes after a finished request) begins with an upper-case
- *     method token; start = time of that call, seq = tcp seq of the call's first byte + offset.
+ *     method token (at a call's start: with a space and what starts a target after it, '/', '*',
+ *     an absolute URL, an authority after CONNECT); a line whose version then does not start
+ *     "HTTP/" is forgotten (text that starts like a request). start = time of that call, seq = tcp seq of the call's first byte + offset.
  *     Times: a read is timed once its bytes are in the user buffer, a write when TCP starts
  *     queueing it (its bytes can be read before the call returns), so client start <= server
  *     start <= server end <= client end on one clock.
@@ -112,6 +115,7 @@ enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
 /* "HTTP/1.0" and "HTTP/1.1" as one little-endian word */
 #define HTTP_1_0_WORD 0x302E312F50545448ULL
 #define HTTP_1_1_WORD 0x312E312F50545448ULL
+#define VERSION_NOT_HTTP 9 /* rq_vlen: the request line's version does not start "HTTP/" */
 #define CONNECT_WORD 0x005443454E4E4F43ULL /* "CONNECT" and the zero after it */
 #define PROXY_WORD 0x00000059584F5250ULL   /* "PROXY" and the zeros after it */
 /* The PROXY protocol v2 signature, "\r\n\r\n\0\r\nQUIT\n": its first 8 bytes and last 4. */
@@ -602,6 +606,14 @@ static __always_inline char lower(char ch)
     return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
 }
 
+/* The first byte of a request target (RFC 9112 3.2): a path, '*' (OPTIONS), an absolute URL (a
+ * forward proxy's), or anything after CONNECT (an authority) or a PROXY protocol line's "PROXY"
+ * (`any`). Text that merely starts like a method ("I loved it") fails here. */
+static __always_inline int target_start(char t, int any)
+{
+    return t == '/' || t == '*' || lower(t) == 'h' || any;
+}
+
 /* Header names, lower-cased, as the first 16 bytes read as two little-endian u64 (name[2]).
  * Names longer than 16 bytes only keep their first 16, so the length is compared too. */
 static __always_inline u8 target_of(u64 *name, u8 n)
@@ -705,7 +717,8 @@ static __always_inline int request_word(struct conn *c, char *s, struct parse_ct
                 return 0;
             struct req *r = &c->q[(c->tail - 1) & (NQ - 1)];
             r->flags |= w == HTTP_1_1_WORD ? F_HTTP_1_1 : w == HTTP_1_0_WORD ? F_HTTP_1_0 : 0;
-            c->rq_vlen = 8;
+            u64 x = (w ^ HTTP_1_1_WORD) & 0xFFFFFFFFFFULL; /* "HTTP/" or not, without a branch */
+            c->rq_vlen = 8 + ((x | (0 - x)) >> 63);        /* 8, or VERSION_NOT_HTTP */
         }
         p->pos = i + j;
         return 1;
@@ -867,7 +880,7 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
         } else if (st == RQ_VERSION) {
             u8 v = c->rq_vlen; /* bytes of "HTTP/1." matched so far; 8: past the version */
             if (v < 7)
-                c->rq_vlen = ch == (u8)(HTTP_1_1_WORD >> (v * 8)) ? v + 1 : 8;
+                c->rq_vlen = ch == (u8)(HTTP_1_1_WORD >> (v * 8)) ? v + 1 : 8 + ((0x1F >> v) & 1); /* 9 below 5 */
             else if (v == 7) {
                 r->flags |= ch == '1' ? F_HTTP_1_1 : ch == '0' ? F_HTTP_1_0 : 0;
                 c->rq_vlen = 8;
@@ -879,6 +892,13 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
                     c->tail--;
                     c->rq_state = RQ_IDLE;
                     continue;
+                }
+                if (c->rq_vlen == VERSION_NOT_HTTP) {
+                    /* a line that does not end in "HTTP/...": not a request (text, a body) */
+                    weft_stat(HST_NOT_HTTP);
+                    c->tail--;
+                    c->rq_state = RQ_IDLE;
+                    return 1;
                 }
                 p->inj_begin = 1; /* WEFT-INJECT */
                 c->rq_state = RQ_HNAME;
@@ -1367,6 +1387,35 @@ static __always_inline struct conn *adopt(u64 pid_tgid, char *sk, struct sysargs
     return c;
 }
 
+/* What the bytes at s[at..n) begin: MSG_REQUEST a request line (an upper-case method, a space,
+ * a target), MSG_STATUS a status line ("HTTP/1."), MSG_NONE neither, MSG_SHORT too few bytes to
+ * tell (a request written a few bytes at a time). A PROXY protocol v1 line counts as a request
+ * (the parser steps over it). Outside the parser's loop: the verifier sees it once. */
+enum msg_start { MSG_NONE = 0, MSG_REQUEST, MSG_STATUS, MSG_SHORT };
+static __always_inline int message_start(char *s, u32 at, u32 n)
+{
+    if (at >= n)
+        return MSG_SHORT;
+    char c0 = s[at & (WEFT_SCAN_MAX - 1)];
+    if (!is_upper(c0))
+        return MSG_NONE;
+    if (at + 8 <= n && (word_at(s, at) & 0x00FFFFFFFFFFFFFFULL) == (HTTP_1_1_WORD & 0x00FFFFFFFFFFFFFFULL))
+        return MSG_STATUS;
+    for (u32 i = 1; i <= METHOD_MAX; i++) {
+        if (at + i + 1 >= n)
+            return MSG_SHORT;
+        char ch = s[(at + i) & (WEFT_SCAN_MAX - 1)];
+        if (ch == ' ')
+            return target_start(s[(at + i + 1) & (WEFT_SCAN_MAX - 1)],
+                                (i == 7 && c0 == 'C') || (i == 5 && c0 == 'P' && s[(at + 1) & (WEFT_SCAN_MAX - 1)] == 'R'))
+                       ? MSG_REQUEST
+                       : MSG_NONE;
+        if (!is_upper(ch))
+            return MSG_NONE;
+    }
+    return MSG_NONE;
+}
+
 static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags, u8 is_write)
 {
     if (ret <= 0 && is_write) {
@@ -1516,15 +1565,23 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         start = 16 + (((u32)(u8)s[14] << 8) | (u8)s[15]);
     }
     if (c->t.role == ROLE_UNKNOWN) {
-        /* a connection picked up mid-stream: the direction that carries a request decides */
-        if (n < 1 || !is_upper(s[0]))
+        /* a connection picked up mid-stream: the direction that carries a request decides, seen
+         * at the first call that starts a message (not the rest of a body in flight) */
+        int kind_of = message_start(s, 0, n);
+        if (kind_of != MSG_REQUEST && kind_of != MSG_STATUS)
             return 0;
-        int response = n >= 5 && s[0] == 'H' && s[1] == 'T' && s[2] == 'T' && s[3] == 'P' && s[4] == '/';
-        c->t.role = (is_write ^ response) ? ROLE_CLIENT : ROLE_SERVER;
+        c->t.role = (is_write ^ (kind_of == MSG_STATUS)) ? ROLE_CLIENT : ROLE_SERVER;
         if (!c->open_sent) {
             c->open_sent = 1;
             emit_conn(c, WEFT_KIND_CONN_OPEN, pid_tgid, now);
         }
+    }
+    u8 request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
+    if (request_dir && c->rq_state == RQ_IDLE && message_start(s, start, n) == MSG_NONE) {
+        /* where a request must start, a method token and a space with no target after them
+         * (text, a body the parser lost step with): not a request */
+        weft_stat(HST_NOT_HTTP);
+        return 0;
     }
     struct parse_ctx *p = parse_state.lookup(&zero);
     if (!p)
@@ -1537,7 +1594,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->pos = start;
     p->seq0 = seq0;
     p->has_seq = 1;
-    p->request_dir = (c->t.role == ROLE_SERVER) ? !is_write : is_write;
+    p->request_dir = request_dir;
     /* for the chunked-end checks: through the iovecs in the response direction only (a vector
      * call costs a few reads); in the request direction only a call of one buffer (arithmetic) */
     if (!buf)

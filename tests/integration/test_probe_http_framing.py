@@ -342,3 +342,12 @@ def test_a_request_head_past_the_window_in_two_sends(probe: LoadedProbe) -> None
     head = b"GET /long HTTP/1.1\r\nHost: p\r\nCookie: " + LONG_VALUE + b"\r\nAccept: */*\r\n\r\n"
     _check(probe, [("c", head[:1400]), ("c", head[1400:]), ("s", CREATED_EMPTY), *NEXT],
            [("GET", "/long", 201), ("GET", "/next", 200)])
+
+
+@pytest.mark.parametrize("line", [b"HELLO /there friend\r\n", b"GET /x HTTX/1.1\r\nHost: p\r\n\r\n"],
+                         ids=["text", "not-http-version"])
+def test_a_line_without_an_http_version_is_not_a_request(probe: LoadedProbe, line: bytes) -> None:
+    """A line that starts like a request but does not end in HTTP/ and a version (a text
+    protocol on the port, a body the parser lost step with): nothing is recorded, and the next
+    request is read."""
+    _check(probe, [("c", line), *NEXT], [("GET", "/next", 200)])

@@ -48,7 +48,7 @@ class Exchange:
 
 # request-line versions and the flag each must give; mostly 1.1, as real clients send
 VERSIONS = {"HTTP/1.1": pb.HTTP_FLAG_HTTP_1_1, "HTTP/1.0": pb.HTTP_FLAG_HTTP_1_0, "HTTP/1.9": 0,
-            "HTTP/2.0": 0, "HTTP/0.9": 0, "HTTX/1.1": 0}
+            "HTTP/2.0": 0, "HTTP/0.9": 0, "HTTP/1.x": 0}
 
 
 def _word(rng: random.Random, chars: str, n: int) -> str:
