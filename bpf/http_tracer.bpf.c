@@ -1547,15 +1547,25 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
         return 0;
     char *s = sb->b;
     u32 n = 0;
+    u64 total = (u64)ret;
+    if (start && buf && buflen >= total) {
+        /* a request right behind a body that ends inside this call of one buffer: the bytes
+         * from there are the ones parsed, however far into the call they are */
+        buf += start;
+        buflen -= start;
+        total -= start;
+        seq0 += start;
+        start = 0;
+    }
     if (buf) {
-        u64 avail = (u64)ret < buflen ? (u64)ret : buflen;
+        u64 avail = total < buflen ? total : buflen;
         n = avail < WEFT_SCAN_MAX ? (u32)avail : WEFT_SCAN_MAX;
         if (n > WEFT_SCAN_MAX)
             n = WEFT_SCAN_MAX;
         if (bpf_probe_read_user(s, n, (void *)buf))
             n = 0;
-        else if (avail < (u64)ret)
-            n = gather_rest(&a, kind, s, n, (u64)ret);
+        else if (avail < total)
+            n = gather_rest(&a, kind, s, n, total);
     }
     if (n >= 16 && c->tail == 0 && start == 0 && c->rq_state == RQ_IDLE &&
         is_write == (c->t.role == ROLE_CLIENT) && *(u64 *)s == PROXY_V2_SIG &&
@@ -1589,7 +1599,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     p->sk = key;
     p->pid_tgid = pid_tgid;
     p->now = now;
-    p->total = (u64)ret;
+    p->total = total;
     p->n = n;
     p->pos = start;
     p->seq0 = seq0;
@@ -1600,7 +1610,7 @@ static __always_inline int on_sock_call(void *ctx, char *sk, int ret, int flags,
     if (!buf)
         p->end = 0;
     else if (p->request_dir)
-        p->end = buflen >= (u64)ret ? buf + (u64)ret : 0;
+        p->end = buflen >= total ? buf + total : 0;
     else
         p->end = call_end(&a, kind, buf, buflen, (u64)ret, ret < 5 ? ret : 5);
     p->goid = weft_call_goid(pid_tgid, is_write && c->t.role == ROLE_CLIENT); /* Go */
@@ -1626,7 +1636,7 @@ static __always_inline int after_response_head(struct conn *c, struct parse_ctx 
 
 /* A request's body starts at p->pos (its head just ended there): step over the part of it in
  * this call. Returns 1 when nothing of the call is left to parse. */
-static __always_inline int skip_request_body(struct conn *c, struct parse_ctx *p)
+static __always_inline int skip_request_body(struct conn *c, struct parse_ctx *p, char *s)
 {
     u64 rest = p->total - p->pos; /* bytes of this call from the body's start */
     if (c->rq_body_left > rest) {
@@ -1636,9 +1646,23 @@ static __always_inline int skip_request_body(struct conn *c, struct parse_ctx *p
     u64 next = p->pos + c->rq_body_left;
     c->rq_body_left = 0;
     c->rq_state = RQ_IDLE;
-    if (next >= p->n)
-        return 1; /* what follows the body was not copied */
-    p->pos = (u32)next; /* a pipelined request */
+    if (next < p->n) {
+        p->pos = (u32)next; /* a pipelined request */
+        return 0;
+    }
+    if (next >= p->total || !p->end)
+        return 1; /* nothing follows, or not in a call of one buffer */
+    /* what follows the body was not copied: copy it, and parse the call from there on */
+    u64 left = p->total - next;
+    u32 m = left < WEFT_SCAN_MAX ? (u32)left : WEFT_SCAN_MAX;
+    if (m > WEFT_SCAN_MAX)
+        m = WEFT_SCAN_MAX;
+    if (bpf_probe_read_user(s, m, (char *)p->end - left))
+        return 1;
+    p->seq0 += (u32)next;
+    p->total = left;
+    p->n = m;
+    p->pos = 0;
     return 0;
 }
 
@@ -1716,7 +1740,7 @@ int weft_parse(void *ctx)
         return 0;
     int stop = p->request_dir ? scan_request(c, sb->b, p) : scan_response(c, sb->b, p);
     if (p->request_dir && c->rq_state == RQ_BODY)
-        stop = skip_request_body(c, p);
+        stop = skip_request_body(c, p, sb->b);
     else if (p->request_dir && c->rq_state == RQ_CHUNKED)
         stop = chunked_request_head_call(c, p);
     else if (stop == 2)

@@ -351,3 +351,19 @@ def test_a_line_without_an_http_version_is_not_a_request(probe: LoadedProbe, lin
     protocol on the port, a body the parser lost step with): nothing is recorded, and the next
     request is read."""
     _check(probe, [("c", line), *NEXT], [("GET", "/next", 200)])
+
+
+LONG_BODY = b"x" * 3000   # ends past the 1 KiB the kernel parses of a call
+LONG_POST = b"POST /long HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(LONG_BODY)
+BEHIND_GET = b"GET /behind HTTP/1.1\r\nHost: p\r\n\r\n"
+TWO_ANSWERS = [("s", CREATED_EMPTY), ("s", b"HTTP/1.1 204 No Content\r\n\r\n")]
+
+
+def test_a_request_behind_a_long_body_in_the_head_s_send(probe: LoadedProbe) -> None:
+    _check(probe, [("c", LONG_POST + LONG_BODY + BEHIND_GET), *TWO_ANSWERS, *NEXT],
+           [("POST", "/long", 201), ("GET", "/behind", 204), ("GET", "/next", 200)])
+
+
+def test_a_request_behind_a_long_body_in_a_send_of_its_own(probe: LoadedProbe) -> None:
+    _check(probe, [("c", LONG_POST), ("c", LONG_BODY + BEHIND_GET), *TWO_ANSWERS, *NEXT],
+           [("POST", "/long", 201), ("GET", "/behind", 204), ("GET", "/next", 200)])
