@@ -27,7 +27,8 @@
  *   request start: a chunk (or the bytes after a finished request) begins with an upper-case
  *     method token (at a call's start: with a space and what starts a target after it, '/', '*',
  *     an absolute URL, an authority after CONNECT); a line whose version then does not start
- *     "HTTP/" is forgotten (text that starts like a request). start = time of that call, seq = tcp seq of the call's first byte + offset.
+ *     "HTTP/" is forgotten (text that starts like a request). start = time of that call, seq =
+ *     tcp seq of the call's first byte + offset.
  *     Times: a read is timed once its bytes are in the user buffer, a write when TCP starts
  *     queueing it (its bytes can be read before the call returns), so client start <= server
  *     start <= server end <= client end on one clock.
@@ -101,7 +102,9 @@ enum role { ROLE_UNKNOWN = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
 enum call_kind { CK_BUF = 0, CK_IOV = 1, CK_MSG = 2, CK_NODATA = 3, CK_NONE = 4 };
 
 /* Request-direction parser states. */
-enum rq_state { RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP, RQ_BODY, RQ_CHUNKED };
+enum rq_state {
+    RQ_IDLE = 0, RQ_METHOD, RQ_PATH, RQ_VERSION, RQ_HNAME, RQ_HVAL, RQ_HSKIP, RQ_BODY, RQ_CHUNKED
+};
 /* Response-direction parser states. */
 enum rs_state { RS_IDLE = 0, RS_VERSION, RS_STATUS, RS_LINE, RS_HNAME, RS_HVAL, RS_HSKIP, RS_BODY };
 enum hdr_target { T_NONE = 0, T_HOST, T_TP, T_TS, T_CLEN, T_TE };
@@ -880,7 +883,8 @@ static __always_inline int scan_request(struct conn *c, char *s, struct parse_ct
         } else if (st == RQ_VERSION) {
             u8 v = c->rq_vlen; /* bytes of "HTTP/1." matched so far; 8: past the version */
             if (v < 7)
-                c->rq_vlen = ch == (u8)(HTTP_1_1_WORD >> (v * 8)) ? v + 1 : 8 + ((0x1F >> v) & 1); /* 9 below 5 */
+                /* a mismatch: past the version (8), or not "HTTP/" at all (below 5: 9) */
+                c->rq_vlen = ch == (u8)(HTTP_1_1_WORD >> (v * 8)) ? v + 1 : 8 + ((0x1F >> v) & 1);
             else if (v == 7) {
                 r->flags |= ch == '1' ? F_HTTP_1_1 : ch == '0' ? F_HTTP_1_0 : 0;
                 c->rq_vlen = 8;
@@ -1399,7 +1403,8 @@ static __always_inline int message_start(char *s, u32 at, u32 n)
     char c0 = s[at & (WEFT_SCAN_MAX - 1)];
     if (!is_upper(c0))
         return MSG_NONE;
-    if (at + 8 <= n && (word_at(s, at) & 0x00FFFFFFFFFFFFFFULL) == (HTTP_1_1_WORD & 0x00FFFFFFFFFFFFFFULL))
+    u64 first7 = 0x00FFFFFFFFFFFFFFULL; /* "HTTP/1." */
+    if (at + 8 <= n && (word_at(s, at) & first7) == (HTTP_1_1_WORD & first7))
         return MSG_STATUS;
     for (u32 i = 1; i <= METHOD_MAX; i++) {
         if (at + i + 1 >= n)
@@ -1407,7 +1412,8 @@ static __always_inline int message_start(char *s, u32 at, u32 n)
         char ch = s[(at + i) & (WEFT_SCAN_MAX - 1)];
         if (ch == ' ')
             return target_start(s[(at + i + 1) & (WEFT_SCAN_MAX - 1)],
-                                (i == 7 && c0 == 'C') || (i == 5 && c0 == 'P' && s[(at + 1) & (WEFT_SCAN_MAX - 1)] == 'R'))
+                                (i == 7 && c0 == 'C') || /* CONNECT, or PROXY (v1) */
+                                    (i == 5 && c0 == 'P' && s[(at + 1) & (WEFT_SCAN_MAX - 1)] == 'R'))
                        ? MSG_REQUEST
                        : MSG_NONE;
         if (!is_upper(ch))
