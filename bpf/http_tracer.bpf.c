@@ -1716,8 +1716,13 @@ static __always_inline void head_past_window(struct conn *c, struct parse_ctx *p
             return;
         }
         c->q[(c->tail - 1) & (NQ - 1)].done_headers = 1;
-        c->rq_state = c->rq_chunked ? RQ_CHUNKED : c->rq_body_left ? RQ_BODY : RQ_IDLE;
-        c->rq_chunk_unsure = 1; /* a chunked body's start is past the window: its answer ends it */
+        if (c->rq_chunked) {
+            c->rq_state = RQ_CHUNKED;
+            c->rq_chunk_tail = 0; /* nothing of an earlier chunked body may count here */
+            c->rq_chunk_unsure = 1; /* its start (and maybe its end) past the window: its answer ends it */
+        } else {
+            c->rq_state = c->rq_body_left ? RQ_BODY : RQ_IDLE;
+        }
         return;
     }
     u8 st = c->rs_state;
